@@ -1,0 +1,3 @@
+"""imgtune: train, tune, debug, profile and serve image classifiers on your own machine."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,174 @@
+"""Validated configuration of a training job: a YAML file plus `--set a.b=value` overrides.
+
+Every field has a default, so `JobConfig(data=DataConfig(path=...))` is a complete job. Unknown keys are
+errors, so a typo in a config file is caught before a long run starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from imgtune.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the photos are and how they become tensors."""
+
+    path: str = Field(description="Dataset root: a local folder or s3://bucket/prefix.")
+    image_size: int = Field(224, ge=16, le=1024, description="Side of the square crop fed to the model.")
+    split_ratios: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="train/valid/test fractions for a single ROOT/CLASS/* folder."
+    )
+    carve_missing: bool = Field(
+        False, description="Carve a missing valid or test split out of train (seeded) instead of going without."
+    )
+    carve_fraction: float = Field(0.1, gt=0, lt=0.5, description="Fraction of train moved to a carved split.")
+    split_seed: int = Field(0, description="Seed of the split and carve shuffles.")
+    num_workers: int = Field(-1, ge=-1, le=64, description="Data loader worker processes; -1 = one per core.")
+    max_image_pixels: int = Field(
+        64_000_000, ge=1, description="Images with more pixels than this are refused as decompression bombs."
+    )
+
+    @field_validator("split_ratios")
+    @classmethod
+    def _ratios_sum_to_one(cls, ratios: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6 or ratios[0] <= 0:
+            raise ValueError("split_ratios must be three non-negative fractions summing to 1, train > 0")
+        return ratios
+
+
+class ModelConfig(_Section):
+    """The backbone, its weights and the new classification head."""
+
+    backbone: str = Field("resnet50", description="torchvision model name, or timm model name.")
+    pretrained: Literal["default", "none"] = Field(
+        "default", description="'default': the library's ImageNet weights; 'none': random init."
+    )
+    weights: str | None = Field(None, description="Local state dict (.pth/.pt/.safetensors) for the backbone.")
+    head: Literal["mlp", "linear"] = Field(
+        "mlp", description="'mlp': Linear(features,hidden)-ReLU-Linear(hidden,N) as in the original; 'linear'."
+    )
+    head_hidden: int = Field(128, ge=1, description="Width of the mlp head's hidden layer.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before each head Linear.")
+    freeze: Literal["backbone", "all_but_last", "none"] = Field(
+        "backbone", description="What is frozen: the whole backbone, all but its last stage, or nothing."
+    )
+
+
+class EarlyStoppingConfig(_Section):
+    enabled: bool = True
+    metric: Literal["valid_accuracy", "valid_loss"] = "valid_loss"
+    patience: int = Field(5, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)
+    restore_best: bool = True
+
+
+class TrainConfig(_Section):
+    """The optimisation: epochs, optimizer, schedule, precision, feature cache."""
+
+    epochs: int = Field(10, ge=1, le=100_000)
+    batch_size: int = Field(64, ge=1, le=65_536)
+    lr: float = Field(1e-3, gt=0, le=10)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["none", "cosine", "step"] = "none"
+    step_size: int = Field(5, ge=1, description="Epochs between decays of the step schedule.")
+    gamma: float = Field(0.1, gt=0, le=1, description="Decay factor of the step schedule.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    mixed_precision: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto", description="'auto': fp16/bf16 autocast on CUDA, off on CPU."
+    )
+    seed: int = 0
+    deterministic: bool = Field(False, description="Deterministic algorithms (slower, bit-reproducible).")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    feature_cache: bool = Field(True, description="Train the head on cached features when the backbone is frozen.")
+    augment_views: int = Field(
+        0, ge=0, le=32, description="Augmented views cached per training image (frozen backbone mode)."
+    )
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+
+
+class JobConfig(_Section):
+    """A complete training job."""
+
+    name: str | None = Field(None, description="Job name; generated from the backbone and time if empty.")
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _weights_or_pretrained(self) -> JobConfig:
+        if self.model.weights and self.model.pretrained == "none":
+            raise ValueError("model.weights and model.pretrained=none contradict each other; give one")
+        return self
+
+
+def _parse_scalar(text: str) -> Any:
+    """`--set` values are YAML scalars: 0.01, true, null, [0.8, 0.1, 0.1], resnet50."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides to a nested dict, in place, and return it."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"bad --set {item!r}", "write it as key=value, e.g. train.lr=0.01")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"bad --set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(value)
+    return raw
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return raw
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> JobConfig:
+    """Validate a nested dict into a JobConfig, turning pydantic's errors into one ConfigError."""
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid {source}: {problems}") from None
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `update` into a copy of `base`; None values in `update` are ignored."""
+    out = dict(base)
+    for key, value in update.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out

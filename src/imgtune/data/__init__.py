@@ -1,0 +1,1 @@
+"""Datasets: sources, discovery and checks, transforms, loaders, sample data, downloads."""

@@ -1,0 +1,226 @@
+"""Job directories: the contract between training, tuning, reports and serving.
+
+A job is a directory in a workspace (``./imgtune-runs`` by default)::
+
+    JOB/
+      job.json          status, resolved config, versions, timings, dataset summary, excluded files, results
+      metrics.jsonl     one JSON object per epoch (train and valid loss/accuracy, lr, time)
+      checkpoints/      last.pt (resume) and best.pt (early stopping), loaded with weights_only=True
+      model/            the model bundle: model.safetensors + manifest.json
+      logs.txt          the job's log
+
+Every file is written atomically (temp file + rename), so a killed job leaves whole files behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from imgtune.errors import JobError
+
+WORKSPACE_ENV = "IMGTUNE_WORKSPACE"
+CACHE_ENV = "IMGTUNE_CACHE"
+DEFAULT_WORKSPACE = "imgtune-runs"
+JOB_FILE = "job.json"
+METRICS_FILE = "metrics.jsonl"
+
+STATUSES = ("running", "completed", "failed", "stopped", "interrupted")
+
+
+def workspace_dir(workspace: str | Path | None = None) -> Path:
+    """The workspace: the argument, else $IMGTUNE_WORKSPACE, else ./imgtune-runs."""
+    return Path(workspace or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE).expanduser()
+
+
+def cache_dir() -> Path:
+    """Where features, checks and copies of remote datasets are kept: $IMGTUNE_CACHE or ~/.cache/imgtune."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imgtune"
+    return Path(os.environ.get(CACHE_ENV) or default).expanduser()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "job"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Job:
+    """A handle on a job directory. Reading is cheap: every call reads the files again."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def job_file(self) -> Path:
+        return self.path / JOB_FILE
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / "logs.txt"
+
+    # -- creation and lookup -------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, workspace: str | Path | None, name: str | None, prefix: str = "job") -> Job:
+        """Create a new job directory; a generated name is `PREFIX-YYYYmmdd-HHMMSS[-n]`."""
+        root = workspace_dir(workspace)
+        root.mkdir(parents=True, exist_ok=True)
+        if name:
+            path = root / _slug(name)
+            if path.exists():
+                raise JobError(
+                    f"a job named {path.name!r} already exists in {root}",
+                    "pick another --name, or continue it with --resume",
+                )
+            path.mkdir()
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            base = f"{_slug(prefix)}-{stamp}"
+            for n in range(1000):
+                path = root / (base if n == 0 else f"{base}-{n}")
+                try:
+                    path.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+        return cls(path)
+
+    @classmethod
+    def open(cls, job: str | Path, workspace: str | Path | None = None) -> Job:
+        """Find a job by path or by name in the workspace."""
+        candidates = [Path(job).expanduser()]
+        if not Path(job).is_absolute():
+            candidates.append(workspace_dir(workspace) / str(job))
+        for path in candidates:
+            if (path / JOB_FILE).is_file():
+                return cls(path.resolve())
+        raise JobError(
+            f"no job {str(job)!r} (looked in {', '.join(str(c) for c in candidates)})",
+            "list jobs with `imgtune jobs`, or pass the job's directory",
+        )
+
+    # -- job.json ------------------------------------------------------------------------------------
+
+    def read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.job_file.read_text())
+        except FileNotFoundError:
+            raise JobError(f"{self.path} has no {JOB_FILE}") from None
+        except json.JSONDecodeError as exc:
+            raise JobError(f"{self.job_file} is not valid JSON: {exc}") from None
+
+    def write(self, data: dict[str, Any]) -> None:
+        atomic_write_json(self.job_file, data)
+
+    def update(self, **fields: Any) -> dict[str, Any]:
+        data = self.read() if self.job_file.exists() else {}
+        data.update(fields)
+        data["updated"] = now_iso()
+        self.write(data)
+        return data
+
+    def mark_running(self) -> None:
+        self.update(status="running", pid=os.getpid(), host=socket.gethostname())
+
+    def status(self) -> str:
+        """The recorded status, or 'interrupted' for a 'running' job whose process is gone."""
+        data = self.read()
+        status = data.get("status", "unknown")
+        if status == "running" and data.get("host") == socket.gethostname():
+            pid = data.get("pid")
+            if isinstance(pid, int) and not _pid_alive(pid):
+                return "interrupted"
+        return status
+
+    # -- metrics.jsonl -------------------------------------------------------------------------------
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_file.exists():
+            return []
+        records = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+        return records
+
+    def truncate_metrics(self, last_epoch: int) -> None:
+        """Drop records of epochs after `last_epoch` (work a resumed job will redo)."""
+        kept = [r for r in self.read_metrics() if r.get("epoch", 0) <= last_epoch]
+        atomic_write_text(self.metrics_file, "".join(json.dumps(r, default=str) + "\n" for r in kept))
+
+    def log(self, message: str) -> None:
+        with self.log_file.open("a") as f:
+            f.write(f"{now_iso()} {message}\n")
+
+
+def list_jobs(workspace: str | Path | None = None) -> Iterator[Job]:
+    """Jobs in the workspace, newest first."""
+    root = workspace_dir(workspace)
+    if not root.is_dir():
+        return iter(())
+    jobs = [Job(p) for p in root.iterdir() if (p / JOB_FILE).is_file()]
+    return iter(sorted(jobs, key=lambda j: j.job_file.stat().st_mtime, reverse=True))

@@ -1,0 +1,1 @@
+"""Models: create_model, weights."""

@@ -1,0 +1,1 @@
+"""Serving: the model bundle (Predictor, HTTP endpoint and batch transform come later)."""

@@ -1,0 +1,132 @@
+"""Frozen-backbone features, computed once and reused by every epoch, job and tuning trial.
+
+A split's features are keyed by the backbone's weights, the preprocessing, the view (0 = the plain eval
+crop, k >= 1 = the k-th seeded augmented view) and a fingerprint of the split's file contents and labels.
+Files are written atomically, so concurrent writers of the same key are safe (the last rename wins, and
+both wrote the same thing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from imgtune.data.dataset import ImageFileDataset, Sample, make_loader
+from imgtune.data.transforms import Preprocessing
+from imgtune.progress import progress_bar
+
+_CACHE_VERSION = 1
+
+
+def module_fingerprint(module: nn.Module, name: str = "") -> str:
+    """sha256 of a module's tensors (names, shapes, dtypes, bytes)."""
+    digest = hashlib.sha256(f"{name}|{_CACHE_VERSION}".encode())
+    for key, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}|{tuple(t.shape)}|{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@torch.inference_mode()
+def extract_features(
+    backbone: nn.Module,
+    samples: list[Sample],
+    transform,
+    *,
+    device: torch.device,
+    batch_size: int = 64,
+    num_workers: int = -1,
+    seed: int = 0,
+    progress: bool = True,
+    description: str = "features",
+) -> torch.Tensor:
+    """Run `backbone` over the samples' images; returns float32 features [N, D] on the CPU."""
+    backbone.eval()
+    loader = make_loader(
+        ImageFileDataset(samples, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        seed=seed, pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    chunks = []
+    with progress_bar(enabled=progress, transient=True) as bar:
+        task = bar.add_task(description, total=len(samples), info="")
+        for images, _ in loader:
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            chunks.append(backbone(images).float().cpu())
+            bar.advance(task, images.shape[0])
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+class FeatureCache:
+    """A directory of feature files, one per (backbone, preprocessing, view, split content)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def key(self, backbone_fp: str, preprocessing: Preprocessing, split_fp: str, view: int) -> str:
+        text = json.dumps([backbone_fp, preprocessing.to_dict(), split_fp, view, _CACHE_VERSION], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def load(self, key: str) -> torch.Tensor | None:
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            return load_file(str(path))["features"]
+        except Exception:  # a damaged file is recomputed, not trusted
+            path.unlink(missing_ok=True)
+            return None
+
+    def store(self, key: str, features: torch.Tensor, meta: dict[str, str]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{key}.{os.getpid()}.tmp"
+        save_file({"features": features.contiguous()}, str(tmp), metadata=meta)
+        os.replace(tmp, self.path(key))
+
+
+class FeatureLoader:
+    """Batches of (features, labels) from memory, shuffled per epoch; one view per sample per epoch.
+
+    Has the `generator` and `set_epoch` hooks the Trainer uses to make an epoch's order depend only on
+    (seed, epoch).
+    """
+
+    def __init__(self, views: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool):
+        self.views = views  # [V, N, D]
+        self.labels = labels
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = torch.Generator().manual_seed(0)
+        self._epoch = 0
+
+    @property
+    def dataset(self) -> FeatureLoader:
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.labels.shape[0] // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = self.labels.shape[0]
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        if self.views.shape[0] > 1 and self.shuffle:
+            view = torch.randint(self.views.shape[0], (n,), generator=self.generator)
+        else:
+            view = torch.zeros(n, dtype=torch.long)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield self.views[view[idx], idx], self.labels[idx]

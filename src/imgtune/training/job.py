@@ -1,0 +1,293 @@
+"""A training job from config to model bundle: data, model, feature cache, Trainer, test, bundle.
+
+`run_training_job` is what `imgtune train` calls; tuning trials call it too.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from imgtune import __version__
+from imgtune.config import JobConfig, TrainConfig, build_config
+from imgtune.data.dataset import ImageFileDataset, PreparedData, make_loader, prepare_data
+from imgtune.data.transforms import Preprocessing
+from imgtune.errors import ConfigError, JobError
+from imgtune.jobs import Job, cache_dir, now_iso
+from imgtune.models.factory import ImageClassifier, create_model
+from imgtune.serving.bundle import save_bundle
+from imgtune.training.callbacks import Callback
+from imgtune.training.feature_cache import FeatureCache, FeatureLoader, extract_features, module_fingerprint
+from imgtune.training.standard_callbacks import (
+    Checkpointer,
+    EarlyStopping,
+    MetricsWriter,
+    ProgressBar,
+    restore_checkpoint,
+)
+from imgtune.training.trainer import Trainer
+
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}", "use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but no CUDA GPU is available", "use train.device=auto or cpu")
+    return device
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 where the GPU supports it, else fp16; off on CPU unless asked for."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def versions() -> dict[str, str]:
+    import torchvision
+
+    return {"imgtune": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}  # fmt: skip
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ConfigError("nothing to train: every parameter is frozen")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    return None
+
+
+@dataclass
+class TrainingSetup:
+    """What the Trainer trains: the whole model on images, or only the head on cached features."""
+
+    module: nn.Module
+    loaders: dict[str, Any]
+    mode: str  # "features" | "images"
+    cache_seconds: float = 0.0
+
+
+def build_model(config: JobConfig, num_classes: int) -> ImageClassifier:
+    m = config.model
+    return create_model(
+        m.backbone, num_classes, m.head, m.freeze,
+        pretrained=m.pretrained, weights=m.weights, head_hidden=m.head_hidden, dropout=m.dropout,
+    )  # fmt: skip
+
+
+def setup_training(
+    model: ImageClassifier,
+    data: PreparedData,
+    preprocessing: Preprocessing,
+    config: JobConfig,
+    device: torch.device,
+    *,
+    progress: bool = True,
+    cache_root: Path | None = None,
+) -> TrainingSetup:
+    """Loaders for each split; with a frozen backbone and the cache on, features instead of images."""
+    cfg = config.train
+    workers = config.data.num_workers
+    labels = {s: torch.tensor([x.label for x in samples], dtype=torch.long) for s, samples in data.splits.items()}
+    if model.backbone_frozen and cfg.feature_cache:
+        started = time.perf_counter()
+        cache = FeatureCache((cache_root or cache_dir()) / "features")
+        backbone_fp = module_fingerprint(model.backbone, model.spec.backbone)
+        model.backbone.to(device)
+        loaders: dict[str, Any] = {}
+        for split, samples in data.splits.items():
+            views = [0] + (list(range(1, cfg.augment_views + 1)) if split == "train" else [])
+            tensors = []
+            for view in views:
+                key = cache.key(backbone_fp, preprocessing, data.fingerprint(split), view)
+                features = cache.load(key)
+                if features is None or features.shape[0] != len(samples):
+                    transform = preprocessing.eval_transform() if view == 0 else preprocessing.train_transform()
+                    features = extract_features(
+                        model.backbone, samples, transform, device=device, batch_size=max(cfg.batch_size, 64),
+                        num_workers=workers, seed=cfg.seed * 1000 + view, progress=progress,
+                        description=f"features {split}" + (f" view {view}" if view else ""),
+                    )  # fmt: skip
+                    cache.store(key, features, {"backbone": model.spec.backbone, "split": split, "view": str(view)})
+                tensors.append(features)
+            loaders[split] = FeatureLoader(torch.stack(tensors), labels[split], cfg.batch_size, shuffle=split == "train")
+        model.backbone.cpu()
+        return TrainingSetup(model.head, loaders, "features", time.perf_counter() - started)
+    loaders = {}
+    for split, samples in data.splits.items():
+        transform = preprocessing.train_transform() if split == "train" else preprocessing.eval_transform()
+        loaders[split] = make_loader(
+            ImageFileDataset(samples, transform), batch_size=cfg.batch_size, shuffle=split == "train",
+            num_workers=workers, seed=cfg.seed, pin_memory=device.type == "cuda",
+        )  # fmt: skip
+    return TrainingSetup(model, loaders, "images")
+
+
+def run_training_job(
+    config: JobConfig | None = None,
+    *,
+    workspace: str | Path | None = None,
+    resume: str | Path | None = None,
+    callbacks: Iterable[Callback] = (),
+    progress: bool = True,
+) -> Job:
+    """Run a training job to the end and return its directory.
+
+    Args:
+        config: the job; ignored when resuming (the job's own config is used).
+        workspace: where jobs live (default ./imgtune-runs or $IMGTUNE_WORKSPACE).
+        resume: a job name or path to continue from its last checkpoint.
+        callbacks: extra Trainer callbacks (debugger, profiler, tuning reporters).
+        progress: show progress bars.
+    """
+    if resume is not None:
+        job = Job.open(resume, workspace)
+        record = job.read()
+        if record.get("status") == "completed":
+            raise JobError(f"job {job.name} has already completed", "start a new job instead")
+        config = build_config(record["config"], f"config of job {job.name}")
+        job.log("resuming")
+    else:
+        if config is None:
+            raise ConfigError("run_training_job needs a config or a job to resume")
+        job = Job.create(workspace, config.name, prefix=config.model.backbone)
+        record = {"name": job.name, "kind": "training", "created": now_iso(), "config": config.model_dump(mode="json")}
+        job.write(record)
+    started = time.perf_counter()
+    timings: dict[str, float] = dict(record.get("timings", {}))
+    job.update(status="running", versions=versions(), started=now_iso(), error=None)
+    job.mark_running()
+    try:
+        summary = _run(job, config, resume is not None, list(callbacks), progress, timings, started)
+    except KeyboardInterrupt:
+        job.update(status="stopped", error="interrupted by the user", timings=timings)
+        job.log("stopped by the user")
+        raise
+    except Exception as exc:
+        job.update(status="failed", error=f"{type(exc).__name__}: {exc}", timings=timings)
+        job.log(f"failed: {type(exc).__name__}: {exc}")
+        raise
+    job.update(status="completed", finished=now_iso(), timings=timings, **summary)
+    job.log("completed")
+    return job
+
+
+def _run(job: Job, config: JobConfig, resuming: bool, extra: list[Callback], progress: bool,
+         timings: dict[str, float], started: float) -> dict[str, Any]:  # fmt: skip
+    cfg = config.train
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = resolve_device(cfg.device)
+    data = prepare_data(config.data, progress=progress)
+    job.update(dataset=data.summary())
+    for problem in data.excluded:
+        job.log(f"excluded {problem.path}: {problem.reason}")
+    model = build_model(config, data.num_classes)
+    if model.weights_report:
+        job.log(model.weights_report.summary())
+        job.update(weights=model.weights_report.to_dict())
+    preprocessing = model.preprocessing(config.data.image_size)
+    setup = setup_training(model, data, preprocessing, config, device, progress=progress)
+    timings["initialization"] = time.perf_counter() - started
+    timings["feature_cache"] = setup.cache_seconds
+    module = setup.module.to(device)
+    optimizer = make_optimizer(module.parameters(), cfg)
+    has_valid = "valid" in setup.loaders
+    stopper = EarlyStopping(
+        cfg.early_stopping.metric, cfg.early_stopping.patience, cfg.early_stopping.min_delta,
+        best_path=job.checkpoint_dir / BEST_CHECKPOINT, enabled=cfg.early_stopping.enabled and has_valid,
+    )  # fmt: skip
+    callbacks: list[Callback] = [MetricsWriter(job), stopper, Checkpointer(job.checkpoint_dir / LAST_CHECKPOINT),
+                                 ProgressBar(progress), *extra]  # fmt: skip
+    trainer = Trainer(
+        module, optimizer, setup.loaders, epochs=cfg.epochs, num_classes=data.num_classes,
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), device=device,
+        scheduler=make_scheduler(optimizer, cfg), callbacks=callbacks, amp_dtype=amp_dtype(cfg.mixed_precision, device),
+        seed=cfg.seed, log=job.log,
+    )  # fmt: skip
+    start_epoch = 1
+    last = job.checkpoint_dir / LAST_CHECKPOINT
+    if resuming and last.exists():
+        start_epoch = restore_checkpoint(trainer, last)
+        job.truncate_metrics(start_epoch - 1)
+        job.log(f"resumed after epoch {start_epoch - 1}")
+    elif resuming:
+        job.truncate_metrics(0)
+    job.update(training_mode=setup.mode, resumed_from_epoch=start_epoch - 1 if resuming else None)
+    loop_started = time.perf_counter()
+    trainer.fit(start_epoch)
+    timings["training_loop"] = timings.get("training_loop", 0.0) + time.perf_counter() - loop_started
+    finalize_started = time.perf_counter()
+    restored = cfg.early_stopping.restore_best and has_valid and stopper.restore_best(module)
+    results: dict[str, Any] = {
+        "epochs_run": len(trainer.history),
+        "stop_reason": trainer.stop_reason,
+        "best_epoch": stopper.best_epoch if has_valid else None,
+        "restored_best": bool(restored),
+        "best": _best_record(trainer.history, cfg.early_stopping.metric),
+        "callback_failures": trainer.runner.failures,
+    }
+    if "test" in setup.loaders:
+        test = trainer.evaluate("test", confusion=True)
+        results["test"] = {
+            **test.summary(),
+            "per_class_accuracy": {c.id: acc for c, acc in zip(data.classes, test.per_class_accuracy(), strict=True)},
+            "confusion_matrix": test.confusion.tolist(),
+        }
+        job.log(f"test accuracy {test.accuracy:.4f} top-5 {test.top5:.4f} on {test.samples} images")
+    module.cpu()
+    save_bundle(
+        model.cpu(), data.classes, preprocessing, job.model_dir,
+        extra={"job": job.name, "metrics": {"test": results.get("test", {}).get("accuracy"), "best": results["best"]}},
+    )  # fmt: skip
+    timings["finalization"] = time.perf_counter() - finalize_started
+    timings["total"] = time.perf_counter() - started
+    return results
+
+
+def _best_record(history: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    scored = [r for r in history if metric in r]
+    if not scored:
+        return history[-1] if history else None
+    pick = min if metric.endswith("loss") else max
+    return pick(scored, key=lambda r: r[metric])

@@ -1,0 +1,183 @@
+"""The callbacks every training job uses: metrics file, early stopping, checkpoints, progress."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from imgtune.jobs import Job
+from imgtune.progress import progress_bar
+from imgtune.training.callbacks import Callback
+
+if TYPE_CHECKING:
+    from imgtune.training.trainer import Trainer
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class MetricsWriter(Callback):
+    """Appends each finished epoch's record to the job's metrics.jsonl."""
+
+    order = 10
+
+    def __init__(self, job: Job):
+        self.job = job
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        self.job.append_metrics(trainer.epoch_record)
+        record = trainer.epoch_record
+        valid = f", valid loss {record['valid_loss']:.4f} acc {record['valid_accuracy']:.4f}" if "valid_loss" in record else ""
+        self.job.log(
+            f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}{valid}"
+        )
+
+
+class EarlyStopping(Callback):
+    """Stops when the monitored metric has not improved for `patience` epochs; keeps the best weights.
+
+    The best weights are kept in memory and in `best_path` (for resumed jobs); `restore_best()` puts them
+    back into the module at the end.
+    """
+
+    order = 20
+
+    def __init__(self, metric: str, patience: int, min_delta: float = 0.0, best_path: Path | None = None,
+                 enabled: bool = True):  # fmt: skip
+        self.metric = metric
+        self.mode = "min" if metric.endswith("loss") else "max"
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best_path = best_path
+        self.enabled = enabled
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.wait = 0
+        self._best_state: dict[str, torch.Tensor] | None = None
+
+    def _improved(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.best is None:
+            return True
+        return value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        value = trainer.epoch_record.get(self.metric)
+        if value is None:
+            return
+        if self._improved(value):
+            self.best, self.best_epoch, self.wait = value, trainer.epoch, 0
+            self._best_state = copy.deepcopy({k: v.detach().cpu() for k, v in trainer.module.state_dict().items()})
+            if self.best_path:
+                atomic_torch_save(self._best_state, self.best_path)
+        else:
+            self.wait += 1
+            if self.enabled and self.wait >= self.patience:
+                trainer.request_stop(
+                    f"early stopping: {self.metric} has not improved for {self.patience} epochs "
+                    f"(best {self.best:.4f} at epoch {self.best_epoch})"
+                )
+
+    def restore_best(self, module: torch.nn.Module) -> bool:
+        state = self._best_state
+        if state is None and self.best_path and self.best_path.exists():
+            state = torch.load(self.best_path, map_location="cpu", weights_only=True)
+        if state is None:
+            return False
+        module.load_state_dict(state)
+        return True
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
+
+
+class Checkpointer(Callback):
+    """Saves everything a resumed job needs after each epoch, atomically, to `last.pt`."""
+
+    order = 30
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        atomic_torch_save(
+            {
+                "epoch": trainer.epoch,
+                "step": trainer.step,
+                "module": trainer.module.state_dict(),
+                "optimizer": trainer.optimizer.state_dict(),
+                "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
+                "scaler": trainer.scaler.state_dict(),
+                "history": trainer.history,
+                "callbacks": {cb.name: cb.state_dict() for cb in trainer.callbacks},
+            },
+            self.path,
+        )
+
+
+def restore_checkpoint(trainer: Trainer, path: Path) -> int:
+    """Load `path` into the trainer and its callbacks; returns the epoch to start from."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    trainer.module.load_state_dict(state["module"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    if trainer.scheduler is not None and state["scheduler"] is not None:
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        trainer.scaler.load_state_dict(state["scaler"])
+    trainer.step = state["step"]
+    trainer.epoch = state["epoch"]
+    trainer.history = list(state["history"])
+    for cb in trainer.callbacks:
+        if cb.name in state["callbacks"]:
+            cb.load_state_dict(state["callbacks"][cb.name])
+    return state["epoch"] + 1
+
+
+class ProgressBar(Callback):
+    """Rich progress: one bar for epochs, one for the batches of the current phase."""
+
+    order = 90
+
+    def __init__(self, enabled: bool = True):
+        self.progress = progress_bar(enabled=enabled)
+        self._epochs = None
+        self._batches = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.progress.start()
+        self._epochs = self.progress.add_task("epochs", total=trainer.epochs, completed=trainer.epoch, info="")
+
+    def on_phase_start(self, trainer: Trainer) -> None:
+        loader = trainer.loaders[trainer.phase]
+        total = len(loader) if hasattr(loader, "__len__") else None
+        if self._batches is None:
+            self._batches = self.progress.add_task(trainer.phase, total=total, info="")
+        self.progress.reset(self._batches, total=total, description=f"  {trainer.phase}", info="")
+
+    def on_batch_end(self, trainer: Trainer) -> None:
+        m = trainer.metrics
+        self.progress.update(self._batches, advance=1, info=f"loss {m.loss:.4f} acc {m.accuracy:.3f}")
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        r = trainer.epoch_record
+        info = f"train acc {r['train_accuracy']:.3f}"
+        if "valid_accuracy" in r:
+            info += f" valid acc {r['valid_accuracy']:.3f} loss {r['valid_loss']:.4f}"
+        if self._epochs is not None:
+            self.progress.update(self._epochs, completed=trainer.epoch, info=info)
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        self.progress.stop()

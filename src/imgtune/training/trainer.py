@@ -1,0 +1,166 @@
+"""The training loop: one loop, many observers (see `imgtune.training.callbacks`)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgtune.training.callbacks import Callback, CallbackRunner, Event, StopTraining
+from imgtune.training.metrics import PhaseMetrics
+
+
+class Trainer:
+    """Trains `module` on `loaders["train"]`, validates on `loaders["valid"]` each epoch.
+
+    The state callbacks read is plain attributes: `epoch` (1-based), `step` (optimizer steps so far),
+    `phase`, `batch_index`, `inputs`, `targets`, `outputs`, `loss`, `metrics` (the running PhaseMetrics),
+    `epoch_record` (the finished epoch's numbers) and `history` (all epoch records).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loaders: dict[str, Iterable],
+        *,
+        epochs: int,
+        num_classes: int,
+        loss_fn: nn.Module | None = None,
+        device: torch.device | str = "cpu",
+        scheduler: Any = None,
+        callbacks: Iterable[Callback] = (),
+        amp_dtype: torch.dtype | None = None,
+        seed: int = 0,
+        log: Callable[[str], None] | None = None,
+    ):
+        self.module = module
+        self.optimizer = optimizer
+        self.loaders = loaders
+        self.epochs = epochs
+        self.num_classes = num_classes
+        self.loss_fn = loss_fn or nn.CrossEntropyLoss()
+        self.device = torch.device(device)
+        self.scheduler = scheduler
+        self.runner = CallbackRunner(list(callbacks))
+        self.amp_dtype = amp_dtype
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
+        self.seed = seed
+        self._log = log
+        self.epoch = 0
+        self.step = 0
+        self.phase = ""
+        self.batch_index = 0
+        self.inputs: torch.Tensor | None = None
+        self.targets: torch.Tensor | None = None
+        self.outputs: torch.Tensor | None = None
+        self.loss: torch.Tensor | None = None
+        self.metrics: PhaseMetrics | None = None
+        self.epoch_record: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.stop_reason: str | None = None
+
+    @property
+    def callbacks(self) -> list[Callback]:
+        return self.runner.callbacks
+
+    def log(self, message: str) -> None:
+        if self._log:
+            self._log(message)
+
+    def emit(self, event: Event) -> None:
+        try:
+            self.runner.emit(event, self)
+        except StopTraining as stop:
+            self.stop_reason = self.stop_reason or stop.reason
+            self.log(f"stop requested: {stop.reason}")
+
+    def request_stop(self, reason: str) -> None:
+        """End training after the current batch (for callbacks; same as raising StopTraining)."""
+        self.stop_reason = self.stop_reason or reason
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _seed_epoch(self, epoch: int) -> None:
+        """Randomness of an epoch depends on (seed, epoch) only, so a resumed epoch is the same epoch."""
+        torch.manual_seed(self.seed * 100_003 + epoch)
+        for loader in self.loaders.values():
+            generator = getattr(loader, "generator", None)
+            if generator is not None:
+                generator.manual_seed(self.seed * 100_003 + epoch)
+            dataset = getattr(loader, "dataset", None)
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+
+    def run_phase(self, phase: str, *, train: bool, confusion: bool = False) -> PhaseMetrics:
+        """One pass over `loaders[phase]`, training or evaluating."""
+        self.phase = phase
+        self.metrics = PhaseMetrics(self.num_classes, confusion=confusion)
+        self.module.train(train)
+        self.emit(Event.PHASE_START)
+        grad = contextlib.nullcontext() if train else torch.inference_mode()
+        with grad:
+            for self.batch_index, (inputs, targets) in enumerate(self.loaders[phase]):
+                self.inputs = inputs.to(self.device, non_blocking=True)
+                self.targets = targets.to(self.device, non_blocking=True)
+                self.emit(Event.BATCH_START)
+                with self._autocast():
+                    self.outputs = self.module(self.inputs)
+                    self.loss = self.loss_fn(self.outputs.float(), self.targets)
+                self.emit(Event.AFTER_FORWARD)
+                if train:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scaler.scale(self.loss).backward()
+                    self.emit(Event.AFTER_BACKWARD)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.step += 1
+                    self.emit(Event.AFTER_STEP)
+                self.metrics.update(self.outputs, self.targets, self.loss)
+                self.emit(Event.BATCH_END)
+                if self.stop_reason and train:
+                    break
+        self.emit(Event.PHASE_END)
+        return self.metrics
+
+    def fit(self, start_epoch: int = 1) -> list[dict[str, Any]]:
+        """Train from `start_epoch` to `epochs` (or until a callback stops it); returns the history."""
+        self.emit(Event.FIT_START)
+        for epoch in range(start_epoch, self.epochs + 1):
+            if self.stop_reason:
+                break
+            self.epoch = epoch
+            self._seed_epoch(epoch)
+            started = time.perf_counter()
+            self.epoch_record = {"epoch": epoch, "lr": self.current_lr()}
+            self.emit(Event.EPOCH_START)
+            train = self.run_phase("train", train=True)
+            self.epoch_record.update(train_loss=train.loss, train_accuracy=train.accuracy)
+            if self.stop_reason:  # stopped mid-epoch: the epoch is incomplete, record nothing for it
+                break
+            if "valid" in self.loaders:
+                valid = self.run_phase("valid", train=False)
+                self.epoch_record.update(
+                    valid_loss=valid.loss, valid_accuracy=valid.accuracy, valid_top5_accuracy=valid.top5
+                )
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.epoch_record.update(step=self.step, epoch_time=time.perf_counter() - started)
+            self.history.append(self.epoch_record)
+            self.emit(Event.EPOCH_END)
+        self.emit(Event.FIT_END)
+        return self.history
+
+    def evaluate(self, phase: str, confusion: bool = True) -> PhaseMetrics:
+        """Evaluate the module on `loaders[phase]` (e.g. the test split)."""
+        return self.run_phase(phase, train=False, confusion=confusion)
