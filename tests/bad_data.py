@@ -132,9 +132,7 @@ def make_bad_dataset(root: Path, good_source: Path, per_class: int = 6) -> dict[
     add(_write_bomb_png(target / "bomb.png", BOMB_SIZE), "bomb")
 
     # corrupt: valid JPEG header, garbage over the middle of the scan data.
-    add(
-        _write_corrupt_jpeg(target / "corrupt.jpg", sources[min(1, len(sources) - 1)].read_bytes()), "corrupt"
-    )
+    add(_write_corrupt_jpeg(target / "corrupt.jpg", sources[min(1, len(sources) - 1)].read_bytes()), "corrupt")
 
     # duplicate_across_splits: a train image copied byte for byte into valid.
     dup = root / "valid" / first / "dup.jpg"

@@ -315,9 +315,7 @@ def test_download_dataset(server, images: dict[str, bytes], tmp_path: Path) -> N
 
 def test_download_dataset_keeps_archive_and_checks_sha(server, archive: bytes, tmp_path: Path) -> None:
     url, _ = server
-    data = download_dataset(
-        "dogimages", tmp_path, url=url, sha256=sha(archive), keep_archive=True, progress=False
-    )
+    data = download_dataset("dogimages", tmp_path, url=url, sha256=sha(archive), keep_archive=True, progress=False)
     assert data == tmp_path / "dogImages"
     assert (tmp_path / "dogImages.zip").read_bytes() == archive
     with pytest.raises(DownloadError, match="sha256 mismatch"):

@@ -28,7 +28,8 @@ class DataConfig(_Section):
         (0.8, 0.1, 0.1), description="train/valid/test fractions for a single ROOT/CLASS/* folder."
     )
     carve_missing: bool = Field(
-        False, description="Carve a missing valid or test split out of train (seeded) instead of going without."
+        False,
+        description="Carve a missing valid or test split out of train (seeded) instead of going without.",
     )
     carve_fraction: float = Field(0.1, gt=0, lt=0.5, description="Fraction of train moved to a carved split.")
     split_seed: int = Field(0, description="Seed of the split and carve shuffles.")
@@ -54,7 +55,8 @@ class ModelConfig(_Section):
     )
     weights: str | None = Field(None, description="Local state dict (.pth/.pt/.safetensors) for the backbone.")
     head: Literal["mlp", "linear"] = Field(
-        "mlp", description="'mlp': Linear(features,hidden)-ReLU-Linear(hidden,N) as in the original; 'linear'."
+        "mlp",
+        description="'mlp': Linear(features,hidden)-ReLU-Linear(hidden,N) as in the original; 'linear'.",
     )
     head_hidden: int = Field(128, ge=1, description="Width of the mlp head's hidden layer.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before each head Linear.")
@@ -167,8 +169,8 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     for key, value in update.items():
         if value is None:
             continue
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+        if isinstance(value, dict):
+            out[key] = merge(out[key] if isinstance(out.get(key), dict) else {}, value)
         else:
             out[key] = value
     return out

@@ -86,10 +86,13 @@ class CheckReport:
             return {}
         widths, heights = [f.width for f in infos], [f.height for f in infos]
         return {
-            "min_width": min(widths), "median_width": int(statistics.median(widths)), "max_width": max(widths),
-            "min_height": min(heights), "median_height": int(statistics.median(heights)),
+            "min_width": min(widths),
+            "median_width": int(statistics.median(widths)),
+            "max_width": max(widths),
+            "min_height": min(heights),
+            "median_height": int(statistics.median(heights)),
             "max_height": max(heights),
-        }  # fmt: skip
+        }
 
     def to_dict(self) -> dict[str, Any]:
         counts = self.counts()
@@ -266,7 +269,10 @@ def _judge(layout: FolderLayout, report: CheckReport) -> None:
             extra = [cid for cid, n in counts[split].items() if n > 0 and train_counts.get(cid, 0) == 0]
             if extra:
                 issues.append(
-                    Issue("warning", f"{split} has images of classes with no training images (left out): {extra}")
+                    Issue(
+                        "warning",
+                        f"{split} has images of classes with no training images (left out): {extra}",
+                    )
                 )
     # An identical file in two splits leaks: keep it in the earliest split, exclude it from the later ones.
     first_split: dict[str, str] = {}
@@ -297,6 +303,4 @@ def check_dataset(
     progress: bool = False,
 ) -> CheckReport:
     """Discover and check the dataset at `root` (a local folder)."""
-    return check_layout(
-        discover(root), max_pixels=max_pixels, workers=workers, cache_dir=cache_dir, progress=progress
-    )
+    return check_layout(discover(root), max_pixels=max_pixels, workers=workers, cache_dir=cache_dir, progress=progress)

@@ -145,9 +145,14 @@ def prepare_data(cfg: DataConfig, *, progress: bool = True, cache: Path | None =
                     excluded.append(FileProblem(info.path, split, class_id, "class has no training images"))
         splits[split] = sorted(samples, key=lambda s: (s.label, s.path))
     return PreparedData(
-        root=root, source=cfg.path, classes=classes, splits=splits, excluded=excluded,
-        issues=report.issues, notes=notes,
-    )  # fmt: skip
+        root=root,
+        source=cfg.path,
+        classes=classes,
+        splits=splits,
+        excluded=excluded,
+        issues=report.issues,
+        notes=notes,
+    )
 
 
 def _workers(cfg: DataConfig) -> int:

@@ -134,9 +134,7 @@ def _fetch(
     except urllib.error.HTTPError as exc:
         with exc:
             if exc.code == 416 and offset > 0:
-                return _after_unsatisfiable_range(
-                    url, part, offset, exc, expected_size, progress, chunk_size, timeout
-                )
+                return _after_unsatisfiable_range(url, part, offset, exc, expected_size, progress, chunk_size, timeout)
             raise DownloadError(
                 f"download of {url} failed: HTTP {exc.code} {exc.reason}",
                 hint=NETWORK_HINT if exc.code >= 500 else "check the URL or pass --url for a mirror",
@@ -226,9 +224,7 @@ def _verify(path: Path, url: str, size: int | None, sha256: str | None) -> None:
         digest = sha256_of(path)
         if digest != sha256:
             path.unlink()
-            raise DownloadError(
-                f"sha256 mismatch for {url}: got {digest}, expected {sha256}", hint=RETRY_HINT
-            )
+            raise DownloadError(f"sha256 mismatch for {url}: got {digest}, expected {sha256}", hint=RETRY_HINT)
 
 
 def _file_matches(path: Path, size: int | None, sha256: str | None) -> bool:
@@ -263,9 +259,7 @@ def _int_or_none(value: str | None) -> int | None:
 
 
 @contextmanager
-def _download_progress(
-    label: str, total: int | None, completed: int, enabled: bool
-) -> Iterator[Callable[[int], None]]:
+def _download_progress(label: str, total: int | None, completed: int, enabled: bool) -> Iterator[Callable[[int], None]]:
     """Yield an `advance(n_bytes)` callable that drives a rich bar (bytes, speed, ETA) on stderr."""
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -382,9 +376,7 @@ def download_dataset(
     """
     dataset = DATASETS.get(name.strip().lower())
     if dataset is None:
-        raise DownloadError(
-            f"unknown dataset {name!r}", hint=f"known datasets: {', '.join(sorted(DATASETS))}"
-        )
+        raise DownloadError(f"unknown dataset {name!r}", hint=f"known datasets: {', '.join(sorted(DATASETS))}")
     dest = Path(dest)
     archive = dest / dataset.filename
     data_dir = dest / dataset.unpacked_dir if dataset.unpacked_dir else dest

@@ -262,7 +262,19 @@ def _polygon(class_index: int, cx: float, cy: float, radius: float, rotation: fl
     else:  # plus-cross: arms a third of the width, tips on the circle
         a = 3 / math.sqrt(10)  # arm tip: the corner (a, a / 3) lies on the circle
         t = a / 3  # half the arm width
-        points = [(a, t), (t, t), (t, a), (-t, a), (-t, t), (-a, t),
-                  (-a, -t), (-t, -t), (-t, -a), (t, -a), (t, -t), (a, -t)]  # fmt: skip
+        points = [
+            (a, t),
+            (t, t),
+            (t, a),
+            (-t, a),
+            (-t, t),
+            (-a, t),
+            (-a, -t),
+            (-t, -t),
+            (-t, -a),
+            (t, -a),
+            (t, -t),
+            (a, -t),
+        ]
     cos, sin = math.cos(rotation), math.sin(rotation)
     return [(cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos)) for x, y in points]

@@ -59,4 +59,3 @@ def resolve_source(path: str, *, cache: Path | None = None, progress: bool = Tru
                 bar.advance(task)
     atomic_write_json(local / ".imgtune-source.json", {"url": url, "files": len(files)})
     return local
-

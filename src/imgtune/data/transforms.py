@@ -82,7 +82,10 @@ class Preprocessing:
     def eval_transform(self) -> v2.Compose:
         interp = _INTERPOLATIONS[self.interpolation]
         return v2.Compose(
-            [v2.Resize(self.resize_size, interpolation=interp, antialias=True), v2.CenterCrop(self.image_size)]
+            [
+                v2.Resize(self.resize_size, interpolation=interp, antialias=True),
+                v2.CenterCrop(self.image_size),
+            ]
             + self._finish()
         )
 

@@ -37,8 +37,7 @@ class ImageClassifier(nn.Module):
     Frozen parts stay in eval mode while training, so their batch-norm statistics do not drift.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, spec: ModelSpec, num_features: int,
-                 norm: dict[str, Any]):  # fmt: skip
+    def __init__(self, backbone: nn.Module, head: nn.Module, spec: ModelSpec, num_features: int, norm: dict[str, Any]):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -128,12 +127,18 @@ def _offline_error(backbone: str, exc: Exception) -> WeightsError:
     )
 
 
-def _torchvision_backbone(name: str, pretrained: str, weights: str | None) -> tuple[nn.Module, int, dict, LoadReport | None]:
+def _torchvision_backbone(
+    name: str, pretrained: str, weights: str | None
+) -> tuple[nn.Module, int, dict, LoadReport | None]:
     import torchvision
 
     model = torchvision.models.get_model(name, weights=None)
-    norm: dict[str, Any] = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear",
-                            "crop_ratio": 0.875}  # fmt: skip
+    norm: dict[str, Any] = {
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "interpolation": "bilinear",
+        "crop_ratio": 0.875,
+    }
     classifier_name, classifier = _last_linear(model)
     report = None
     if weights:
@@ -146,12 +151,18 @@ def _torchvision_backbone(name: str, pretrained: str, weights: str | None) -> tu
             raise _offline_error(name, exc) from None
         report = load_matching(model, state, f"torchvision {tv_weights}", ignore_prefixes=(classifier_name + ".",))
         preset = tv_weights.transforms()
-        norm = {"mean": tuple(preset.mean), "std": tuple(preset.std), "interpolation": preset.interpolation.value,
-                "crop_ratio": preset.crop_size[0] / preset.resize_size[0]}  # fmt: skip
+        norm = {
+            "mean": tuple(preset.mean),
+            "std": tuple(preset.std),
+            "interpolation": preset.interpolation.value,
+            "crop_ratio": preset.crop_size[0] / preset.resize_size[0],
+        }
     _replace(model, classifier_name, nn.Identity())
     if "." in classifier_name:  # e.g. ConvNeXt's classifier = (LayerNorm2d, Flatten, Linear): keep out of stages
         # Stored outside nn.Module's registry, so it does not appear twice in the state dict.
-        object.__setattr__(model, "_imgtune_classifier_container", model.get_submodule(classifier_name.rsplit(".", 1)[0]))
+        object.__setattr__(
+            model, "_imgtune_classifier_container", model.get_submodule(classifier_name.rsplit(".", 1)[0])
+        )
     return model, classifier.in_features, norm, report
 
 
@@ -166,8 +177,12 @@ def _timm_backbone(name: str, pretrained: str, weights: str | None) -> tuple[nn.
     if weights:
         report = load_matching(model, read_state_dict(weights), str(weights))
     cfg = timm.data.resolve_data_config(model=model)
-    norm = {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "interpolation": cfg.get("interpolation", "bilinear"),
-            "crop_ratio": cfg.get("crop_pct", 0.875)}  # fmt: skip
+    norm = {
+        "mean": tuple(cfg["mean"]),
+        "std": tuple(cfg["std"]),
+        "interpolation": cfg.get("interpolation", "bilinear"),
+        "crop_ratio": cfg.get("crop_pct", 0.875),
+    }
     return model, model.num_features, norm, report
 
 
@@ -231,8 +246,9 @@ def create_model(
     build = _torchvision_backbone if source == "torchvision" else _timm_backbone
     trunk, num_features, norm, report = build(backbone, pretrained, weights)
     spec = ModelSpec(backbone, num_classes, head, head_hidden, dropout, freeze, source)
-    model = ImageClassifier(trunk, make_head(head, num_features, num_classes, head_hidden, dropout), spec,
-                            num_features, norm)  # fmt: skip
+    model = ImageClassifier(
+        trunk, make_head(head, num_features, num_classes, head_hidden, dropout), spec, num_features, norm
+    )
     model.weights_report = report
     if freeze != "none":
         trunk.requires_grad_(False)

@@ -25,8 +25,11 @@ class LoadReport:
 
     def summary(self) -> str:
         parts = [f"loaded {self.loaded} tensors from {self.source}"]
-        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected),
-                            ("shape mismatch", self.mismatched)):  # fmt: skip
+        for label, keys in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("shape mismatch", self.mismatched),
+        ):
             if keys:
                 shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
                 parts.append(f"{len(keys)} {label}: {shown}")
@@ -34,10 +37,13 @@ class LoadReport:
 
     def to_dict(self) -> dict:
         return {
-            "source": self.source, "loaded": self.loaded, "missing": self.missing,
-            "unexpected": self.unexpected, "mismatched": self.mismatched,
+            "source": self.source,
+            "loaded": self.loaded,
+            "missing": self.missing,
+            "unexpected": self.unexpected,
+            "mismatched": self.mismatched,
             "ignored_missing": self.ignored_missing,
-        }  # fmt: skip
+        }
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -1,8 +1,8 @@
 """The model bundle: weights as safetensors plus a manifest. Loading never unpickles anything.
 
-    model/
-      model.safetensors   every tensor of the ImageClassifier (backbone and head)
-      manifest.json       architecture, labels, preprocessing, metrics, versions, sha256 of each file
+model/
+  model.safetensors   every tensor of the ImageClassifier (backbone and head)
+  manifest.json       architecture, labels, preprocessing, metrics, versions, sha256 of each file
 """
 
 from __future__ import annotations
@@ -88,9 +88,14 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bu
             raise JobError(f"{path} does not match the checksum in {MANIFEST_FILE}", "the file is damaged")
     arch = ModelSpec(**manifest["architecture"])
     model = create_model(
-        arch.backbone, arch.num_classes, arch.head, arch.freeze,
-        pretrained="none", head_hidden=arch.head_hidden, dropout=arch.dropout,
-    )  # fmt: skip
+        arch.backbone,
+        arch.num_classes,
+        arch.head,
+        arch.freeze,
+        pretrained="none",
+        head_hidden=arch.head_hidden,
+        dropout=arch.dropout,
+    )
     state = load_file(str(directory / WEIGHTS_FILE))
     model.load_state_dict(state, strict=True)
     model.norm = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest.get("norm", {}).items()} or model.norm

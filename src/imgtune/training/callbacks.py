@@ -88,7 +88,11 @@ class CallbackRunner:
             except Exception as exc:
                 self._disabled.add(id(cb))
                 self.failures.append(
-                    {"callback": cb.name, "event": event.value, "error": f"{type(exc).__name__}: {exc}",
-                     "traceback": traceback.format_exc()}  # fmt: skip
+                    {
+                        "callback": cb.name,
+                        "event": event.value,
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc(),
+                    }
                 )
                 trainer.log(f"callback {cb.name} failed on {event.value} and was switched off: {exc!r}")

@@ -51,9 +51,13 @@ def extract_features(
     """Run `backbone` over the samples' images; returns float32 features [N, D] on the CPU."""
     backbone.eval()
     loader = make_loader(
-        ImageFileDataset(samples, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        seed=seed, pin_memory=device.type == "cuda",
-    )  # fmt: skip
+        ImageFileDataset(samples, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        seed=seed,
+        pin_memory=device.type == "cuda",
+    )
     torch.manual_seed(seed)
     chunks = []
     with progress_bar(enabled=progress, transient=True) as bar:

@@ -75,8 +75,13 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def versions() -> dict[str, str]:
     import torchvision
 
-    return {"imgtune": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}  # fmt: skip
+    return {
+        "imgtune": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -111,9 +116,15 @@ class TrainingSetup:
 def build_model(config: JobConfig, num_classes: int) -> ImageClassifier:
     m = config.model
     return create_model(
-        m.backbone, num_classes, m.head, m.freeze,
-        pretrained=m.pretrained, weights=m.weights, head_hidden=m.head_hidden, dropout=m.dropout,
-    )  # fmt: skip
+        m.backbone,
+        num_classes,
+        m.head,
+        m.freeze,
+        pretrained=m.pretrained,
+        weights=m.weights,
+        head_hidden=m.head_hidden,
+        dropout=m.dropout,
+    )
 
 
 def setup_training(
@@ -145,22 +156,34 @@ def setup_training(
                 if features is None or features.shape[0] != len(samples):
                     transform = preprocessing.eval_transform() if view == 0 else preprocessing.train_transform()
                     features = extract_features(
-                        model.backbone, samples, transform, device=device, batch_size=max(cfg.batch_size, 64),
-                        num_workers=workers, seed=cfg.seed * 1000 + view, progress=progress,
+                        model.backbone,
+                        samples,
+                        transform,
+                        device=device,
+                        batch_size=max(cfg.batch_size, 64),
+                        num_workers=workers,
+                        seed=cfg.seed * 1000 + view,
+                        progress=progress,
                         description=f"features {split}" + (f" view {view}" if view else ""),
-                    )  # fmt: skip
+                    )
                     cache.store(key, features, {"backbone": model.spec.backbone, "split": split, "view": str(view)})
                 tensors.append(features)
-            loaders[split] = FeatureLoader(torch.stack(tensors), labels[split], cfg.batch_size, shuffle=split == "train")
+            loaders[split] = FeatureLoader(
+                torch.stack(tensors), labels[split], cfg.batch_size, shuffle=split == "train"
+            )
         model.backbone.cpu()
         return TrainingSetup(model.head, loaders, "features", time.perf_counter() - started)
     loaders = {}
     for split, samples in data.splits.items():
         transform = preprocessing.train_transform() if split == "train" else preprocessing.eval_transform()
         loaders[split] = make_loader(
-            ImageFileDataset(samples, transform), batch_size=cfg.batch_size, shuffle=split == "train",
-            num_workers=workers, seed=cfg.seed, pin_memory=device.type == "cuda",
-        )  # fmt: skip
+            ImageFileDataset(samples, transform),
+            batch_size=cfg.batch_size,
+            shuffle=split == "train",
+            num_workers=workers,
+            seed=cfg.seed,
+            pin_memory=device.type == "cuda",
+        )
     return TrainingSetup(model, loaders, "images")
 
 
@@ -192,7 +215,12 @@ def run_training_job(
         if config is None:
             raise ConfigError("run_training_job needs a config or a job to resume")
         job = Job.create(workspace, config.name, prefix=config.model.backbone)
-        record = {"name": job.name, "kind": "training", "created": now_iso(), "config": config.model_dump(mode="json")}
+        record = {
+            "name": job.name,
+            "kind": "training",
+            "created": now_iso(),
+            "config": config.model_dump(mode="json"),
+        }
         job.write(record)
     started = time.perf_counter()
     timings: dict[str, float] = dict(record.get("timings", {}))
@@ -213,8 +241,15 @@ def run_training_job(
     return job
 
 
-def _run(job: Job, config: JobConfig, resuming: bool, extra: list[Callback], progress: bool,
-         timings: dict[str, float], started: float) -> dict[str, Any]:  # fmt: skip
+def _run(
+    job: Job,
+    config: JobConfig,
+    resuming: bool,
+    extra: list[Callback],
+    progress: bool,
+    timings: dict[str, float],
+    started: float,
+) -> dict[str, Any]:
     cfg = config.train
     seed_everything(cfg.seed, cfg.deterministic)
     device = resolve_device(cfg.device)
@@ -234,17 +269,33 @@ def _run(job: Job, config: JobConfig, resuming: bool, extra: list[Callback], pro
     optimizer = make_optimizer(module.parameters(), cfg)
     has_valid = "valid" in setup.loaders
     stopper = EarlyStopping(
-        cfg.early_stopping.metric, cfg.early_stopping.patience, cfg.early_stopping.min_delta,
-        best_path=job.checkpoint_dir / BEST_CHECKPOINT, enabled=cfg.early_stopping.enabled and has_valid,
-    )  # fmt: skip
-    callbacks: list[Callback] = [MetricsWriter(job), stopper, Checkpointer(job.checkpoint_dir / LAST_CHECKPOINT),
-                                 ProgressBar(progress), *extra]  # fmt: skip
+        cfg.early_stopping.metric,
+        cfg.early_stopping.patience,
+        cfg.early_stopping.min_delta,
+        best_path=job.checkpoint_dir / BEST_CHECKPOINT,
+        enabled=cfg.early_stopping.enabled and has_valid,
+    )
+    callbacks: list[Callback] = [
+        MetricsWriter(job),
+        stopper,
+        Checkpointer(job.checkpoint_dir / LAST_CHECKPOINT),
+        ProgressBar(progress),
+        *extra,
+    ]
     trainer = Trainer(
-        module, optimizer, setup.loaders, epochs=cfg.epochs, num_classes=data.num_classes,
-        loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), device=device,
-        scheduler=make_scheduler(optimizer, cfg), callbacks=callbacks, amp_dtype=amp_dtype(cfg.mixed_precision, device),
-        seed=cfg.seed, log=job.log,
-    )  # fmt: skip
+        module,
+        optimizer,
+        setup.loaders,
+        epochs=cfg.epochs,
+        num_classes=data.num_classes,
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        device=device,
+        scheduler=make_scheduler(optimizer, cfg),
+        callbacks=callbacks,
+        amp_dtype=amp_dtype(cfg.mixed_precision, device),
+        seed=cfg.seed,
+        log=job.log,
+    )
     start_epoch = 1
     last = job.checkpoint_dir / LAST_CHECKPOINT
     if resuming and last.exists():
@@ -277,9 +328,15 @@ def _run(job: Job, config: JobConfig, resuming: bool, extra: list[Callback], pro
         job.log(f"test accuracy {test.accuracy:.4f} top-5 {test.top5:.4f} on {test.samples} images")
     module.cpu()
     save_bundle(
-        model.cpu(), data.classes, preprocessing, job.model_dir,
-        extra={"job": job.name, "metrics": {"test": results.get("test", {}).get("accuracy"), "best": results["best"]}},
-    )  # fmt: skip
+        model.cpu(),
+        data.classes,
+        preprocessing,
+        job.model_dir,
+        extra={
+            "job": job.name,
+            "metrics": {"test": results.get("test", {}).get("accuracy"), "best": results["best"]},
+        },
+    )
     timings["finalization"] = time.perf_counter() - finalize_started
     timings["total"] = time.perf_counter() - started
     return results

@@ -47,7 +47,12 @@ class PhaseMetrics:
         return self.correct5 / self.samples if self.samples else float("nan")
 
     def summary(self) -> dict[str, float | int]:
-        return {"loss": self.loss, "accuracy": self.accuracy, "top5_accuracy": self.top5, "samples": self.samples}
+        return {
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "top5_accuracy": self.top5,
+            "samples": self.samples,
+        }
 
     def per_class_accuracy(self) -> list[float | None]:
         if self.confusion is None:

@@ -36,7 +36,11 @@ class MetricsWriter(Callback):
     def on_epoch_end(self, trainer: Trainer) -> None:
         self.job.append_metrics(trainer.epoch_record)
         record = trainer.epoch_record
-        valid = f", valid loss {record['valid_loss']:.4f} acc {record['valid_accuracy']:.4f}" if "valid_loss" in record else ""
+        valid = (
+            f", valid loss {record['valid_loss']:.4f} acc {record['valid_accuracy']:.4f}"
+            if "valid_loss" in record
+            else ""
+        )
         self.job.log(
             f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}{valid}"
         )
@@ -51,8 +55,14 @@ class EarlyStopping(Callback):
 
     order = 20
 
-    def __init__(self, metric: str, patience: int, min_delta: float = 0.0, best_path: Path | None = None,
-                 enabled: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        metric: str,
+        patience: int,
+        min_delta: float = 0.0,
+        best_path: Path | None = None,
+        enabled: bool = True,
+    ):
         self.metric = metric
         self.mode = "min" if metric.endswith("loss") else "max"
         self.patience = patience

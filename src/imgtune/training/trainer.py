@@ -110,7 +110,8 @@ class Trainer:
         self.emit(Event.PHASE_START)
         grad = contextlib.nullcontext() if train else torch.inference_mode()
         with grad:
-            for self.batch_index, (inputs, targets) in enumerate(self.loaders[phase]):
+            for batch_index, (inputs, targets) in enumerate(self.loaders[phase]):
+                self.batch_index = batch_index
                 self.inputs = inputs.to(self.device, non_blocking=True)
                 self.targets = targets.to(self.device, non_blocking=True)
                 self.emit(Event.BATCH_START)

@@ -1,0 +1,429 @@
+"""The `imgtune` command: thin wrappers that parse options, call the library and print with Rich."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from imgtune import __version__
+from imgtune.errors import ImgtuneError
+
+app = typer.Typer(
+    name="imgtune",
+    help="Train, tune, debug, profile and serve image classifiers on your own machine.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+data_app = typer.Typer(help="Check and download datasets.", no_args_is_help=True)
+jobs_app = typer.Typer(help="List and inspect jobs.", invoke_without_command=True)
+app.add_typer(data_app, name="data")
+app.add_typer(jobs_app, name="jobs")
+
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+WorkspaceOption = Annotated[
+    Path | None,
+    typer.Option("--workspace", envvar="IMGTUNE_WORKSPACE", help="Where jobs live [default: ./imgtune-runs]."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+def friendly_errors(func: F) -> F:
+    """Turn ImgtuneError into one clear line on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ImgtuneError as exc:
+            err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+            if exc.hint:
+                err.print(f"[dim]hint:[/] {exc.hint}", highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"imgtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """imgtune: a folder of photos and a pretrained CNN in, a tuned, debugged, profiled classifier out."""
+
+
+# -- training ------------------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly_errors
+def train(
+    data: Annotated[str | None, typer.Option(help="Dataset folder or s3://bucket/prefix.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="torchvision or timm model [default: resnet50].")] = None,
+    weights: Annotated[str | None, typer.Option(help="Local state dict for the backbone.")] = None,
+    pretrained: Annotated[
+        str | None, typer.Option(help="'default' (library ImageNet weights) or 'none' (random init).")
+    ] = None,
+    freeze: Annotated[str | None, typer.Option(help="backbone | all_but_last | none [default: backbone].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs [default: 10].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate [default: 0.001].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size [default: 64].")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input size in pixels [default: 224].")] = None,
+    name: Annotated[str | None, typer.Option(help="Job name [default: BACKBONE-TIME].")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config file (see `imgtune train --help`).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override any config key: --set train.optimizer=sgd.")
+    ] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue a killed job (name or path).")] = None,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Train a classifier on a folder of labelled photos; the job directory holds everything it made.
+
+    Config keys (YAML sections or --set a.b=value): data.{path,image_size,split_ratios,carve_missing,
+    carve_fraction,split_seed,num_workers,max_image_pixels}, model.{backbone,pretrained,weights,head,
+    head_hidden,dropout,freeze}, train.{epochs,batch_size,lr,optimizer,momentum,weight_decay,schedule,
+    step_size,gamma,label_smoothing,mixed_precision,seed,deterministic,device,feature_cache,augment_views},
+    train.early_stopping.{enabled,metric,patience,min_delta,restore_best}.
+    """
+    from imgtune.config import apply_overrides, build_config, load_config_file, merge
+    from imgtune.training.job import run_training_job
+
+    if resume:
+        if data or config or set_:
+            err.print("[yellow]note:[/] --resume uses the job's own config; other options are ignored")
+        job = run_training_job(resume=resume, workspace=workspace, progress=not as_json)
+    else:
+        raw = load_config_file(config) if config else {}
+        flags = {
+            "name": name,
+            "data": {"path": data, "image_size": image_size},
+            "model": {"backbone": backbone, "weights": weights, "pretrained": pretrained, "freeze": freeze},
+            "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size},
+        }
+        raw = apply_overrides(merge(raw, flags), set_ or [])
+        if not raw.get("data", {}).get("path"):
+            raise ImgtuneError("no dataset given", "pass --data PATH (or data.path in --config)")
+        job = run_training_job(build_config(raw), workspace=workspace, progress=not as_json)
+    _print_job_summary(job, as_json)
+
+
+@app.command()
+@friendly_errors
+def demo(
+    workspace: WorkspaceOption = None,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 8,
+    as_json: JsonOption = False,
+) -> None:
+    """Train on the built-in sample dataset (generated locally, no download): the whole job in about a minute."""
+    from imgtune.config import build_config
+    from imgtune.data.sample import generate_sample_dataset
+    from imgtune.jobs import cache_dir
+    from imgtune.training.job import run_training_job
+
+    dataset = generate_sample_dataset(cache_dir() / "sample-data")
+    if not as_json:
+        err.print(f"sample dataset: {dataset}")
+    config = build_config(
+        {
+            "data": {"path": str(dataset), "image_size": 64},
+            "model": {"backbone": "resnet18", "pretrained": "none", "freeze": "none"},
+            "train": {"epochs": epochs, "lr": 0.001, "batch_size": 32},
+        }
+    )
+    job = run_training_job(config, workspace=workspace, progress=not as_json)
+    _print_job_summary(job, as_json)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _print_job_summary(job: Any, as_json: bool) -> None:
+    record = job.read()
+    summary = {
+        "job": job.name,
+        "path": str(job.path),
+        "status": record.get("status"),
+        "epochs_run": record.get("epochs_run"),
+        "stop_reason": record.get("stop_reason"),
+        "best": record.get("best"),
+        "test": {k: v for k, v in (record.get("test") or {}).items() if k not in ("confusion_matrix",)} or None,
+        "excluded_files": record.get("dataset", {}).get("excluded_count", 0),
+        "model": str(job.model_dir),
+        "timings": record.get("timings"),
+    }
+    if as_json:
+        print_json(summary)
+        return
+    best = record.get("best") or {}
+    test = record.get("test") or {}
+    table = Table(title=f"job {job.name}: {record.get('status')}", show_header=False, title_justify="left")
+    table.add_row("epochs run", _fmt(record.get("epochs_run")))
+    if record.get("stop_reason"):
+        table.add_row("stopped because", record["stop_reason"])
+    if best:
+        table.add_row(
+            "best epoch",
+            f"{best.get('epoch')} (valid accuracy {_fmt(best.get('valid_accuracy'))}, "
+            f"valid loss {_fmt(best.get('valid_loss'))})",
+        )
+    if test:
+        table.add_row(
+            "test accuracy",
+            f"{_fmt(test['accuracy'])} (top-5 {_fmt(test['top5_accuracy'])}, "
+            f"loss {_fmt(test['loss'])}, {test['samples']} images)",
+        )
+    excluded = record.get("dataset", {}).get("excluded_count", 0)
+    if excluded:
+        table.add_row("excluded files", f"{excluded} (listed in {job.job_file} and logs.txt)")
+    timings = record.get("timings", {})
+    table.add_row("time", f"{_fmt(timings.get('total'), 1)} s (loop {_fmt(timings.get('training_loop'), 1)} s)")
+    table.add_row("model bundle", str(job.model_dir))
+    table.add_row("job directory", str(job.path))
+    out.print(table)
+
+
+# -- jobs ------------------------------------------------------------------------------------------------
+
+
+@jobs_app.callback()
+@friendly_errors
+def jobs_list(ctx: typer.Context, workspace: WorkspaceOption = None, as_json: JsonOption = False) -> None:
+    """List jobs with status and best metric (newest first). `imgtune jobs show JOB` for one job."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = {"workspace": workspace}
+        return
+    from imgtune.jobs import list_jobs, workspace_dir
+
+    rows = []
+    for job in list_jobs(workspace):
+        try:
+            record = job.read()
+        except ImgtuneError:
+            continue
+        best = record.get("best") or {}
+        rows.append(
+            {
+                "name": job.name,
+                "status": job.status(),
+                "kind": record.get("kind", "training"),
+                "backbone": record.get("config", {}).get("model", {}).get("backbone"),
+                "epochs_run": record.get("epochs_run"),
+                "best_valid_accuracy": best.get("valid_accuracy"),
+                "test_accuracy": (record.get("test") or {}).get("accuracy"),
+                "created": record.get("created"),
+                "path": str(job.path),
+            }
+        )
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        out.print(f"no jobs in {workspace_dir(workspace)}")
+        return
+    table = Table(title=f"jobs in {workspace_dir(workspace)}", title_justify="left")
+    for column in ("name", "status", "backbone", "epochs", "best valid acc", "test acc", "created"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            r["name"],
+            r["status"],
+            r["backbone"] or "-",
+            _fmt(r["epochs_run"]),
+            _fmt(r["best_valid_accuracy"]),
+            _fmt(r["test_accuracy"]),
+            r["created"] or "-",
+        )
+    out.print(table)
+
+
+@jobs_app.command("show")
+@friendly_errors
+def jobs_show(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="Job name or path.")],
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show one job: status, config, timings, dataset, metrics per epoch, test results."""
+    from imgtune.jobs import Job
+
+    workspace = workspace or (ctx.obj or {}).get("workspace")
+    handle = Job.open(job, workspace)
+    record = handle.read()
+    record["status"] = handle.status()
+    record["metrics"] = handle.read_metrics()
+    if as_json:
+        print_json(record)
+        return
+    _print_job_summary(handle, as_json=False)
+    metrics = record["metrics"]
+    if metrics:
+        table = Table(title="epochs", title_justify="left")
+        for column in ("epoch", "train loss", "train acc", "valid loss", "valid acc", "lr", "time s"):
+            table.add_column(column, justify="right")
+        for m in metrics:
+            table.add_row(
+                str(m["epoch"]),
+                _fmt(m.get("train_loss")),
+                _fmt(m.get("train_accuracy")),
+                _fmt(m.get("valid_loss")),
+                _fmt(m.get("valid_accuracy")),
+                _fmt(m.get("lr"), 6),
+                _fmt(m.get("epoch_time"), 2),
+            )
+        out.print(table)
+    dataset = record.get("dataset", {})
+    if dataset:
+        out.print(
+            f"dataset: {dataset.get('source')} images {dataset.get('images')}, "
+            f"{len(dataset.get('classes', []))} classes, {dataset.get('excluded_count', 0)} excluded"
+        )
+        for note in dataset.get("notes", []):
+            out.print(f"  note: {note}")
+    if record.get("error"):
+        out.print(f"[red]error:[/] {record['error']}")
+
+
+# -- evaluation ------------------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    job: Annotated[str, typer.Argument(help="Job name or path.")],
+    data: Annotated[str, typer.Option(help="Dataset folder or s3:// prefix.")],
+    split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Evaluate a job's model on a split of a dataset (top-1, top-5, per-class accuracy)."""
+    from imgtune.training.evaluate import evaluate_job
+
+    result = evaluate_job(job, data, split=split, workspace=workspace, progress=not as_json)
+    if as_json:
+        print_json(result)
+        return
+    out.print(
+        f"{split} accuracy {result['accuracy']:.4f}, top-5 {result['top5_accuracy']:.4f}, "
+        f"loss {result['loss']:.4f} on {result['samples']} images"
+    )
+    if result["skipped_unknown_class"]:
+        out.print(f"{result['skipped_unknown_class']} images of classes the model does not know were left out")
+    worst = sorted((a, c) for c, a in result["per_class_accuracy"].items() if a is not None)[:5]
+    if worst:
+        out.print("lowest per-class accuracy: " + ", ".join(f"{c} {a:.2f}" for a, c in worst))
+
+
+# -- data ------------------------------------------------------------------------------------------------
+
+
+@data_app.command("check")
+@friendly_errors
+def data_check(
+    path: Annotated[str, typer.Argument(help="Dataset folder or s3:// prefix.")],
+    max_pixels: Annotated[int, typer.Option(help="Pixel count above which an image is refused.")] = 64_000_000,
+    as_json: JsonOption = False,
+) -> None:
+    """Check every image: counts per class and split, sizes, modes and each problem file with its reason.
+
+    Exits 2 only when a problem stops training (no training images, fewer than two usable classes).
+    """
+    from imgtune.data.check import check_layout
+    from imgtune.data.folders import discover
+    from imgtune.data.sources import resolve_source
+    from imgtune.jobs import cache_dir
+
+    root = resolve_source(path, progress=not as_json)
+    report = check_layout(discover(root), max_pixels=max_pixels, cache_dir=cache_dir(), progress=not as_json)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        _print_check(report)
+    if report.fatal:
+        raise typer.Exit(2)
+
+
+def _print_check(report: Any) -> None:
+    counts = report.counts()
+    table = Table(title=f"{report.root} ({report.kind} layout)", title_justify="left")
+    table.add_column("class")
+    for split in counts:
+        table.add_column(split, justify="right")
+    for c in report.classes:
+        label = c.id if c.name == c.id else f"{c.id} ({c.name})"
+        table.add_row(label, *(str(counts[s].get(c.id, 0)) for s in counts))
+    table.add_row("[bold]total", *(f"[bold]{sum(counts[s].values())}" for s in counts))
+    out.print(table)
+    sizes = report.size_summary()
+    if sizes:
+        out.print(
+            f"sizes: width {sizes['min_width']}-{sizes['max_width']} (median {sizes['median_width']}), "
+            f"height {sizes['min_height']}-{sizes['max_height']} (median {sizes['median_height']})"
+        )
+        out.print(
+            "modes: "
+            + ", ".join(f"{m} {n}" for m, n in sorted(report.modes().items()))
+            + "; formats: "
+            + ", ".join(f"{f} {n}" for f, n in sorted(report.formats().items()))
+        )
+    if report.problems:
+        table = Table(title=f"{len(report.problems)} problem file(s), excluded from training", title_justify="left")
+        table.add_column("file")
+        table.add_column("reason")
+        for p in report.problems:
+            table.add_row(p.path, p.reason)
+        out.print(table)
+    for issue in report.issues:
+        colour = "red" if issue.severity == "error" else "yellow"
+        out.print(f"[{colour}]{issue.severity}:[/] {issue.message}", highlight=False)
+    if not report.problems and not report.issues:
+        out.print("[green]no problems found[/]")
+    elif not report.fatal:
+        out.print("[green]usable for training[/] (problem files are excluded and listed in the job)")
+
+
+@data_app.command("download")
+@friendly_errors
+def data_download(
+    name: Annotated[str, typer.Argument(help="Dataset name: dogimages.")],
+    dest: Annotated[Path, typer.Option(help="Folder to download and unpack into.")] = Path("data"),
+    url: Annotated[str | None, typer.Option(help="A mirror of the archive.")] = None,
+    sha256: Annotated[str | None, typer.Option(help="Expected sha256 of the archive.")] = None,
+    keep_archive: Annotated[bool, typer.Option(help="Keep the zip after unpacking.")] = False,
+) -> None:
+    """Download and unpack a dataset (resumable, size and checksum checked)."""
+    from imgtune.data.download import download_dataset
+
+    folder = download_dataset(name, dest, url=url, sha256=sha256, keep_archive=keep_archive)
+    out.print(f"dataset ready: {folder}")
+    out.print(f"next: imgtune data check {folder}  and  imgtune train --data {folder}")

@@ -1,0 +1,135 @@
+"""The Trainer loop on small in-memory data: events, callbacks, metrics, stopping, early stopping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from imgtune.training.callbacks import Callback, StopTraining
+from imgtune.training.metrics import PhaseMetrics
+from imgtune.training.standard_callbacks import EarlyStopping
+from imgtune.training.trainer import Trainer
+
+
+def blobs(n: int = 96, classes: int = 3, dim: int = 8, seed: int = 0) -> TensorDataset:
+    centres = torch.randn(classes, dim, generator=torch.Generator().manual_seed(99)) * 4
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    return TensorDataset(centres[labels] + torch.randn(n, dim, generator=g), labels)
+
+
+def make_trainer(callbacks=(), epochs=3, lr=0.05, batch_size=10) -> Trainer:
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    loaders = {
+        "train": DataLoader(blobs(), batch_size=batch_size, shuffle=True, generator=torch.Generator()),
+        "valid": DataLoader(blobs(seed=1), batch_size=batch_size),
+    }
+    return Trainer(
+        module,
+        torch.optim.Adam(module.parameters(), lr=lr),
+        loaders,
+        epochs=epochs,
+        num_classes=3,
+        callbacks=callbacks,
+    )
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.events = []
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda trainer: self.events.append((name[3:], trainer.phase))
+        raise AttributeError(name)
+
+
+def test_events_arrive_in_order():
+    recorder = Recorder()
+    make_trainer([recorder], epochs=1, batch_size=48).fit()
+    names = [e for e, _ in recorder.events]
+    assert names[0] == "fit_start" and names[-1] == "fit_end"
+    train_batch = ["batch_start", "after_forward", "after_backward", "after_step", "batch_end"]
+    assert names[1:4] == ["epoch_start", "phase_start", *train_batch[:1]]
+    assert names[3:8] == train_batch
+    valid_start = recorder.events.index(("phase_start", "valid"))
+    assert "after_backward" not in names[valid_start:]
+    assert names[-2] == "epoch_end"
+
+
+def test_learns_and_records_each_epoch():
+    trainer = make_trainer(epochs=4)
+    history = trainer.fit()
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert history[-1]["valid_accuracy"] > 0.9
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert trainer.step == 4 * math.ceil(96 / 10)
+
+
+def test_loss_is_a_per_sample_mean_with_uneven_batches():
+    metrics = PhaseMetrics(num_classes=2)
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    targets = torch.tensor([0, 0, 1])
+    loss = nn.CrossEntropyLoss(reduction="none")(logits, targets)
+    metrics.update(logits[:1], targets[:1], loss[:1].mean())  # a batch of 1
+    metrics.update(logits[1:], targets[1:], loss[1:].mean())  # a batch of 2
+    assert metrics.loss == pytest.approx(float(loss.mean()))
+    assert metrics.accuracy == pytest.approx(1 / 3)
+    assert metrics.samples == 3
+
+
+def test_confusion_and_per_class_accuracy():
+    metrics = PhaseMetrics(num_classes=3, confusion=True)
+    logits = torch.eye(3)[[0, 1, 1, 2]] * 5
+    targets = torch.tensor([0, 1, 2, 2])
+    metrics.update(logits, targets, torch.tensor(0.0))
+    assert metrics.confusion.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+    assert metrics.per_class_accuracy() == [1.0, 1.0, 0.5]
+
+
+def test_failing_callback_is_reported_and_switched_off():
+    class Broken(Callback):
+        calls = 0
+
+        def on_batch_end(self, trainer):
+            Broken.calls += 1
+            raise ValueError("boom")
+
+    trainer = make_trainer([Broken()], epochs=2)
+    history = trainer.fit()
+    assert len(history) == 2  # training went on
+    assert Broken.calls == 1
+    assert trainer.runner.failures[0]["callback"] == "Broken"
+    assert "boom" in trainer.runner.failures[0]["error"]
+
+
+def test_stop_training_ends_the_run_with_its_reason():
+    class StopAtStep(Callback):
+        def on_after_step(self, trainer):
+            if trainer.step == 3:
+                raise StopTraining("enough")
+
+    trainer = make_trainer([StopAtStep()], epochs=5)
+    trainer.fit()
+    assert trainer.stop_reason == "enough"
+    assert trainer.step == 3
+    assert trainer.history == []  # the interrupted epoch is not recorded as complete
+
+
+def test_early_stopping_stops_and_restores_the_best_weights():
+    stopper = EarlyStopping("valid_loss", patience=2)
+    # A learning rate this large makes the loss climb after the first epochs.
+    trainer = make_trainer([stopper], epochs=30, lr=3.0)
+    history = trainer.fit()
+    assert trainer.stop_reason and "early stopping" in trainer.stop_reason
+    assert len(history) < 30
+    best = min(history, key=lambda r: r["valid_loss"])
+    assert stopper.best_epoch == best["epoch"]
+    assert stopper.restore_best(trainer.module)
+    metrics = trainer.evaluate("valid", confusion=False)
+    assert metrics.loss == pytest.approx(best["valid_loss"], rel=1e-5)

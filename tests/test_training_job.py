@@ -1,0 +1,314 @@
+"""Training jobs end to end on the shared photos: job directory, feature cache, bundle, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from imgtune.cli import app
+from imgtune.config import build_config
+from imgtune.data.transforms import load_image
+from imgtune.errors import JobError, WeightsError
+from imgtune.jobs import Job, list_jobs
+from imgtune.models.factory import create_model
+from imgtune.serving.bundle import load_bundle
+from imgtune.training.evaluate import evaluate_job
+from imgtune.training.job import run_training_job
+
+runner = CliRunner()
+
+
+def mobilenet_config(dogs_mini: Path, weights: Path, **train) -> dict:
+    return {
+        "data": {"path": str(dogs_mini), "image_size": 96, "num_workers": 0},
+        "model": {"backbone": "mobilenet_v2", "weights": str(weights)},
+        "train": {"epochs": 6, "lr": 0.003, **train},
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory, dogs_mini, mobilenet_weights) -> Job:
+    workspace = tmp_path_factory.mktemp("ws")
+    return run_training_job(
+        build_config(mobilenet_config(dogs_mini, mobilenet_weights)), workspace=workspace, progress=False
+    )
+
+
+def test_job_directory_holds_everything(finished_job: Job):
+    record = finished_job.read()
+    assert record["status"] == "completed"
+    assert record["training_mode"] == "features"
+    assert record["config"]["model"]["backbone"] == "mobilenet_v2"
+    assert record["versions"]["torch"] == torch.__version__
+    assert set(record["timings"]) >= {"initialization", "training_loop", "finalization", "total"}
+    assert record["dataset"]["images"] == {"train": 300, "valid": 100, "test": 100}
+    assert record["weights"]["loaded"] > 300 and record["weights"]["missing"] == []
+    metrics = finished_job.read_metrics()
+    assert [m["epoch"] for m in metrics] == list(range(1, record["epochs_run"] + 1))
+    assert all({"train_loss", "valid_loss", "valid_accuracy", "lr"} <= set(m) for m in metrics)
+    assert (finished_job.checkpoint_dir / "last.pt").exists()
+    assert (finished_job.model_dir / "model.safetensors").exists()
+    assert "completed" in finished_job.log_file.read_text()
+
+
+def test_real_features_learn_the_breeds(finished_job: Job):
+    test = finished_job.read()["test"]
+    assert test["samples"] == 100
+    assert test["accuracy"] > 0.5  # ten breeds: chance is 0.1
+    assert test["top5_accuracy"] >= test["accuracy"]
+    assert len(test["per_class_accuracy"]) == 10 and "001.Shih-Tzu" in test["per_class_accuracy"]
+    assert sum(map(sum, test["confusion_matrix"])) == 100
+
+
+def test_bundle_reloads_and_agrees_with_the_job(finished_job: Job, dogs_mini: Path):
+    bundle = load_bundle(finished_job.model_dir)
+    assert [c.id for c in bundle.classes][:2] == ["001.Shih-Tzu", "002.Rhodesian_ridgeback"]
+    assert bundle.classes[1].name == "Rhodesian ridgeback"
+    assert bundle.preprocessing.image_size == 96
+    image = bundle.preprocessing.eval_transform()(load_image(next((dogs_mini / "test/003.beagle").iterdir())))
+    with torch.inference_mode():
+        probs = bundle.model(image[None]).softmax(1)
+    assert probs.shape == (1, 10) and float(probs.sum()) == pytest.approx(1.0, abs=1e-4)
+    # The image path through the bundle matches the feature path used in training.
+    result = evaluate_job(finished_job.path, str(dogs_mini), split="test", progress=False)
+    assert result["accuracy"] == pytest.approx(finished_job.read()["test"]["accuracy"], abs=0.011)
+    assert finished_job.read()["evaluations"][-1]["split"] == "test"
+
+
+def test_bundle_with_damaged_weights_is_refused(finished_job: Job, tmp_path: Path):
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for f in finished_job.model_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(JobError, match="checksum"):
+        load_bundle(copy)
+
+
+def test_feature_cache_is_computed_once_and_shared(tmp_path, dogs_mini, mobilenet_weights, monkeypatch):
+    monkeypatch.setenv("IMGTUNE_CACHE", str(tmp_path / "cache"))
+    config = build_config(mobilenet_config(dogs_mini, mobilenet_weights, epochs=1, augment_views=2))
+    run_training_job(config, workspace=tmp_path / "ws", progress=False)
+    files = sorted((tmp_path / "cache/features").glob("*.safetensors"))
+    assert len(files) == 5  # train clean + 2 augmented views, valid, test
+    stamps = [f.stat().st_mtime_ns for f in files]
+    second = run_training_job(config, workspace=tmp_path / "ws", progress=False)
+    assert sorted((tmp_path / "cache/features").glob("*.safetensors")) == files
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert second.read()["status"] == "completed"
+
+
+def test_partial_fine_tuning_on_images(tmp_path, dogs_mini, mobilenet_weights):
+    raw = mobilenet_config(dogs_mini, mobilenet_weights, epochs=1, batch_size=32, optimizer="sgd", schedule="cosine")
+    raw["model"]["freeze"] = "all_but_last"
+    raw["data"]["image_size"] = 64
+    job = run_training_job(build_config(raw), workspace=tmp_path, progress=False)
+    record = job.read()
+    assert record["training_mode"] == "images"
+    assert record["status"] == "completed" and record["epochs_run"] == 1
+    assert load_bundle(job.model_dir).model.spec.freeze == "all_but_last"
+
+
+def test_resnet50_from_scratch_runs_end_to_end_from_the_cli(tmp_path, dogs_mini):
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(dogs_mini),
+            "--backbone",
+            "resnet50",
+            "--pretrained",
+            "none",
+            "--epochs",
+            "1",
+            "--image-size",
+            "64",
+            "--workspace",
+            str(tmp_path),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "completed"
+    assert summary["test"]["samples"] == 100
+    assert load_bundle(summary["model"]).model.spec.backbone == "resnet50"
+
+
+def test_missing_pretrained_weights_offline_is_one_clear_error(tmp_path, dogs_mini, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty hub cache
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # nothing listens there: fails fast offline
+    with pytest.raises(WeightsError) as info:
+        create_model("resnet18", 3, pretrained="default")
+    assert "--weights" in info.value.hint and "--pretrained none" in info.value.hint
+    result = runner.invoke(
+        app, ["train", "--data", str(dogs_mini), "--backbone", "resnet18", "--workspace", str(tmp_path)]
+    )
+    assert result.exit_code == 2
+    assert "cannot download the pretrained weights of resnet18" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_wrong_weights_file_is_reported(tmp_path, mobilenet_weights):
+    with pytest.raises(WeightsError, match="none of the"):
+        create_model("resnet18", 3, weights=str(mobilenet_weights))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(WeightsError, match="cannot read weights"):
+        create_model("resnet18", 3, weights=str(garbage))
+
+
+def test_training_on_bad_data_completes_and_reports_exclusions(tmp_path, dogs_mini, mobilenet_weights):
+    from bad_data import make_bad_dataset
+
+    bad = make_bad_dataset(tmp_path / "bad", dogs_mini)
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(tmp_path / "bad"),
+            "--backbone",
+            "mobilenet_v2",
+            "--weights",
+            str(mobilenet_weights),
+            "--epochs",
+            "2",
+            "--image-size",
+            "64",
+            "--workspace",
+            str(tmp_path / "ws"),
+            "--name",
+            "bad-data",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "excluded files" in result.output
+    record = Job.open("bad-data", tmp_path / "ws").read()
+    excluded = {Path(e["path"]).relative_to(tmp_path / "bad").as_posix() for e in record["dataset"]["excluded"]}
+    bad_files = {rel for rel, kind in bad.items() if kind != "empty_class"}
+    assert bad_files <= excluded
+    assert record["status"] == "completed"
+    assert "011.empty_class" not in [c["id"] for c in record["dataset"]["classes"]]
+    log = (tmp_path / "ws/bad-data/logs.txt").read_text()
+    assert all(Path(rel).name in log for rel in bad_files)
+
+
+def test_killed_job_resumes_without_losing_epochs(tmp_path, dogs_mini, mobilenet_weights):
+    workspace = tmp_path / "ws"
+    env = {**os.environ, "IMGTUNE_WORKSPACE": str(workspace)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "imgtune",
+        "train",
+        "--data",
+        str(dogs_mini),
+        "--backbone",
+        "mobilenet_v2",
+        "--weights",
+        str(mobilenet_weights),
+        "--image-size",
+        "64",
+        "--epochs",
+        "4",
+        "--name",
+        "killed",
+        "--set",
+        "train.feature_cache=false",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "train.batch_size=16",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = workspace / "killed/metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            epoch_time = json.loads(metrics.read_text().splitlines()[0])["epoch_time"]
+            time.sleep(epoch_time / 2)  # well inside epoch 2
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    job = Job.open("killed", workspace)
+    assert job.status() == "interrupted"
+    done_before = len(job.read_metrics())
+    assert 1 <= done_before < 4
+
+    result = subprocess.run(
+        [sys.executable, "-m", "imgtune", "train", "--resume", "killed", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    record = job.read()
+    assert record["status"] == "completed"
+    assert record["resumed_from_epoch"] == done_before
+    assert [m["epoch"] for m in job.read_metrics()] == [1, 2, 3, 4]
+
+
+def test_jobs_list_and_show(finished_job: Job):
+    workspace = finished_job.path.parent
+    assert finished_job.name in [j.name for j in list_jobs(workspace)]
+    listed = runner.invoke(app, ["jobs", "--workspace", str(workspace), "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = json.loads(listed.stdout)
+    row = next(r for r in rows if r["name"] == finished_job.name)
+    assert row["status"] == "completed" and row["best_valid_accuracy"] > 0.5
+    shown = runner.invoke(app, ["jobs", "show", str(finished_job.path), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["metrics"][0]["epoch"] == 1
+    human = runner.invoke(app, ["jobs", "show", finished_job.name, "--workspace", str(workspace)])
+    assert "test accuracy" in human.output
+    missing = runner.invoke(app, ["jobs", "show", "no-such-job", "--workspace", str(workspace)])
+    assert missing.exit_code == 2 and "no job 'no-such-job'" in missing.output
+
+
+def test_config_file_and_overrides(tmp_path, dogs_mini, mobilenet_weights):
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"data:\n  path: {dogs_mini}\n  image_size: 64\n"
+        f"model:\n  backbone: mobilenet_v2\n  weights: {mobilenet_weights}\n  head: linear\n"
+        "train:\n  epochs: 2\n"
+    )
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            str(config),
+            "--set",
+            "train.optimizer=adamw",
+            "--epochs",
+            "1",
+            "--workspace",
+            str(tmp_path),
+            "--name",
+            "from-file",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    record = Job.open("from-file", tmp_path).read()
+    assert record["config"]["train"]["optimizer"] == "adamw"
+    assert record["config"]["train"]["epochs"] == 1  # the flag wins over the file
+    assert record["config"]["model"]["head"] == "linear"
+    bad = runner.invoke(app, ["train", "--config", str(config), "--set", "train.lr=-1", "--workspace", str(tmp_path)])
+    assert bad.exit_code == 2 and "train.lr" in bad.output
