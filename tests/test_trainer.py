@@ -133,3 +133,18 @@ def test_early_stopping_stops_and_restores_the_best_weights():
     assert stopper.restore_best(trainer.module)
     metrics = trainer.evaluate("valid", confusion=False)
     assert metrics.loss == pytest.approx(best["valid_loss"], rel=1e-5)
+
+
+def test_same_seed_same_run_and_resumable_epoch_order():
+    first = make_trainer(epochs=2)
+    first.seed = 7
+    second = make_trainer(epochs=2)
+    second.seed = 7
+    assert first.fit() == [{**r, "epoch_time": pytest.approx(r["epoch_time"], abs=10)} for r in second.fit()]
+
+
+def test_bfloat16_autocast_trains_on_cpu():
+    trainer = make_trainer(epochs=3)
+    trainer.amp_dtype = torch.bfloat16
+    history = trainer.fit()
+    assert history[-1]["valid_accuracy"] > 0.9

@@ -1,0 +1,256 @@
+"""s3:// dataset sources against a real S3 API: moto's server mode as a subprocess on 127.0.0.1.
+
+Nothing of imgtune, fsspec, s3fs or botocore is mocked: the endpoint comes from AWS_ENDPOINT_URL, as it
+would for a user's MinIO or S3, and every request goes over HTTP to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from imgtune.cli import app
+from imgtune.config import DataConfig
+from imgtune.data.dataset import prepare_data
+from imgtune.data.sources import resolve_source
+from imgtune.errors import DataError
+
+BUCKET = "imgtune-test"
+PREFIX = "dogs"
+URL = f"s3://{BUCKET}/{PREFIX}"
+MISSING_BUCKET = "imgtune-no-such-bucket"
+CLASSES = ("001.Shih-Tzu", "002.Rhodesian_ridgeback", "003.beagle")
+PER_SPLIT = {"train": 4, "valid": 2, "test": 2}
+BAD_FILE = "train/001.Shih-Tzu/notes.jpg"
+BAD_TEXT = b"These are my notes about the dogs, not a picture.\n" * 4
+SOURCE_RECORD = ".imgtune-source.json"  # written by resolve_source next to the copied files
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+# --------------------------------------------------------------------------- the S3 server
+
+
+def _free_port() -> int:
+    """A free port on 127.0.0.1 at or above 20000 (10002-19999 is kept for Ray's workers)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port >= 20000:
+            return port
+    raise RuntimeError("no free port >= 20000 on 127.0.0.1")
+
+
+def _answers_http(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+    try:
+        opener.open(url, timeout=1).close()
+    except urllib.error.HTTPError:
+        return True  # any HTTP answer means the server is up
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's S3 server in a subprocess on 127.0.0.1; yields its endpoint URL."""
+    log_path = tmp_path_factory.mktemp("moto") / "server.log"
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
+    for _attempt in range(3):  # the port is free when picked but could be taken before moto binds it
+        port = _free_port()
+        endpoint = f"http://127.0.0.1:{port}"
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        deadline = time.monotonic() + 20
+        while proc.poll() is None and time.monotonic() < deadline and not _answers_http(endpoint):
+            time.sleep(0.1)
+        if proc.poll() is None and _answers_http(endpoint):
+            break
+        proc.kill()
+        proc.wait()
+    else:
+        pytest.fail(f"moto server did not start; its log:\n{log_path.read_text()[-3000:]}", pytrace=False)
+    try:
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def s3_env(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """AWS settings for this module: the moto endpoint, fake credentials, no proxies, no user AWS files."""
+    import s3fs
+
+    aws_home = tmp_path_factory.mktemp("aws-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ENDPOINT_URL", s3_server)
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_CONFIG_FILE", str(aws_home / "config"))
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(aws_home / "credentials"))
+        for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", *PROXY_VARS):
+            mp.delenv(name, raising=False)
+        # fsspec keeps S3FileSystem instances (and their endpoint) across calls: start and end clean.
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            yield s3_server
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def s3_client(s3_env: str) -> Any:
+    """A boto3 S3 client for the moto server."""
+    import boto3
+
+    return boto3.client("s3")  # endpoint and credentials from the environment, as s3fs gets them
+
+
+@pytest.fixture(scope="module")
+def s3_dogs(s3_client: Any, dogs_mini: Path) -> dict[str, bytes]:
+    """Uploads 3 dogs-mini classes (train 4 / valid 2 / test 2) and a text file named .jpg under URL.
+
+    Returns the uploaded bytes by path relative to the prefix.
+    """
+    files: dict[str, bytes] = {}
+    for split, n in PER_SPLIT.items():
+        for class_id in CLASSES:
+            photos = sorted((dogs_mini / split / class_id).glob("*.jpg"))[:n]
+            assert len(photos) == n, f"dogs-mini {split}/{class_id} holds too few photos"
+            for photo in photos:
+                files[f"{split}/{class_id}/{photo.name}"] = photo.read_bytes()
+    files[BAD_FILE] = BAD_TEXT
+    s3_client.create_bucket(Bucket=BUCKET)
+    for rel, data in files.items():
+        s3_client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{rel}", Body=data)
+    return files
+
+
+def _local_files(root: Path) -> dict[str, Path]:
+    return {
+        p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file() and p.name != SOURCE_RECORD
+    }
+
+
+# --------------------------------------------------------------------------- resolve_source
+
+
+def test_resolve_source_copies_once_then_only_changed_files(
+    s3_dogs: dict[str, bytes], s3_client: Any, dogs_mini: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    local = resolve_source(URL, cache=cache, progress=True)  # progress on: the Rich bar runs too
+    assert local.is_dir() and local.is_relative_to(cache / "sources")
+    files = _local_files(local)
+    assert set(files) == set(s3_dogs)
+    assert {rel: p.read_bytes() for rel, p in files.items()} == s3_dogs
+    assert json.loads((local / SOURCE_RECORD).read_text()) == {"url": URL, "files": len(s3_dogs)}
+    assert not list(local.rglob("*.part")), "no partial downloads left behind"
+
+    # Mark every copy with an old mtime: a file copied again gets a fresh one.
+    old_ns = 1_000_000_000 * 10**9
+    for path in files.values():
+        os.utime(path, ns=(old_ns, old_ns))
+
+    assert resolve_source(URL, cache=cache, progress=False) == local
+    assert {rel: p.stat().st_mtime_ns for rel, p in _local_files(local).items()} == dict.fromkeys(s3_dogs, old_ns)
+
+    # Replace one photo by another photo of the same class (a different size): only it is copied again.
+    changed = next(rel for rel in s3_dogs if rel.startswith(f"train/{CLASSES[0]}/") and rel != BAD_FILE)
+    new_bytes = sorted((dogs_mini / "train" / CLASSES[0]).glob("*.jpg"))[PER_SPLIT["train"]].read_bytes()
+    assert len(new_bytes) != len(s3_dogs[changed])
+    s3_client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{changed}", Body=new_bytes)
+    try:
+        assert resolve_source(URL, cache=cache, progress=False) == local
+    finally:
+        s3_client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{changed}", Body=s3_dogs[changed])
+    after = _local_files(local)
+    assert set(after) == set(s3_dogs)
+    recopied = {rel for rel, p in after.items() if p.stat().st_mtime_ns != old_ns}
+    assert recopied == {changed}
+    assert after[changed].read_bytes() == new_bytes
+
+
+def test_resolve_source_missing_bucket_is_a_clear_data_error(s3_env: str, tmp_path: Path) -> None:
+    url = f"s3://{MISSING_BUCKET}/dogs"
+    with pytest.raises(DataError) as info:
+        resolve_source(url, cache=tmp_path, progress=False)
+    assert info.value.message.startswith(f"cannot list {url}: ")
+    assert "bucket does not exist" in info.value.message
+    assert "AWS_ENDPOINT_URL" in (info.value.hint or "")
+    assert not (tmp_path / "sources").exists(), "nothing is created for a source that cannot be listed"
+
+
+def test_resolve_source_empty_prefix_is_a_data_error(s3_dogs: dict[str, bytes], tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=f"no files under s3://{BUCKET}/no-such-prefix"):
+        resolve_source(f"s3://{BUCKET}/no-such-prefix", cache=tmp_path, progress=False)
+
+
+# --------------------------------------------------------------------------- prepare_data
+
+
+def test_prepare_data_from_s3(s3_dogs: dict[str, bytes], tmp_path: Path) -> None:
+    data = prepare_data(DataConfig(path=URL, num_workers=0), progress=False, cache=tmp_path)
+    assert data.source == URL
+    assert data.root.is_relative_to(tmp_path / "sources")
+    assert [c.id for c in data.classes] == list(CLASSES)
+    assert {split: len(samples) for split, samples in data.splits.items()} == {
+        split: n * len(CLASSES) for split, n in PER_SPLIT.items()
+    }
+    assert [Path(p.path).relative_to(data.root).as_posix() for p in data.excluded] == [BAD_FILE]
+    assert data.excluded[0].split == "train" and data.excluded[0].class_id == CLASSES[0]
+    assert "not an image" in data.excluded[0].reason
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_data_check_s3_json(s3_dogs: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGTUNE_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["data", "check", URL, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["fatal"] is False and report["layout"] == "splits"
+    assert report["images"] == {split: n * len(CLASSES) for split, n in PER_SPLIT.items()}
+    problems = [p["path"] for p in report["problem_files"]]
+    assert len(problems) == 1 and Path(problems[0]).as_posix().endswith(f"/{BAD_FILE}"), problems
+    assert Path(problems[0]).is_relative_to(tmp_path / "cache" / "sources")
+
+
+def test_cli_data_check_missing_bucket_is_one_error_line(
+    s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMGTUNE_CACHE", str(tmp_path / "cache"))
+    url = f"s3://{MISSING_BUCKET}/dogs"
+    result = CliRunner().invoke(app, ["data", "check", url, "--json"])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    assert url in error_lines[0] and "bucket does not exist" in error_lines[0], result.stderr
+    assert result.stdout == ""
