@@ -312,3 +312,25 @@ def test_config_file_and_overrides(tmp_path, dogs_mini, mobilenet_weights):
     assert record["config"]["model"]["head"] == "linear"
     bad = runner.invoke(app, ["train", "--config", str(config), "--set", "train.lr=-1", "--workspace", str(tmp_path)])
     assert bad.exit_code == 2 and "train.lr" in bad.output
+
+
+def test_sigterm_stops_a_job_cleanly(tmp_path, dogs_mini, mobilenet_weights):
+    env = {**os.environ, "IMGTUNE_WORKSPACE": str(tmp_path)}
+    cmd = [
+        sys.executable, "-m", "imgtune", "train", "--data", str(dogs_mini), "--backbone", "mobilenet_v2",
+        "--weights", str(mobilenet_weights), "--image-size", "64", "--epochs", "100000", "--name", "termed",
+        "--set", "train.early_stopping.enabled=false",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "termed/metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.stat().st_size):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    job = Job.open("termed", tmp_path)
+    assert job.status() == "stopped"
+    assert len(job.read_metrics()) >= 1
+    with pytest.raises(JobError, match="still running"):
+        job.mark_running()  # this process is alive: a second run of the same job is refused
+        run_training_job(resume="termed", workspace=tmp_path, progress=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +46,8 @@ def friendly_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # SIGTERM (a scheduler, `kill`) ends a job like Ctrl-C: recorded as stopped, resumable.
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         try:
             return func(*args, **kwargs)
         except ImgtuneError as exc:
@@ -57,6 +60,10 @@ def friendly_errors(func: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def print_json(data: Any) -> None:

@@ -207,8 +207,11 @@ def run_training_job(
     if resume is not None:
         job = Job.open(resume, workspace)
         record = job.read()
-        if record.get("status") == "completed":
+        status = job.status()
+        if status == "completed":
             raise JobError(f"job {job.name} has already completed", "start a new job instead")
+        if status == "running":
+            raise JobError(f"job {job.name} is still running (pid {record.get('pid')})", "wait for it or stop it first")
         config = build_config(record["config"], f"config of job {job.name}")
         job.log("resuming")
     else:
