@@ -76,8 +76,8 @@ def main() -> None:
     )
     print(f"{'':28}{'with cache':>14}{'without cache':>16}")
     print(
-        f"{'epoch times (s)':28}{' '.join(f'{t:.3f}' for t in cached['epoch_times']):>14}"
-        f"{' '.join(f'{t:.2f}' for t in uncached['epoch_times']):>16}"
+        f"{'epoch times (s)':28}{'/'.join(f'{t:.3f}' for t in cached['epoch_times']):>14}  "
+        f"{'/'.join(f'{t:.2f}' for t in uncached['epoch_times']):>16}"
     )
     print(f"{'median epoch (s)':28}{cached['median_epoch']:>14.4f}{uncached['median_epoch']:>16.2f}")
     print(f"{'one-off cache build (s)':28}{cached['cache_build']:>14.2f}{'-':>16}")
