@@ -627,3 +627,57 @@ def test_cli_check_missing_path_is_one_error_line(tmp_path: Path) -> None:
     assert len(error_lines) == 1, result.stderr
     assert "not found" in error_lines[0] and str(missing) in error_lines[0], result.stderr
     assert result.stdout == ""
+
+
+def test_a_class_named_train_does_not_make_a_split_layout(dogs_mini: Path, tmp_path: Path) -> None:
+    for name, source in (("bus", "001.Shih-Tzu"), ("car", "002.Rhodesian_ridgeback"), ("train", "003.beagle")):
+        _copy_photos(dogs_mini / "train" / source, tmp_path / name, 3)
+    layout = discover(tmp_path)
+    assert layout.kind == "classes"
+    assert [c.id for c in layout.classes] == ["bus", "car", "train"]
+
+
+def test_camera_file_names_starting_with_underscore_are_kept(dogs_mini: Path, tmp_path: Path) -> None:
+    photos = _copy_photos(dogs_mini / "train/001.Shih-Tzu", tmp_path / "a", 2)
+    _copy_photos(dogs_mini / "train/003.beagle", tmp_path / "b", 2)
+    photos[0].rename(photos[0].with_name("_DSC0001.JPG"))
+    (tmp_path / "a" / ".DS_Store").write_bytes(b"\0\1")
+    names = [p.name for p in discover(tmp_path).files[ALL]["a"]]
+    assert "_DSC0001.JPG" in names and ".DS_Store" not in names
+
+
+def test_multi_picture_jpegs_from_phones_are_accepted(dogs_mini: Path, tmp_path: Path) -> None:
+    from imgtune.data.check import inspect_file
+
+    photo = Image.open(next((dogs_mini / "train/001.Shih-Tzu").iterdir())).convert("RGB")
+    path = tmp_path / "phone.jpg"
+    photo.save(path, "MPO", save_all=True, append_images=[photo.resize((64, 64))])
+    info = inspect_file(path, max_pixels=10**8)
+    assert info.format == "MPO" and info.problem is None
+
+
+def test_ratio_split_is_stable_when_other_files_change(dogs_mini: Path, tmp_path: Path) -> None:
+    _classes_layout(tmp_path, dogs_mini, n_classes=2, per_class=20)
+    before = _prepare(tmp_path)
+    b_class = before.classes[1].id
+    placement = {s.path: split for split, samples in before.splits.items() for s in samples if b_class in s.path}
+    _copy_photos(dogs_mini / "valid" / before.classes[0].id, tmp_path / before.classes[0].id, 5)
+    after = _prepare(tmp_path)
+    moved = [
+        s.path for split, samples in after.splits.items() for s in samples if placement.get(s.path, split) != split
+    ]
+    assert moved == []
+
+
+def test_identical_files_in_one_class_land_in_the_same_split(dogs_mini: Path, tmp_path: Path) -> None:
+    photos = _copy_photos(dogs_mini / "train/001.Shih-Tzu", tmp_path / "a", 10)
+    _copy_photos(dogs_mini / "train/003.beagle", tmp_path / "b", 10)
+    for photo in photos:
+        shutil.copy(photo, photo.with_name("copy-" + photo.name))
+    data = _prepare(tmp_path)
+    split_of: dict[str, set[str]] = {}
+    for split, samples in data.splits.items():
+        for s in samples:
+            split_of.setdefault(s.sha1, set()).add(split)
+    assert all(len(splits) == 1 for splits in split_of.values())
+    assert "valid" in data.splits and "test" in data.splits

@@ -148,3 +148,49 @@ def test_bfloat16_autocast_trains_on_cpu():
     trainer.amp_dtype = torch.bfloat16
     history = trainer.fit()
     assert history[-1]["valid_accuracy"] > 0.9
+
+
+def test_a_stop_request_still_reaches_later_callbacks():
+    class StopFirst(Callback):
+        order = 0
+
+        def on_epoch_end(self, trainer):
+            if trainer.epoch == 2:
+                raise StopTraining("stop after epoch 2")
+
+    class Later(Callback):
+        order = 50
+        seen: list[int] = []
+
+        def on_epoch_end(self, trainer):
+            Later.seen.append(trainer.epoch)
+
+    trainer = make_trainer([StopFirst(), Later()], epochs=5)
+    trainer.fit()
+    assert Later.seen == [1, 2]
+    assert trainer.stop_reason == "stop after epoch 2"
+    assert len(trainer.history) == 2
+
+
+def test_early_stopping_with_min_delta_and_nan_losses():
+    stopper = EarlyStopping("valid_loss", patience=1, min_delta=0.01)
+
+    class Fake:
+        module = nn.Linear(1, 1)
+        stop_reason = None
+
+        def request_stop(self, reason):
+            self.stop_reason = reason
+
+    fake = Fake()
+    for epoch, loss in enumerate([1.0, 0.995], start=1):
+        fake.epoch, fake.epoch_record = epoch, {"valid_loss": loss}
+        stopper.on_epoch_end(fake)
+    assert stopper.best_epoch == 1  # 0.995 is not better by min_delta
+    assert "best 1.0000 at epoch 1" in fake.stop_reason
+
+    nan_stopper, fake = EarlyStopping("valid_loss", patience=1), Fake()
+    for epoch in (1, 2):
+        fake.epoch, fake.epoch_record = epoch, {"valid_loss": float("nan")}
+        nan_stopper.on_epoch_end(fake)
+    assert nan_stopper.best_epoch is None and "never finite" in fake.stop_reason

@@ -334,3 +334,53 @@ def test_sigterm_stops_a_job_cleanly(tmp_path, dogs_mini, mobilenet_weights):
     with pytest.raises(JobError, match="still running"):
         job.mark_running()  # this process is alive: a second run of the same job is refused
         run_training_job(resume="termed", workspace=tmp_path, progress=False)
+
+
+def test_timm_backbones_with_a_pre_logits_layer_work():
+    model = create_model("mobilenetv3_small_050", 4, pretrained="none")
+    with torch.inference_mode():
+        assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 4)
+
+
+def test_resume_refuses_changed_classes(tmp_path, dogs_mini, mobilenet_weights):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dogs_mini, data)
+    job = run_training_job(
+        build_config(mobilenet_config(data, mobilenet_weights, epochs=1) | {"name": "changing"}),
+        workspace=tmp_path / "ws",
+        progress=False,
+    )
+    job.update(status="failed")  # as if it had died after its first epoch
+    for split in ("train", "valid", "test"):
+        shutil.rmtree(data / split / "010.dingo")
+    with pytest.raises(JobError, match="classes changed"):
+        run_training_job(resume="changing", workspace=tmp_path / "ws", progress=False)
+
+
+def test_evaluate_on_another_dataset_with_split_all(finished_job: Job, tmp_path: Path, dogs_mini: Path):
+    import shutil
+
+    other = tmp_path / "held-out"
+    for class_id in ("001.Shih-Tzu", "003.beagle"):
+        shutil.copytree(dogs_mini / "test" / class_id, other / class_id)
+    (other / "unknown_breed").mkdir()
+    shutil.copy(next((dogs_mini / "test/003.beagle").iterdir()), other / "unknown_breed/x.jpg")
+    result = evaluate_job(finished_job.path, str(other), split="all", progress=False)
+    assert result["samples"] == 20 and result["skipped_unknown_class"] == 1
+    assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_jobs_open_by_the_name_given_and_files_are_readable(finished_job: Job, tmp_path: Path):
+    job = Job.create(tmp_path, "dogs v2")
+    job.write({"name": "dogs v2"})
+    assert Job.open("dogs v2", tmp_path).path == job.path.resolve()
+    assert oct(finished_job.job_file.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert oct((finished_job.model_dir / "manifest.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -48,6 +48,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or default).expanduser()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give (mkstemp's files are owner-only)."""
+    return 0o666 & ~_umask()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -56,6 +67,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -146,7 +158,7 @@ class Job:
         """Find a job by path or by name in the workspace."""
         candidates = [Path(job).expanduser()]
         if not Path(job).is_absolute():
-            candidates.append(workspace_dir(workspace) / str(job))
+            candidates += [workspace_dir(workspace) / str(job), workspace_dir(workspace) / _slug(str(job))]
         for path in candidates:
             if (path / JOB_FILE).is_file():
                 return cls(path.resolve())

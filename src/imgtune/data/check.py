@@ -6,10 +6,10 @@ mid-epoch. Results are cached by path, size and modification time, so checking a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
-import os
 import statistics
 import warnings
 from collections import Counter
@@ -22,8 +22,9 @@ from PIL import Image, UnidentifiedImageError
 
 from imgtune.data.folders import ALL, SPLITS, ClassInfo, FolderLayout, discover
 from imgtune.jobs import atomic_write_json
+from imgtune.resources import default_workers
 
-SUPPORTED_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF")
+SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "WEBP", "TIFF")  # MPO: phone JPEGs with extra frames
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".jfif"}
 _CHECK_VERSION = 1
 
@@ -184,7 +185,8 @@ class _CheckCache:
         return None
 
     def put(self, path: Path, info: FileInfo) -> None:
-        self.entries[str(path)] = {"stamp": self._stamp(path), "info": asdict(info)}
+        with contextlib.suppress(OSError):  # a file that went away while being checked: nothing to remember
+            self.entries[str(path)] = {"stamp": self._stamp(path), "info": asdict(info)}
 
     def save(self) -> None:
         if self.file:
@@ -200,7 +202,7 @@ def check_layout(
     progress: bool = False,
 ) -> CheckReport:
     """Inspect every file of `layout` and judge the dataset as a whole."""
-    workers = workers if workers is not None else (os.cpu_count() or 1)
+    workers = default_workers() if workers is None else workers
     cache = _CheckCache(layout.root, max_pixels, cache_dir)
     entries = [(s, c, p) for s, per in layout.files.items() for c, ps in per.items() for p in ps]
     infos: dict[Path, FileInfo] = {}

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from imgtune.config import DataConfig
@@ -20,6 +19,7 @@ from imgtune.data.sources import resolve_source
 from imgtune.data.transforms import load_image
 from imgtune.errors import DataError
 from imgtune.jobs import cache_dir
+from imgtune.resources import default_workers
 
 
 @dataclass(frozen=True)
@@ -65,37 +65,51 @@ class PreparedData:
         }
 
 
-def _split_by_ratios(
-    infos: list[FileInfo], ratios: tuple[float, float, float], rng: random.Random
-) -> dict[str, list[FileInfo]]:
-    shuffled = sorted(infos, key=lambda f: (f.sha1, f.path))
-    rng.shuffle(shuffled)
-    n = len(shuffled)
+def _stable_order(infos: list[FileInfo], seed: int) -> list[list[FileInfo]]:
+    """Files grouped by content and ordered by a seeded hash of it.
+
+    A file's place depends only on its own content and the seed, so adding or removing other files moves
+    few files between splits; identical files form one group and always land in the same split.
+    """
+    groups: dict[str, list[FileInfo]] = {}
+    for info in sorted(infos, key=lambda f: f.path):
+        groups.setdefault(info.sha1, []).append(info)
+    return [groups[sha] for sha in sorted(groups, key=lambda sha: hashlib.sha256(f"{seed}:{sha}".encode()).digest())]
+
+
+def _take(groups: list[list[FileInfo]], count: int) -> tuple[list[FileInfo], list[list[FileInfo]]]:
+    """The first groups holding about `count` files, and the rest."""
+    taken: list[FileInfo] = []
+    while groups and len(taken) < count:
+        taken += groups.pop(0)
+    return taken, groups
+
+
+def _split_by_ratios(infos: list[FileInfo], ratios: tuple[float, float, float], seed: int) -> dict[str, list[FileInfo]]:
+    groups = _stable_order(infos, seed)
+    n = len(infos)
     n_valid = round(n * ratios[1]) if n >= 3 else 0
     n_test = round(n * ratios[2]) if n >= 3 else 0
-    n_valid, n_test = min(n_valid, max(0, n - 1)), min(n_test, max(0, n - 1 - n_valid))
-    return {
-        "valid": shuffled[:n_valid],
-        "test": shuffled[n_valid : n_valid + n_test],
-        "train": shuffled[n_valid + n_test :],
-    }
+    valid, groups = _take(groups, min(n_valid, max(0, n - 1)))
+    test, groups = _take(groups, min(n_test, max(0, n - 1 - len(valid))))
+    return {"valid": valid, "test": test, "train": [f for g in groups for f in g]}
 
 
-def _carve(infos: list[FileInfo], fraction: float, rng: random.Random) -> tuple[list[FileInfo], list[FileInfo]]:
-    shuffled = sorted(infos, key=lambda f: (f.sha1, f.path))
-    rng.shuffle(shuffled)
-    n = min(len(shuffled) - 1, max(1, round(len(shuffled) * fraction))) if len(shuffled) >= 2 else 0
-    return shuffled[n:], shuffled[:n]
+def _carve(infos: list[FileInfo], fraction: float, seed: int) -> tuple[list[FileInfo], list[FileInfo]]:
+    """(kept, carved): about `fraction` of the files carved out, at least one, never all."""
+    groups = _stable_order(infos, seed)
+    count = min(len(infos) - 1, max(1, round(len(infos) * fraction))) if len(infos) >= 2 else 0
+    carved, groups = _take(groups, count)
+    return [f for g in groups for f in g], carved
 
 
 def split_report(report: CheckReport, cfg: DataConfig) -> tuple[dict[str, dict[str, list[FileInfo]]], list[str]]:
     """Per split and class, the usable files: split by ratios or carved as `cfg` says. Also notes."""
     notes: list[str] = []
-    rng = random.Random(cfg.split_seed)
     if report.kind == "classes":
         out: dict[str, dict[str, list[FileInfo]]] = {s: {} for s in SPLITS}
         for class_id, infos in report.good[ALL].items():
-            for split, part in _split_by_ratios(infos, cfg.split_ratios, rng).items():
+            for split, part in _split_by_ratios(infos, cfg.split_ratios, cfg.split_seed).items():
                 out[split][class_id] = part
         notes.append(
             "one folder per class: split train/valid/test by ratios "
@@ -107,7 +121,9 @@ def split_report(report: CheckReport, cfg: DataConfig) -> tuple[dict[str, dict[s
         if cfg.carve_missing:
             out[split] = {}
             for class_id, infos in out["train"].items():
-                out["train"][class_id], out[split][class_id] = _carve(infos, cfg.carve_fraction, rng)
+                out["train"][class_id], out[split][class_id] = _carve(
+                    infos, cfg.carve_fraction, cfg.split_seed + (1 if split == "valid" else 2)
+                )
             notes.append(f"no {split} split: carved {cfg.carve_fraction:.0%} of train with seed {cfg.split_seed}")
         else:
             notes.append(f"no {split} split" + (": test evaluation skipped" if split == "test" else ""))
@@ -156,21 +172,24 @@ def prepare_data(cfg: DataConfig, *, progress: bool = True, cache: Path | None =
 
 
 def _workers(cfg: DataConfig) -> int:
-    return (os.cpu_count() or 1) if cfg.num_workers < 0 else cfg.num_workers
+    return default_workers() if cfg.num_workers < 0 else cfg.num_workers
 
 
 class ImageFileDataset(Dataset):
     """(image tensor, label) pairs from checked files."""
 
-    def __init__(self, samples: list[Sample], transform: Callable):
+    def __init__(self, samples: list[Sample], transform: Callable, max_pixels: int | None = None):
         self.samples = samples
         self.transform = transform
+        self.max_pixels = max_pixels  # the checked limit; PIL's own default would refuse larger images
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
+        if self.max_pixels and self.max_pixels != Image.MAX_IMAGE_PIXELS:
+            Image.MAX_IMAGE_PIXELS = self.max_pixels  # per worker process
         return self.transform(load_image(sample.path)), sample.label
 
 
@@ -185,7 +204,7 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader whose shuffle order depends only on `seed` (so a resumed epoch repeats it)."""
     generator = torch.Generator().manual_seed(seed)
-    workers = (os.cpu_count() or 1) if num_workers < 0 else num_workers
+    workers = default_workers() if num_workers < 0 else num_workers
     return DataLoader(
         dataset,
         batch_size=batch_size,

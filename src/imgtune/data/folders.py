@@ -76,7 +76,8 @@ def _read_class_names(root: Path) -> dict[str, str]:
 
 
 def _visible(name: str) -> bool:
-    return not name.startswith((".", "_"))
+    """Hidden files and macOS archive metadata are not data; `_DSC0001.JPG` is."""
+    return not name.startswith(".") and name != "__MACOSX"
 
 
 def _subdirs(path: Path) -> list[Path]:
@@ -98,6 +99,14 @@ def _find_split_dirs(root: Path) -> dict[str, Path]:
     return found
 
 
+def _is_split_layout(root: Path, split_dirs: dict[str, Path]) -> bool:
+    """Split folders that hold class folders, and nothing else at the top (a class may be named `train`)."""
+    if not split_dirs or not all(_subdirs(d) for d in split_dirs.values()):
+        return False
+    others = [d for d in _subdirs(root) if d not in split_dirs.values()]
+    return not others
+
+
 def discover(root: str | Path) -> FolderLayout:
     """Find the splits, classes and candidate files under `root`.
 
@@ -113,7 +122,7 @@ def discover(root: str | Path) -> FolderLayout:
     split_dirs = _find_split_dirs(root)
     files: dict[str, dict[str, list[Path]]] = {}
     stray: list[Path] = []
-    if "train" in split_dirs or len(split_dirs) >= 2:
+    if _is_split_layout(root, split_dirs):
         kind = "splits"
         for split, split_dir in split_dirs.items():
             files[split] = {d.name: _files_below(d) for d in _subdirs(split_dir)}

@@ -183,7 +183,8 @@ def _timm_backbone(name: str, pretrained: str, weights: str | None) -> tuple[nn.
         "interpolation": cfg.get("interpolation", "bilinear"),
         "crop_ratio": cfg.get("crop_pct", 0.875),
     }
-    return model, model.num_features, norm, report
+    # Some timm models (MobileNetV3/V4) have a pre-logits layer wider than `num_features`.
+    return model, getattr(model, "head_hidden_size", None) or model.num_features, norm, report
 
 
 def _with_params(module: nn.Module) -> list[nn.Module]:

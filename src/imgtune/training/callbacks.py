@@ -75,6 +75,8 @@ class CallbackRunner:
         self._disabled: set[int] = set()
 
     def emit(self, event: Event, trainer: Trainer) -> None:
+        """Call every callback's handler; a StopTraining is raised after all of them have run."""
+        stop: StopTraining | None = None
         for cb in self.callbacks:
             if id(cb) in self._disabled:
                 continue
@@ -83,8 +85,8 @@ class CallbackRunner:
                 continue
             try:
                 handler(trainer)
-            except StopTraining:
-                raise
+            except StopTraining as exc:
+                stop = stop or exc
             except Exception as exc:
                 self._disabled.add(id(cb))
                 self.failures.append(
@@ -96,3 +98,5 @@ class CallbackRunner:
                     }
                 )
                 trainer.log(f"callback {cb.name} failed on {event.value} and was switched off: {exc!r}")
+        if stop is not None:
+            raise stop

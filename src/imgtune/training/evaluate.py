@@ -8,11 +8,48 @@ from typing import Any
 import torch
 
 from imgtune.config import DataConfig
+from imgtune.data.check import check_layout
 from imgtune.data.dataset import ImageFileDataset, Sample, make_loader, prepare_data
+from imgtune.data.folders import discover
+from imgtune.data.sources import resolve_source
 from imgtune.errors import DataError
-from imgtune.jobs import Job, now_iso
+from imgtune.jobs import Job, cache_dir, now_iso
 from imgtune.serving.bundle import load_bundle
 from imgtune.training.metrics import PhaseMetrics
+
+
+def _same_source(a: str, b: str) -> bool:
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _labelled_files(job_data: dict[str, Any], data_path: str, split: str, progress: bool) -> list[tuple[str, str, str]]:
+    """(path, class id, sha1) of the usable images of `split` ('all' for every split).
+
+    The job's own dataset is split exactly as in training (ratios, carving); any other dataset is taken
+    as its folders say, with every class it has.
+    """
+    if _same_source(data_path, job_data["path"]):
+        data = prepare_data(DataConfig(**job_data), progress=progress)
+        chosen = data.splits if split == "all" else {split: data.splits.get(split)}
+        if chosen.get(split, True) is None:
+            raise DataError(f"the job's dataset has no {split} split (it has {', '.join(data.splits)})")
+        return [(s.path, data.classes[s.label].id, s.sha1) for samples in chosen.values() for s in samples]
+    root = resolve_source(data_path, progress=progress)
+    report = check_layout(
+        discover(root),
+        max_pixels=job_data.get("max_image_pixels", 64_000_000),
+        cache_dir=cache_dir(),
+        progress=progress,
+    )
+    if split != "all" and split not in report.good:
+        raise DataError(
+            f"{data_path} has no {split} split (it has {', '.join(report.good)})",
+            "pick one with --split, or --split all",
+        )
+    chosen = report.good if split == "all" else {split: report.good[split]}
+    return [(f.path, class_id, f.sha1) for per in chosen.values() for class_id, fs in per.items() for f in fs]
 
 
 @torch.inference_mode()
@@ -28,26 +65,23 @@ def evaluate_job(
 ) -> dict[str, Any]:
     """Top-1/top-5 accuracy, loss, per-class accuracy and confusion matrix of a job's model on a split.
 
-    Classes of the dataset that the model does not know are left out and counted. The result is also
-    appended to the job's `evaluations` in job.json.
+    `split` is train, valid, test, or all. Images of classes the model does not know are left out and
+    counted. The result is also appended to the job's `evaluations` in job.json.
     """
     handle = Job.open(job, workspace)
     bundle = load_bundle(handle.model_dir)
-    data = prepare_data(DataConfig(path=data_path, num_workers=num_workers), progress=progress)
-    if split not in data.splits:
-        raise DataError(f"{data_path} has no {split} split (it has {', '.join(data.splits)})", "pick one with --split")
+    job_data = {**handle.read()["config"]["data"], "num_workers": num_workers}
     index_of = {c.id: i for i, c in enumerate(bundle.classes)}
     samples, unknown = [], 0
-    for s in data.splits[split]:
-        class_id = data.classes[s.label].id
+    for path, class_id, sha1 in _labelled_files(job_data, data_path, split, progress):
         if class_id in index_of:
-            samples.append(Sample(s.path, index_of[class_id], s.sha1))
+            samples.append(Sample(path, index_of[class_id], sha1))
         else:
             unknown += 1
     if not samples:
-        raise DataError(f"none of the {split} images belong to classes the model of {handle.name} knows")
+        raise DataError(f"none of the {split} images of {data_path} belong to classes the model of {handle.name} knows")
     loader = make_loader(
-        ImageFileDataset(samples, bundle.preprocessing.eval_transform()),
+        ImageFileDataset(samples, bundle.preprocessing.eval_transform(), job_data.get("max_image_pixels")),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -64,7 +98,6 @@ def evaluate_job(
         "evaluated": now_iso(),
         **metrics.summary(),
         "skipped_unknown_class": unknown,
-        "excluded_files": len(data.excluded),
         "per_class_accuracy": {c.id: a for c, a in zip(bundle.classes, metrics.per_class_accuracy(), strict=True)},
         "confusion_matrix": metrics.confusion.tolist(),
     }

@@ -1,7 +1,8 @@
 """Frozen-backbone features, computed once and reused by every epoch, job and tuning trial.
 
-A split's features are keyed by the backbone's weights, the preprocessing, the view (0 = the plain eval
-crop, k >= 1 = the k-th seeded augmented view) and a fingerprint of the split's file contents and labels.
+A split's features are keyed by the backbone's weights, the preprocessing, the view (the plain eval crop, or
+the k-th seeded augmented view), a fingerprint of the split's file contents and labels, and the library
+versions.
 Files are written atomically, so concurrent writers of the same key are safe (the last rename wins, and
 both wrote the same thing).
 """
@@ -44,6 +45,7 @@ def extract_features(
     device: torch.device,
     batch_size: int = 64,
     num_workers: int = -1,
+    max_pixels: int | None = None,
     seed: int = 0,
     progress: bool = True,
     description: str = "features",
@@ -51,7 +53,7 @@ def extract_features(
     """Run `backbone` over the samples' images; returns float32 features [N, D] on the CPU."""
     backbone.eval()
     loader = make_loader(
-        ImageFileDataset(samples, transform),
+        ImageFileDataset(samples, transform, max_pixels),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -75,8 +77,11 @@ class FeatureCache:
     def __init__(self, root: Path):
         self.root = root
 
-    def key(self, backbone_fp: str, preprocessing: Preprocessing, split_fp: str, view: int) -> str:
-        text = json.dumps([backbone_fp, preprocessing.to_dict(), split_fp, view, _CACHE_VERSION], sort_keys=True)
+    def key(self, backbone_fp: str, preprocessing: Preprocessing, split_fp: str, view: str) -> str:
+        import torchvision
+
+        versions = [torch.__version__, torchvision.__version__, _CACHE_VERSION]
+        text = json.dumps([backbone_fp, preprocessing.to_dict(), split_fp, view, versions], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def path(self, key: str) -> Path:

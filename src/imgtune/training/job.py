@@ -37,6 +37,7 @@ from imgtune.training.standard_callbacks import (
 from imgtune.training.trainer import Trainer
 
 LAST_CHECKPOINT = "last.pt"
+FEATURE_BATCH_SIZE = 64
 BEST_CHECKPOINT = "best.pt"
 
 
@@ -151,7 +152,9 @@ def setup_training(
             views = [0] + (list(range(1, cfg.augment_views + 1)) if split == "train" else [])
             tensors = []
             for view in views:
-                key = cache.key(backbone_fp, preprocessing, data.fingerprint(split), view)
+                # An augmented view's random stream depends on the seed and on how samples meet workers.
+                view_id = "eval" if view == 0 else f"augment-{view}-seed-{cfg.seed}-workers-{workers}"
+                key = cache.key(backbone_fp, preprocessing, data.fingerprint(split), view_id)
                 features = cache.load(key)
                 if features is None or features.shape[0] != len(samples):
                     transform = preprocessing.eval_transform() if view == 0 else preprocessing.train_transform()
@@ -160,8 +163,9 @@ def setup_training(
                         samples,
                         transform,
                         device=device,
-                        batch_size=max(cfg.batch_size, 64),
+                        batch_size=FEATURE_BATCH_SIZE,
                         num_workers=workers,
+                        max_pixels=config.data.max_image_pixels,
                         seed=cfg.seed * 1000 + view,
                         progress=progress,
                         description=f"features {split}" + (f" view {view}" if view else ""),
@@ -177,7 +181,7 @@ def setup_training(
     for split, samples in data.splits.items():
         transform = preprocessing.train_transform() if split == "train" else preprocessing.eval_transform()
         loaders[split] = make_loader(
-            ImageFileDataset(samples, transform),
+            ImageFileDataset(samples, transform, config.data.max_image_pixels),
             batch_size=cfg.batch_size,
             shuffle=split == "train",
             num_workers=workers,
@@ -281,7 +285,7 @@ def _run(
     callbacks: list[Callback] = [
         MetricsWriter(job),
         stopper,
-        Checkpointer(job.checkpoint_dir / LAST_CHECKPOINT),
+        Checkpointer(job.checkpoint_dir / LAST_CHECKPOINT, [c.id for c in data.classes]),
         ProgressBar(progress),
         *extra,
     ]
@@ -302,7 +306,7 @@ def _run(
     start_epoch = 1
     last = job.checkpoint_dir / LAST_CHECKPOINT
     if resuming and last.exists():
-        start_epoch = restore_checkpoint(trainer, last)
+        start_epoch = restore_checkpoint(trainer, last, [c.id for c in data.classes])
         job.truncate_metrics(start_epoch - 1)
         job.log(f"resumed after epoch {start_epoch - 1}")
     elif resuming:
@@ -318,7 +322,7 @@ def _run(
         "stop_reason": trainer.stop_reason,
         "best_epoch": stopper.best_epoch if has_valid else None,
         "restored_best": bool(restored),
-        "best": _best_record(trainer.history, cfg.early_stopping.metric),
+        "best": _best_record(trainer.history, stopper.best_epoch if restored else None),
         "callback_failures": trainer.runner.failures,
     }
     if "test" in setup.loaders:
@@ -345,9 +349,9 @@ def _run(
     return results
 
 
-def _best_record(history: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
-    scored = [r for r in history if metric in r]
-    if not scored:
-        return history[-1] if history else None
-    pick = min if metric.endswith("loss") else max
-    return pick(scored, key=lambda r: r[metric])
+def _best_record(history: list[dict[str, Any]], best_epoch: int | None) -> dict[str, Any] | None:
+    """The record of the epoch whose weights the model keeps: early stopping's best, else the last."""
+    for record in history:
+        if record["epoch"] == best_epoch:
+            return record
+    return history[-1] if history else None

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from imgtune.errors import JobError
 from imgtune.jobs import Job
 from imgtune.progress import progress_bar
 from imgtune.training.callbacks import Callback
@@ -93,9 +94,9 @@ class EarlyStopping(Callback):
         else:
             self.wait += 1
             if self.enabled and self.wait >= self.patience:
+                best = f"best {self.best:.4f} at epoch {self.best_epoch}" if self.best is not None else "never finite"
                 trainer.request_stop(
-                    f"early stopping: {self.metric} has not improved for {self.patience} epochs "
-                    f"(best {self.best:.4f} at epoch {self.best_epoch})"
+                    f"early stopping: {self.metric} has not improved for {self.patience} epochs ({best})"
                 )
 
     def restore_best(self, module: torch.nn.Module) -> bool:
@@ -119,12 +120,15 @@ class Checkpointer(Callback):
 
     order = 30
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, class_ids: list[str]):
         self.path = path
+        self.class_ids = class_ids
 
     def on_epoch_end(self, trainer: Trainer) -> None:
         atomic_torch_save(
             {
+                "class_ids": self.class_ids,
+                "stop_reason": trainer.stop_reason,
                 "epoch": trainer.epoch,
                 "step": trainer.step,
                 "module": trainer.module.state_dict(),
@@ -138,9 +142,19 @@ class Checkpointer(Callback):
         )
 
 
-def restore_checkpoint(trainer: Trainer, path: Path) -> int:
-    """Load `path` into the trainer and its callbacks; returns the epoch to start from."""
+def restore_checkpoint(trainer: Trainer, path: Path, class_ids: list[str]) -> int:
+    """Load `path` into the trainer and its callbacks; returns the epoch to start from.
+
+    Raises:
+        JobError: the dataset's classes are not the ones the checkpoint was trained on.
+    """
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("class_ids") != class_ids:
+        raise JobError(
+            f"the dataset's classes changed since {path} was written "
+            f"({len(state.get('class_ids') or [])} then, {len(class_ids)} now)",
+            "resume with the same data, or start a new job",
+        )
     trainer.module.load_state_dict(state["module"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     if trainer.scheduler is not None and state["scheduler"] is not None:
@@ -150,6 +164,7 @@ def restore_checkpoint(trainer: Trainer, path: Path) -> int:
     trainer.step = state["step"]
     trainer.epoch = state["epoch"]
     trainer.history = list(state["history"])
+    trainer.stop_reason = state.get("stop_reason")
     for cb in trainer.callbacks:
         if cb.name in state["callbacks"]:
             cb.load_state_dict(state["callbacks"][cb.name])
