@@ -168,7 +168,8 @@ def test_resolve_source_copies_once_then_only_changed_files(
     files = _local_files(local)
     assert set(files) == set(s3_dogs)
     assert {rel: p.read_bytes() for rel, p in files.items()} == s3_dogs
-    assert json.loads((local / SOURCE_RECORD).read_text()) == {"url": URL, "files": len(s3_dogs)}
+    record = json.loads((local / SOURCE_RECORD).read_text())
+    assert record["url"] == URL and set(record["files"]) == set(s3_dogs)
     assert not list(local.rglob("*.part")), "no partial downloads left behind"
 
     # Mark every copy with an old mtime: a file copied again gets a fresh one.
@@ -254,3 +255,23 @@ def test_cli_data_check_missing_bucket_is_one_error_line(
     assert len(error_lines) == 1, result.stderr
     assert url in error_lines[0] and "bucket does not exist" in error_lines[0], result.stderr
     assert result.stdout == ""
+
+
+def test_resolve_source_follows_same_size_edits_and_deletions(
+    s3_dogs: dict[str, bytes], s3_client: Any, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    local = resolve_source(URL, cache=cache, progress=False)
+    edited, deleted = sorted(rel for rel in s3_dogs if rel.startswith("train/") and rel != BAD_FILE)[:2]
+    same_size = s3_dogs[edited][:-2] + b"\xff\xd9"[::-1]  # same length, other bytes
+    assert len(same_size) == len(s3_dogs[edited]) and same_size != s3_dogs[edited]
+    s3_client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{edited}", Body=same_size)
+    s3_client.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/{deleted}")
+    try:
+        assert resolve_source(URL, cache=cache, progress=False) == local
+        files = _local_files(local)
+        assert deleted not in files
+        assert files[edited].read_bytes() == same_size
+    finally:
+        s3_client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{edited}", Body=s3_dogs[edited])
+        s3_client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{deleted}", Body=s3_dogs[deleted])

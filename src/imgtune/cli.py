@@ -123,8 +123,23 @@ def train(
     from imgtune.training.job import run_training_job
 
     if resume:
-        if data or config or set_:
-            err.print("[yellow]note:[/] --resume uses the job's own config; other options are ignored")
+        given = {
+            "--data": data,
+            "--backbone": backbone,
+            "--weights": weights,
+            "--pretrained": pretrained,
+            "--freeze": freeze,
+            "--epochs": epochs,
+            "--lr": lr,
+            "--batch-size": batch_size,
+            "--image-size": image_size,
+            "--name": name,
+            "--config": config,
+            "--set": set_,
+        }
+        ignored = [flag for flag, value in given.items() if value]
+        if ignored:
+            err.print(f"[yellow]note:[/] --resume continues with the job's own config; ignored: {', '.join(ignored)}")
         job = run_training_job(resume=resume, workspace=workspace, progress=not as_json)
     else:
         raw = load_config_file(config) if config else {}

@@ -77,7 +77,12 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> Bu
     manifest_path = directory / MANIFEST_FILE
     if not manifest_path.is_file():
         raise JobError(f"no model bundle in {directory} ({MANIFEST_FILE} missing)", "has the job finished?")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise JobError(
+            f"{manifest_path} is not valid JSON: {exc}", "the bundle is damaged; retrain or restore it"
+        ) from None
     if manifest.get("format") != BUNDLE_FORMAT:
         raise JobError(f"model bundle {directory} has format {manifest.get('format')}, expected {BUNDLE_FORMAT}")
     for name, meta in manifest["files"].items():

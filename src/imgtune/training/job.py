@@ -20,8 +20,9 @@ from torch import nn
 from imgtune import __version__
 from imgtune.config import JobConfig, TrainConfig, build_config
 from imgtune.data.dataset import ImageFileDataset, PreparedData, make_loader, prepare_data
+from imgtune.data.sources import is_remote
 from imgtune.data.transforms import Preprocessing
-from imgtune.errors import ConfigError, JobError
+from imgtune.errors import ConfigError, DataError, JobError
 from imgtune.jobs import Job, cache_dir, now_iso
 from imgtune.models.factory import ImageClassifier, create_model
 from imgtune.serving.bundle import save_bundle
@@ -221,6 +222,8 @@ def run_training_job(
     else:
         if config is None:
             raise ConfigError("run_training_job needs a config or a job to resume")
+        if not is_remote(config.data.path) and not Path(config.data.path).expanduser().is_dir():
+            raise DataError(f"dataset folder not found: {config.data.path}", "check the path given to --data")
         job = Job.create(workspace, config.name, prefix=config.model.backbone)
         record = {
             "name": job.name,
