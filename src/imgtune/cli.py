@@ -218,6 +218,8 @@ def _print_job_summary(job: Any, as_json: bool) -> None:
             f"{best.get('epoch')} (valid accuracy {_fmt(best.get('valid_accuracy'))}, "
             f"valid loss {_fmt(best.get('valid_loss'))})",
         )
+    if not test and record.get("status") == "completed":
+        table.add_row("test accuracy", "- (no test split: see the dataset notes in `imgtune jobs show`)")
     if test:
         table.add_row(
             "test accuracy",
@@ -344,7 +346,7 @@ def jobs_show(
 def evaluate(
     job: Annotated[str, typer.Argument(help="Job name or path.")],
     data: Annotated[str, typer.Option(help="Dataset folder or s3:// prefix.")],
-    split: Annotated[str, typer.Option(help="Split to evaluate on.")] = "test",
+    split: Annotated[str, typer.Option(help="train, valid, test, or all.")] = "test",
     workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:
