@@ -271,6 +271,17 @@ def _run(
     if model.weights_report:
         job.log(model.weights_report.summary())
         job.update(weights=model.weights_report.to_dict())
+    if config.model.pretrained == "none" and not config.model.weights and config.model.freeze != "none":
+        warning = (
+            f"the backbone has random weights and is frozen ({config.model.freeze}): its features carry little "
+            "information and only the head learns; use --freeze none to train the whole network"
+        )
+        job.log(f"warning: {warning}")
+        job.update(warnings=[warning])
+        if progress:
+            from imgtune.progress import console
+
+            console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
     preprocessing = model.preprocessing(config.data.image_size)
     setup = setup_training(model, data, preprocessing, config, device, progress=progress)
     timings["initialization"] = time.perf_counter() - started
