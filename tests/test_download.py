@@ -333,3 +333,21 @@ def test_dogimages_points_at_the_original_archive() -> None:
     ds = DATASETS["dogimages"]
     assert ds.url == "https://s3-us-west-1.amazonaws.com/udacity-aind/dog-project/dogImages.zip"
     assert (ds.filename, ds.unpacked_dir) == ("dogImages.zip", "dogImages")
+
+
+def test_cli_download_checks_the_sha256(server, archive: bytes, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from imgtune.cli import app
+
+    url, _ = server
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["data", "download", "dogimages", "--dest", str(tmp_path), "--url", url, "--sha256", sha(archive)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "dataset ready" in result.output and (tmp_path / "dogImages").is_dir()
+    wrong = runner.invoke(
+        app, ["data", "download", "dogimages", "--dest", str(tmp_path / "again"), "--url", url, "--sha256", "0" * 64]
+    )
+    assert wrong.exit_code == 2 and "error:" in wrong.output and "Traceback" not in wrong.output
