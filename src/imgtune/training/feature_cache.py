@@ -107,7 +107,7 @@ class FeatureCache:
 class FeatureLoader:
     """Batches of (features, labels) from memory, shuffled per epoch; one view per sample per epoch.
 
-    Has the `generator` and `set_epoch` hooks the Trainer uses to make an epoch's order depend only on
+    Has the `generator` the Trainer re-seeds each epoch, so an epoch's order and views depend only on
     (seed, epoch).
     """
 
@@ -117,14 +117,6 @@ class FeatureLoader:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = torch.Generator().manual_seed(0)
-        self._epoch = 0
-
-    @property
-    def dataset(self) -> FeatureLoader:
-        return self
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch = epoch
 
     def __len__(self) -> int:
         return -(-self.labels.shape[0] // self.batch_size)

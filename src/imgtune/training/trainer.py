@@ -98,9 +98,9 @@ class Trainer:
             generator = getattr(loader, "generator", None)
             if generator is not None:
                 generator.manual_seed(self.seed * 100_003 + epoch)
-            dataset = getattr(loader, "dataset", None)
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(epoch)
+            for owner in (loader, getattr(loader, "dataset", None)):  # like DistributedSampler.set_epoch
+                if hasattr(owner, "set_epoch"):
+                    owner.set_epoch(epoch)
 
     def run_phase(self, phase: str, *, train: bool, confusion: bool = False) -> PhaseMetrics:
         """One pass over `loaders[phase]`, training or evaluating."""
