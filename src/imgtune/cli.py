@@ -26,8 +26,10 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Check and download datasets.", no_args_is_help=True)
 jobs_app = typer.Typer(help="List and inspect jobs.", invoke_without_command=True)
+debug_app = typer.Typer(help="Debugger: rule results, offline rules, tensor plots.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(debug_app, name="debug")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -108,6 +110,7 @@ def train(
         list[str] | None, typer.Option("--set", help="Override any config key: --set train.optimizer=sgd.")
     ] = None,
     resume: Annotated[str | None, typer.Option(help="Continue a killed job (name or path).")] = None,
+    no_debugger: Annotated[bool, typer.Option("--no-debugger", help="Turn tensor capture and rules off.")] = False,
     workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -117,7 +120,8 @@ def train(
     carve_fraction,split_seed,num_workers,max_image_pixels}, model.{backbone,pretrained,weights,head,
     head_hidden,dropout,freeze}, train.{epochs,batch_size,lr,optimizer,momentum,weight_decay,schedule,
     step_size,gamma,label_smoothing,mixed_precision,seed,deterministic,device,feature_cache,augment_views},
-    train.early_stopping.{enabled,metric,patience,min_delta,restore_best}.
+    train.early_stopping.{enabled,metric,patience,min_delta,restore_best}, debugger.{enabled,collections,
+    activations_regex,train,eval,predict,histogram_bins,save_raw,rules,rule_parameters,stop_on,rule_files}.
     """
     from imgtune.config import apply_overrides, build_config, load_config_file, merge
     from imgtune.training.job import run_training_job
@@ -148,6 +152,7 @@ def train(
             "data": {"path": data, "image_size": image_size},
             "model": {"backbone": backbone, "weights": weights, "pretrained": pretrained, "freeze": freeze},
             "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size},
+            "debugger": {"enabled": False} if no_debugger else {},
         }
         raw = apply_overrides(merge(raw, flags), set_ or [])
         if not raw.get("data", {}).get("path"):
@@ -451,3 +456,118 @@ def data_download(
     folder = download_dataset(name, dest, url=url, sha256=sha256, keep_archive=keep_archive)
     out.print(f"dataset ready: {folder}")
     out.print(f"next: imgtune data check {folder}  and  imgtune train --data {folder}")
+
+
+# -- debugger ----------------------------------------------------------------------------------------------
+
+
+def _parse_rule_params(params: list[str], rules: list[str]) -> dict[str, dict[str, str]]:
+    """`Rule.key=value`, or `key=value` when a single rule is selected."""
+    out: dict[str, dict[str, str]] = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        rule, dot, name = key.rpartition(".")
+        if not sep or not name:
+            raise ImgtuneError(f"bad --param {item!r}", "write it as Rule.key=value, or key=value with one --rule")
+        if not dot:
+            if len(rules) != 1:
+                raise ImgtuneError(f"--param {item!r} does not say which rule", "write it as Rule.key=value")
+            rule = rules[0]
+        out.setdefault(rule, {})[name] = value
+    return out
+
+
+def _print_rule_results(results: list[dict[str, Any]]) -> None:
+    colours = {"IssuesFound": "red", "NoIssuesFound": "green", "Error": "yellow", "InProgress": "cyan"}
+    table = Table(title="debugger rules", title_justify="left")
+    for column in ("rule", "status", "findings", "first finding"):
+        table.add_column(column)
+    for r in results:
+        first = r["findings"][0] if r["findings"] else None
+        detail = f"step {first['step']}: {first['message']}" if first else (r.get("error") or "")
+        colour = colours.get(r["status"], "white")
+        table.add_row(r["rule"], f"[{colour}]{r['status']}[/]", str(r["finding_count"]), detail)
+    out.print(table)
+
+
+@debug_app.command("rules")
+@friendly_errors
+def debug_rules(
+    job: Annotated[str, typer.Argument(help="Job name or path.")],
+    rule: Annotated[
+        list[str] | None, typer.Option("--rule", help="Rule to run (repeatable) [default: the job's].")
+    ] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", help="Rule parameter: Rule.key=value.")] = None,
+    rule_file: Annotated[list[str] | None, typer.Option("--rule-file", help="Python file with Rule classes.")] = None,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run debugger rules offline over a stored job (also one still running) and print their results."""
+    from imgtune.debugger.rules import make_rules
+    from imgtune.debugger.runner import run_rules_offline
+    from imgtune.debugger.store import open_trial
+    from imgtune.jobs import Job
+
+    handle = Job.open(job, workspace)
+    debug_config = handle.read().get("config", {}).get("debugger", {})
+    names = list(rule or debug_config.get("rules") or [])
+    params = {**debug_config.get("rule_parameters", {}), **_parse_rule_params(param or [], names)}
+    rules = make_rules(names, params, [*debug_config.get("rule_files", []), *(rule_file or [])])
+    results = list(run_rules_offline(open_trial(handle.path), rules).values())
+    if as_json:
+        print_json({"job": handle.name, "rules": results})
+    else:
+        _print_rule_results(results)
+
+
+@debug_app.command("show")
+@friendly_errors
+def debug_show(
+    job: Annotated[str, typer.Argument(help="Job name or path.")],
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the rule results recorded while the job trained, and what the debugger saved."""
+    from imgtune.debugger.store import RULES_FILE, open_trial
+    from imgtune.jobs import Job
+
+    handle = Job.open(job, workspace)
+    trial = open_trial(handle.path)
+    rules_file = handle.path / "debugger" / RULES_FILE
+    results = json.loads(rules_file.read_text())["rules"] if rules_file.exists() else []
+    saved = {c: len(names) for c, names in trial.collections().items()}
+    if as_json:
+        print_json(
+            {
+                "job": handle.name,
+                "rules": results,
+                "collections": trial.collections(),
+                "steps": {m: len(trial.steps(m)) for m in trial.modes()},
+            }
+        )
+        return
+    _print_rule_results(results) if results else out.print("no rule results recorded")
+    out.print(
+        "saved: "
+        + ", ".join(f"{c} ({n} tensors)" for c, n in saved.items())
+        + "; steps: "
+        + ", ".join(f"{m} {len(trial.steps(m))}" for m in trial.modes())
+    )
+
+
+@debug_app.command("plot")
+@friendly_errors
+def debug_plot(
+    job: Annotated[str, typer.Argument(help="Job name or path.")],
+    tensor: Annotated[str, typer.Option(help="Tensor name, e.g. loss (see `imgtune debug show JOB --json`).")],
+    out_file: Annotated[Path, typer.Option("--out", help="PNG file to write.")],
+    reduction: Annotated[str, typer.Option(help="min, max, mean, std, l1, l2, zeros.")] = "mean",
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Draw a tensor over steps: train and eval on their own step axes (the original notebook's loss plot)."""
+    from imgtune.debugger.plots import plot_tensor
+    from imgtune.debugger.store import open_trial
+
+    trial = open_trial(job, workspace)
+    plot_tensor(trial, tensor, out_file, reduction=reduction)
+    out.print(f"wrote {out_file}")

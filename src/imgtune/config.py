@@ -99,6 +99,58 @@ class TrainConfig(_Section):
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
 
 
+class SaveConfig(_Section):
+    """When a mode's tensors are saved: every `save_interval` steps from `start_step` to `end_step`, and at
+    `save_steps`. Steps count that mode's batches (a mode step)."""
+
+    save_interval: int = Field(10, ge=1)
+    start_step: int = Field(0, ge=0)
+    end_step: int | None = Field(None, ge=0)
+    save_steps: list[int] = Field(default_factory=list)
+
+    def should_save(self, mode_step: int) -> bool:
+        if mode_step in self.save_steps:
+            return True
+        if mode_step < self.start_step or (self.end_step is not None and mode_step >= self.end_step):
+            return False
+        return (mode_step - self.start_step) % self.save_interval == 0
+
+
+DEFAULT_RULES = ["VanishingGradient", "Overfit", "Overtraining", "PoorWeightInitialization", "LossNotDecreasing"]
+COLLECTIONS = ("losses", "metrics", "weights", "biases", "gradients", "optimizer_variables")
+COLLECTIONS += ("activations", "inputs", "predictions")  # opt-in
+
+
+class DebuggerConfig(_Section):
+    """Tensor capture and rules (imgtune.debugger). On by default with cheap settings."""
+
+    enabled: bool = True
+    collections: list[str] = Field(
+        default_factory=lambda: ["losses", "metrics", "weights", "biases", "gradients", "optimizer_variables"],
+        description="What to save; add 'activations' (with activations_regex) and 'inputs' to opt in.",
+    )
+    activations_regex: str = Field(
+        r".*relu.*", description="Modules whose inputs/outputs the activations collection saves (name:Class)."
+    )
+    train: SaveConfig = Field(default_factory=SaveConfig)
+    eval: SaveConfig = Field(default_factory=lambda: SaveConfig(save_interval=1))
+    predict: SaveConfig = Field(default_factory=lambda: SaveConfig(save_interval=1))
+    histogram_bins: int = Field(16, ge=0, le=256)
+    save_raw: bool = Field(False, description="Also save raw tensors (large) next to their reductions.")
+    rules: list[str] = Field(default_factory=lambda: list(DEFAULT_RULES))
+    rule_parameters: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    stop_on: list[str] = Field(default_factory=list, description="Rules whose finding stops training.")
+    rule_files: list[str] = Field(default_factory=list, description="Python files with custom Rule classes.")
+
+    @field_validator("collections")
+    @classmethod
+    def _known_collections(cls, names: list[str]) -> list[str]:
+        unknown = sorted(set(names) - set(COLLECTIONS))
+        if unknown:
+            raise ValueError(f"unknown collection(s) {unknown}; known: {', '.join(COLLECTIONS)}")
+        return names
+
+
 class JobConfig(_Section):
     """A complete training job."""
 
@@ -106,6 +158,7 @@ class JobConfig(_Section):
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    debugger: DebuggerConfig = Field(default_factory=DebuggerConfig)
 
     @model_validator(mode="after")
     def _weights_or_pretrained(self) -> JobConfig:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import platform
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,9 @@ from imgtune.config import JobConfig, TrainConfig, build_config
 from imgtune.data.dataset import ImageFileDataset, PreparedData, make_loader, prepare_data
 from imgtune.data.sources import is_remote
 from imgtune.data.transforms import Preprocessing
+from imgtune.debugger.capture import DebuggerCallback
+from imgtune.debugger.rules import make_rules
+from imgtune.debugger.runner import RuleCallback, RuleRunner
 from imgtune.errors import ConfigError, DataError, JobError
 from imgtune.jobs import Job, cache_dir, now_iso
 from imgtune.models.factory import ImageClassifier, create_model
@@ -199,6 +202,7 @@ def run_training_job(
     resume: str | Path | None = None,
     callbacks: Iterable[Callback] = (),
     progress: bool = True,
+    on_finding: Callable[[str, Any], None] | None = None,
 ) -> Job:
     """Run a training job to the end and return its directory.
 
@@ -208,6 +212,7 @@ def run_training_job(
         resume: a job name or path to continue from its last checkpoint.
         callbacks: extra Trainer callbacks (debugger, profiler, tuning reporters).
         progress: show progress bars.
+        on_finding: called with (rule name, Finding) whenever a debugger rule finds an issue.
     """
     if resume is not None:
         job = Job.open(resume, workspace)
@@ -237,7 +242,7 @@ def run_training_job(
     job.update(status="running", versions=versions(), started=now_iso(), error=None)
     job.mark_running()
     try:
-        summary = _run(job, config, resume is not None, list(callbacks), progress, timings, started)
+        summary = _run(job, config, resume is not None, list(callbacks), progress, timings, started, on_finding)
     except KeyboardInterrupt:
         job.update(status="stopped", error="interrupted by the user", timings=timings)
         job.log("stopped by the user")
@@ -259,8 +264,11 @@ def _run(
     progress: bool,
     timings: dict[str, float],
     started: float,
+    on_finding: Callable[[str, Any], None] | None = None,
 ) -> dict[str, Any]:
     cfg = config.train
+    debug = config.debugger
+    rules = make_rules(debug.rules, debug.rule_parameters, debug.rule_files) if debug.enabled else []
     seed_everything(cfg.seed, cfg.deterministic)
     device = resolve_device(cfg.device)
     data = prepare_data(config.data, progress=progress)
@@ -296,6 +304,17 @@ def _run(
         best_path=job.checkpoint_dir / BEST_CHECKPOINT,
         enabled=cfg.early_stopping.enabled and has_valid,
     )
+    debugger = rule_callback = None
+    if debug.enabled:
+        debugger = DebuggerCallback(
+            job.path / "debugger",
+            debug,
+            prefix="head." if setup.mode == "features" else "",
+            requirements=[req for rule in rules for req in rule.requirements()],
+        )
+        runner = RuleRunner(rules, stop_on=debug.stop_on, on_finding=on_finding, log=job.log)
+        rule_callback = RuleCallback(runner, lambda: debugger.trial, job.path / "debugger")
+        extra = [debugger, rule_callback, *extra]
     callbacks: list[Callback] = [
         MetricsWriter(job),
         stopper,
@@ -347,6 +366,12 @@ def _run(
             "confusion_matrix": test.confusion.tolist(),
         }
         job.log(f"test accuracy {test.accuracy:.4f} top-5 {test.top5:.4f} on {test.samples} images")
+    if rule_callback is not None:
+        rule_results = rule_callback.finish()
+        debugger.close()
+        results["debugger"] = {
+            name: {"status": r["status"], "findings": r["finding_count"]} for name, r in rule_results.items()
+        }
     module.cpu()
     save_bundle(
         model.cpu(),

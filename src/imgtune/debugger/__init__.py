@@ -1,0 +1,1 @@
+"""The debugger: tensor capture during training, the tensor store and its reader, and rules."""

@@ -1,0 +1,144 @@
+"""Running rules: online as a Trainer callback, offline over a stored job.
+
+Each rule has a status: InProgress while it runs, then NoIssuesFound, IssuesFound (with the step and
+evidence of each finding) or Error (the rule itself failed, with the reason). Actions on a finding: log it,
+call the user's callback, and stop training when the rule is in `stop_on`.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from imgtune.debugger.rules.base import Finding, Rule
+from imgtune.debugger.store import RULES_FILE, Trial
+from imgtune.jobs import atomic_write_json, now_iso
+from imgtune.training.callbacks import Callback, StopTraining
+
+if TYPE_CHECKING:
+    from imgtune.training.trainer import Trainer
+
+MAX_FINDINGS_KEPT = 50  # per rule; the count of all findings is kept too
+
+
+class RuleRunner:
+    """Evaluates rules over a Trial's steps as they appear, once per step and rule."""
+
+    def __init__(
+        self,
+        rules: list[Rule],
+        *,
+        stop_on: list[str] | None = None,
+        on_finding: Callable[[str, Finding], None] | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        self.rules = rules
+        self.stop_on = set(stop_on or [])
+        self.on_finding = on_finding
+        self.log = log
+        self._evaluated = -1
+        self.results: dict[str, dict[str, Any]] = {
+            rule.name: {
+                "rule": rule.name,
+                "status": "InProgress",
+                "parameters": rule.params,
+                "findings": [],
+                "finding_count": 0,
+                "error": None,
+            }
+            for rule in rules
+        }
+
+    def _add(self, rule: Rule, finding: Finding) -> bool:
+        result = self.results[rule.name]
+        result["finding_count"] += 1
+        if len(result["findings"]) < MAX_FINDINGS_KEPT:
+            result["findings"].append(finding.to_dict())
+        if result["finding_count"] == 1 and self.log:
+            self.log(f"rule {rule.name} found an issue at step {finding.step}: {finding.message}")
+        if self.on_finding:
+            self.on_finding(rule.name, finding)
+        return rule.name in self.stop_on
+
+    def _guarded(self, rule: Rule, call: Callable[[], Any]) -> Any:
+        if self.results[rule.name]["status"] == "Error":
+            return None
+        try:
+            return call()
+        except Exception as exc:
+            self.results[rule.name].update(
+                status="Error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()
+            )
+            if self.log:
+                self.log(f"rule {rule.name} failed: {type(exc).__name__}: {exc}")
+            return None
+
+    def evaluate(self, trial: Trial, until_step: int | None = None) -> str | None:
+        """Invoke every rule on the steps not yet seen (up to `until_step`); a stop reason if one must stop."""
+        stop = None
+        steps = [s for s in trial.steps() if s > self._evaluated and (until_step is None or s <= until_step)]
+        for step in steps:
+            for rule in self.rules:
+                finding = self._guarded(rule, lambda rule=rule, step=step: rule.invoke_at_step(trial, step))
+                if finding is not None and self._add(rule, finding) and stop is None:
+                    stop = f"debugger rule {rule.name} found an issue at step {step}: {finding.message}"
+            self._evaluated = step
+        return stop
+
+    def finish(self, trial: Trial) -> dict[str, dict[str, Any]]:
+        """Run end-of-training checks and settle every status.
+
+        A rule whose required data was never saved ends in Error with the reason, not in NoIssuesFound.
+        """
+        self.evaluate(trial)
+        for rule in self.rules:
+            missing = rule.missing_data(trial)
+            if missing and not self.results[rule.name]["finding_count"]:
+                self.results[rule.name].update(status="Error", error=missing)
+                continue
+            for finding in self._guarded(rule, lambda rule=rule: rule.finish(trial)) or []:
+                self._add(rule, finding)
+            result = self.results[rule.name]
+            if result["status"] != "Error":
+                result["status"] = "IssuesFound" if result["finding_count"] else "NoIssuesFound"
+        return self.results
+
+    def write(self, directory: Path) -> None:
+        atomic_write_json(directory / RULES_FILE, {"updated": now_iso(), "rules": list(self.results.values())})
+
+
+class RuleCallback(Callback):
+    """Runs rules online after every batch, writes their status, and stops training on request."""
+
+    order = 45
+
+    def __init__(self, runner: RuleRunner, trial_source: Callable[[], Trial], directory: Path):
+        self.runner = runner
+        self.trial_source = trial_source
+        self.directory = directory
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.runner.write(self.directory)
+
+    def on_batch_end(self, trainer: Trainer) -> None:
+        stop = self.runner.evaluate(self.trial_source())
+        if stop:
+            raise StopTraining(stop)
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        stop = self.runner.evaluate(self.trial_source())
+        self.runner.write(self.directory)
+        if stop:
+            raise StopTraining(stop)
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        results = self.runner.finish(self.trial_source())
+        self.runner.write(self.directory)
+        return results
+
+
+def run_rules_offline(trial: Trial, rules: list[Rule]) -> dict[str, dict[str, Any]]:
+    """Evaluate rules over everything a stored job saved."""
+    return RuleRunner(rules).finish(trial)

@@ -1,0 +1,261 @@
+"""The debugger's tensor store under `JOB/debugger/`, and the reader over it (`open_trial`).
+
+Layout::
+
+    debugger/
+      tensors.jsonl            one line per saved tensor and step: mode, step, mode_step, name, collection,
+                               reductions (min, max, mean, std, l1, l2, zeros, nan, inf, numel) and a histogram
+      raw/STEP.safetensors     raw tensors of a step, when `save_raw` is on
+      rules.json               rule results (written by the rule runner)
+
+Lines are appended and flushed as training goes, so a killed job keeps everything written before it died,
+and the reader works on a job that is still running (a line cut short by a kill is skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imgtune.errors import JobError
+
+TENSORS_FILE = "tensors.jsonl"
+RAW_DIR = "raw"
+RULES_FILE = "rules.json"
+MODES = ("train", "eval", "predict")
+REDUCTIONS = ("min", "max", "mean", "std", "l1", "l2", "zeros", "nan", "inf", "numel")
+
+
+def reduce_tensor(tensor: torch.Tensor, bins: int = 16) -> tuple[dict[str, float], dict[str, list] | None]:
+    """Reductions of a tensor over its finite values, and a histogram; one device sync for all of them."""
+    t = tensor.detach().float().reshape(-1)
+    n = t.numel()
+    if n == 0:
+        return dict.fromkeys(REDUCTIONS, 0.0), None
+    finite = torch.isfinite(t)
+    nan = torch.isnan(t).sum()
+    values = t if bool(finite.all()) else t[finite]
+    if values.numel() == 0:
+        nan_n = float(nan)
+        return {**dict.fromkeys(REDUCTIONS, math.nan), "nan": nan_n, "inf": n - nan_n, "numel": float(n)}, None
+    lo, hi = values.aminmax()
+    stats = torch.stack(
+        [
+            lo,
+            hi,
+            values.mean(),
+            values.std(unbiased=False),
+            values.abs().sum(),
+            values.norm(),
+            (values == 0).sum() / n,
+            nan.float(),
+            (n - finite.sum() - nan).float(),
+        ]
+    ).tolist()
+    reductions = dict(zip(REDUCTIONS[:-1], stats, strict=True)) | {"numel": float(n)}
+    histogram = None
+    if bins:
+        span = (float(stats[0]), float(stats[1]))
+        counts = torch.histc(values, bins=bins, min=span[0], max=span[1] if span[1] > span[0] else span[0] + 1e-12)
+        histogram = {"min": span[0], "max": span[1], "counts": [int(c) for c in counts.tolist()]}
+    return reductions, histogram
+
+
+class TensorWriter:
+    """Appends tensor records to the store; keeps them in memory too, for rules that run online."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._file = (directory / TENSORS_FILE).open("a", buffering=1)  # line-buffered: each record is written
+        self.trial = Trial(directory, load=False)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self.trial.add(record)
+
+    def write_raw(self, mode: str, step: int, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        raw = self.directory / RAW_DIR
+        raw.mkdir(exist_ok=True)
+        tmp = raw / f".{mode}-{step:08d}.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(raw / f"{mode}-{step:08d}.safetensors")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records after global `step` (a resumed job redoes them)."""
+        self._file.close()
+        path = self.directory / TENSORS_FILE
+        kept = [r for r in _read_records(path) if r["step"] <= step]
+        from imgtune.jobs import atomic_write_text
+
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        for raw in (self.directory / RAW_DIR).glob("*.safetensors"):
+            if int(raw.stem.rsplit("-", 1)[1]) > step:
+                raw.unlink()
+        self._file = path.open("a", buffering=1)
+        self.trial = Trial(self.directory)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _read_records(path: Path) -> Iterable[dict[str, Any]]:
+    if not path.exists():
+        return
+    with path.open() as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+
+
+@dataclass
+class TensorSeries:
+    """One tensor's saved values: per mode, step -> record."""
+
+    name: str
+    collection: str
+    by_mode: dict[str, dict[int, dict[str, Any]]] = field(default_factory=lambda: defaultdict(dict))
+
+    def steps(self, mode: str | None = None) -> list[int]:
+        modes = [mode] if mode else list(self.by_mode)
+        return sorted(step for m in modes for step in self.by_mode.get(m, {}))
+
+    def reduction(self, step: int, name: str = "mean", mode: str | None = None) -> float:
+        return self._record(step, mode)["r"][name]
+
+    def value(self, step: int, mode: str | None = None) -> float:
+        """The scalar value (mean) at a step: a loss, a metric, a learning rate."""
+        return self.reduction(step, "mean", mode)
+
+    def reductions(self, name: str = "mean", mode: str = "train") -> dict[int, float]:
+        return {step: rec["r"][name] for step, rec in sorted(self.by_mode.get(mode, {}).items())}
+
+    def histogram(self, step: int, mode: str | None = None) -> dict[str, Any] | None:
+        return self._record(step, mode).get("h")
+
+    def mode_step(self, step: int, mode: str | None = None) -> int:
+        return self._record(step, mode)["mode_step"]
+
+    def _record(self, step: int, mode: str | None) -> dict[str, Any]:
+        modes = [mode] if mode else list(self.by_mode)
+        for m in modes:
+            if step in self.by_mode.get(m, {}):
+                return self.by_mode[m][step]
+        raise KeyError(f"{self.name} has no value at step {step}" + (f" in mode {mode}" if mode else ""))
+
+
+class Trial:
+    """The reader: tensor names by collection, steps by mode, values, reductions, a pandas frame.
+
+    `refresh()` reads lines appended since the last read, so a Trial follows a running job.
+    """
+
+    def __init__(self, directory: Path, load: bool = True):
+        self.directory = directory
+        self.tensors: dict[str, TensorSeries] = {}
+        self._offset = 0
+        if load:
+            self.refresh()
+
+    def add(self, record: dict[str, Any]) -> None:
+        series = self.tensors.get(record["name"])
+        if series is None:
+            series = self.tensors[record["name"]] = TensorSeries(record["name"], record["collection"])
+        series.by_mode[record["mode"]][record["step"]] = record
+
+    def refresh(self) -> Trial:
+        path = self.directory / TENSORS_FILE
+        if not path.exists():
+            return self
+        with path.open() as f:
+            f.seek(self._offset)
+            while True:
+                line = f.readline()
+                if not line.endswith("\n"):
+                    break  # nothing more, or a line still being written
+                self._offset = f.tell()
+                try:
+                    self.add(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return self
+
+    def tensor_names(self, collection: str | None = None, regex: str | None = None) -> list[str]:
+        import re
+
+        pattern = re.compile(regex) if regex else None
+        return sorted(
+            name
+            for name, s in self.tensors.items()
+            if (collection is None or s.collection == collection) and (pattern is None or pattern.fullmatch(name))
+        )
+
+    def collections(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = defaultdict(list)
+        for name, series in sorted(self.tensors.items()):
+            out[series.collection].append(name)
+        return dict(out)
+
+    def tensor(self, name: str) -> TensorSeries:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r}; known: {', '.join(sorted(self.tensors)[:10])}") from None
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self.tensors
+
+    def steps(self, mode: str | None = None) -> list[int]:
+        return sorted({step for s in self.tensors.values() for step in s.steps(mode)})
+
+    def modes(self) -> list[str]:
+        return [m for m in MODES if any(m in s.by_mode for s in self.tensors.values())]
+
+    def raw(self, mode: str, step: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        path = self.directory / RAW_DIR / f"{mode}-{step:08d}.safetensors"
+        if not path.exists():
+            raise KeyError(f"no raw tensors saved at {mode} step {step} (is debugger.save_raw on?)")
+        return load_file(str(path))
+
+    def to_frame(self):
+        """A pandas DataFrame: one row per tensor, mode and step, with every reduction as a column."""
+        import pandas as pd
+
+        rows = [
+            {
+                "name": s.name,
+                "collection": s.collection,
+                "mode": mode,
+                "step": step,
+                "mode_step": rec["mode_step"],
+                **rec["r"],
+            }
+            for s in self.tensors.values()
+            for mode, steps in s.by_mode.items()
+            for step, rec in steps.items()
+        ]
+        columns = ["name", "collection", "mode", "step", "mode_step", *REDUCTIONS]
+        return pd.DataFrame(rows, columns=columns).sort_values(["name", "mode", "step"], ignore_index=True)
+
+
+def open_trial(job: str | Path, workspace: str | Path | None = None) -> Trial:
+    """The debugger data of a job (by name or path), also while it is running."""
+    from imgtune.jobs import Job
+
+    directory = Job.open(job, workspace).path / "debugger"
+    if not (directory / TENSORS_FILE).exists():
+        raise JobError(f"job {Path(job).name} has no debugger data", "was it trained with --no-debugger?")
+    return Trial(directory)
