@@ -11,9 +11,10 @@ Collections (names as SageMaker Debugger uses them):
 * ``inputs`` (opt-in): statistics of the input batches, and per-channel means of image batches;
 * ``predictions`` (opt-in): labels and predicted classes of saved batches (for ClassImbalance).
 
-Steps: ``step`` is a global batch counter over all modes; ``mode_step`` counts the batches of one mode
-(train, eval = the valid phase, predict = the test phase). A mode's SaveConfig decides which mode steps are
-saved; rules can ask for a dense window of early steps (e.g. PoorWeightInitialization's first 10).
+Steps: ``step`` is a global counter over all modes' batches (and each epoch's metrics, which take a step of
+their own); ``mode_step`` counts the batches of one mode (train, eval = the valid phase, predict = the test
+phase). A mode's SaveConfig decides which mode steps are saved; rules can ask for a dense window of early steps
+(e.g. PoorWeightInitialization's first 10).
 """
 
 from __future__ import annotations
@@ -259,6 +260,9 @@ class DebuggerCallback(Callback):
             if key in trainer.epoch_record:
                 self._record(key, "metrics", value=float(trainer.epoch_record[key]))
         self.mode = saved_mode
+        # The metrics take a global step of their own: the rule runner evaluates each step once, right after
+        # the epoch's metrics, so a next batch sharing their step would never be evaluated online.
+        self.step += 1
 
     # -- resume -----------------------------------------------------------------------------------------
 

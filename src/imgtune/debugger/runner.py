@@ -78,7 +78,7 @@ class RuleRunner:
     def evaluate(self, trial: Trial, until_step: int | None = None) -> str | None:
         """Invoke every rule on the steps not yet seen (up to `until_step`); a stop reason if one must stop."""
         stop = None
-        steps = [s for s in trial.steps() if s > self._evaluated and (until_step is None or s <= until_step)]
+        steps = [s for s in trial.steps_after(self._evaluated) if until_step is None or s <= until_step]
         for step in steps:
             for rule in self.rules:
                 finding = self._guarded(rule, lambda rule=rule, step=step: rule.invoke_at_step(trial, step))

@@ -14,6 +14,7 @@ and the reader works on a job that is still running (a line cut short by a kill 
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections import defaultdict
@@ -165,6 +166,7 @@ class Trial:
         self.directory = directory
         self.tensors: dict[str, TensorSeries] = {}
         self._offset = 0
+        self._steps: list[int] = []  # every step with data, ascending (records arrive in step order)
         if load:
             self.refresh()
 
@@ -173,6 +175,11 @@ class Trial:
         if series is None:
             series = self.tensors[record["name"]] = TensorSeries(record["name"], record["collection"])
         series.by_mode[record["mode"]][record["step"]] = record
+        step = record["step"]
+        if not self._steps or step > self._steps[-1]:
+            self._steps.append(step)
+        elif step not in self._steps:  # out of order (not written by imgtune): keep the list sorted
+            bisect.insort(self._steps, step)
 
     def refresh(self) -> Trial:
         path = self.directory / TENSORS_FILE
@@ -217,7 +224,13 @@ class Trial:
         return name in self.tensors
 
     def steps(self, mode: str | None = None) -> list[int]:
+        if mode is None:
+            return list(self._steps)
         return sorted({step for s in self.tensors.values() for step in s.steps(mode)})
+
+    def steps_after(self, step: int) -> list[int]:
+        """Steps with data after `step`, ascending (cheap: for following a running job)."""
+        return self._steps[bisect.bisect_right(self._steps, step) :]
 
     def modes(self) -> list[str]:
         return [m for m in MODES if any(m in s.by_mode for s in self.tensors.values())]

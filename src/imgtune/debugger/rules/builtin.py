@@ -218,7 +218,7 @@ class LossNotDecreasing(Rule):
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        self._checked: dict[str, int] = {}
+        self._values: dict[str, list[float]] = {}  # each loss's values so far (steps are visited in order)
 
     def _mode(self, trial: Trial) -> str:
         if self.mode:
@@ -236,33 +236,31 @@ class LossNotDecreasing(Rule):
     def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
         mode, n = self._mode(trial), int(self.num_steps)
         for name in self._losses(trial):
-            values = [v for s, v in _scalar_series(trial, name, mode, step)]
-            count = len(values)
-            if count < 2 * n or count % n or self._checked.get(name) == count:
+            record = trial.tensor(name).by_mode.get(mode, {}).get(step)
+            if record is None:
                 continue
-            self._checked[name] = count
+            values = self._values.setdefault(name, [])
+            values.append(record["r"]["mean"])
+            if len(values) < 2 * n or len(values) % n:
+                continue
             before, now = statistics.fmean(values[-2 * n : -n]), statistics.fmean(values[-n:])
             change = (before - now) / abs(before) * 100 if before else 0.0
+            evidence = {"before": before, "now": now, "decrease_percent": change, "mode": mode}
             if -change > self.increase_threshold_percent:
-                return Finding(
-                    step,
-                    f"{mode} {name} rose {-change:.1f}% over the last {n} steps ({before:.4f} -> {now:.4f})",
-                    name,
-                    {"before": before, "now": now, "decrease_percent": change, "mode": mode},
-                )
+                message = f"{mode} {name} rose {-change:.1f}% over the last {n} steps ({before:.4f} -> {now:.4f})"
+                return Finding(step, message, name, evidence)
             if change < self.diff_percent:
-                return Finding(
-                    step,
-                    f"{mode} {name} fell only {change:.2f}% over the last {n} steps ({before:.4f} -> {now:.4f})",
-                    name,
-                    {"before": before, "now": now, "decrease_percent": change, "mode": mode},
-                )
+                message = f"{mode} {name} fell only {change:.2f}% over the last {n} steps ({before:.4f} -> {now:.4f})"
+                return Finding(step, message, name, evidence)
         return None
 
 
 def _epoch_metrics(trial: Trial, step: int) -> list[tuple[int, float, float]]:
-    """(step, train_loss, valid_loss) of every finished epoch up to `step` (the metrics collection)."""
+    """(step, train_loss, valid_loss) of every finished epoch up to `step` (the metrics collection);
+    empty unless `step` is an epoch end, so that rules do their work once per epoch."""
     if not (trial.has_tensor("train_loss") and trial.has_tensor("valid_loss")):
+        return []
+    if step not in trial.tensor("valid_loss").by_mode.get("train", {}):
         return []
     train = trial.tensor("train_loss").reductions("mean", "train")
     valid = trial.tensor("valid_loss").reductions("mean", "train")
@@ -555,22 +553,23 @@ class UnchangedTensor(Rule):
     def __init__(self, **params: Any):
         super().__init__(**params)
         _require_scope(self)
+        self._recent: dict[tuple[str, str], list[tuple[int, list[float]]]] = {}
 
     def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
         n = int(self.num_steps)
         for name in _names_at(trial, step, self.collection_names, self.tensor_regex):
-            series = trial.tensor(name)
-            for mode, records in series.by_mode.items():
-                steps = [s for s in sorted(records) if s <= step][-n:]
-                if len(steps) < n or steps[-1] != step:
+            for mode, records in trial.tensor(name).by_mode.items():
+                if step not in records:
                     continue
-                vectors = [[records[s]["r"][k] for k in ("min", "max", "mean", "std", "l2")] for s in steps]
-                if all(self._close(vectors[0], v) for v in vectors[1:]):
+                recent = self._recent.setdefault((name, mode), [])
+                recent.append((step, [records[step]["r"][k] for k in ("min", "max", "mean", "std", "l2")]))
+                del recent[:-n]
+                if len(recent) == n and all(self._close(recent[0][1], v) for _, v in recent[1:]):
                     return Finding(
                         step,
                         f"{name} has not changed over its last {n} saved steps",
                         name,
-                        {"steps": steps, "mode": mode},
+                        {"steps": [s for s, _ in recent], "mode": mode},
                     )
         return None
 
@@ -621,20 +620,19 @@ class StalledTraining(Rule):
     parameters = {"threshold": 1800, "stop_training_on_fire": False, "training_job_name_prefix": None}
     description = "no progress for a long time"
 
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        self._last_time: float | None = None
+
     def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
         if not trial.has_tensor("loss"):
             return None
-        series = trial.tensor("loss")
-        times = sorted(
-            (rec["t"], s)
-            for records in series.by_mode.values()
-            for s, rec in records.items()
-            if "t" in rec and s <= step
-        )
-        if len(times) < 2 or times[-1][1] != step:
+        record = next((r[step] for r in trial.tensor("loss").by_mode.values() if step in r), None)
+        if record is None or "t" not in record:
             return None
-        gap = times[-1][0] - times[-2][0]
-        if gap > self.threshold:
+        last, self._last_time = self._last_time, record["t"]
+        if last is not None and record["t"] - last > self.threshold:
+            gap = record["t"] - last
             return Finding(
                 step, f"no step for {gap:.0f} s before step {step} (> {self.threshold} s)", "loss", {"seconds": gap}
             )
