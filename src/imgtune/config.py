@@ -132,9 +132,10 @@ class DebuggerConfig(_Section):
     activations_regex: str = Field(
         r".*relu.*", description="Modules whose inputs/outputs the activations collection saves (name:Class)."
     )
-    train: SaveConfig = Field(default_factory=SaveConfig)
-    eval: SaveConfig = Field(default_factory=lambda: SaveConfig(save_interval=1))
-    predict: SaveConfig = Field(default_factory=lambda: SaveConfig(save_interval=1))
+    # Tensors every 100 training steps (SageMaker: 500); losses are saved at every step whatever this says.
+    train: SaveConfig = Field(default_factory=lambda: SaveConfig(save_interval=100))
+    eval: SaveConfig = Field(default_factory=lambda: SaveConfig(save_interval=10))
+    predict: SaveConfig = Field(default_factory=lambda: SaveConfig(save_interval=10))
     histogram_bins: int = Field(16, ge=0, le=256)
     save_raw: bool = Field(False, description="Also save raw tensors (large) next to their reductions.")
     rules: list[str] = Field(default_factory=lambda: list(DEFAULT_RULES))

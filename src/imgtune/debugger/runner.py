@@ -60,7 +60,8 @@ class RuleRunner:
             self.log(f"rule {rule.name} found an issue at step {finding.step}: {finding.message}")
         if self.on_finding:
             self.on_finding(rule.name, finding)
-        return rule.name in self.stop_on
+        # a rule's own stop_training_on_fire parameter (StalledTraining's, as in SageMaker) acts like stop_on
+        return rule.name in self.stop_on or bool(rule.params.get("stop_training_on_fire"))
 
     def _guarded(self, rule: Rule, call: Callable[[], Any]) -> Any:
         if self.results[rule.name]["status"] == "Error":
