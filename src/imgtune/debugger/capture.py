@@ -81,7 +81,7 @@ def scalar_reductions(value: float) -> dict[str, float]:
 class DebuggerCallback(Callback):
     """Saves the configured collections as training goes (see the module docstring)."""
 
-    order = 40
+    order = 25  # before the Checkpointer (30), so a checkpoint counts the epoch's metrics record
 
     def __init__(
         self,

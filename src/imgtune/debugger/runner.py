@@ -7,6 +7,8 @@ call the user's callback, and stop training when the rule is in `stop_on`.
 
 from __future__ import annotations
 
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -111,32 +113,71 @@ class RuleRunner:
 
 
 class RuleCallback(Callback):
-    """Runs rules online after every batch, writes their status, and stops training on request."""
+    """Runs rules online after every batch, writes their status, and stops training on request.
 
-    order = 45
+    With StalledTraining among the rules, a watchdog thread also reports a stall while it lasts (a hung
+    data loader never reaches the next step, so a per-step check alone would never see it).
+    """
+
+    order = 26
 
     def __init__(self, runner: RuleRunner, trial_source: Callable[[], Trial], directory: Path):
         self.runner = runner
         self.trial_source = trial_source
         self.directory = directory
+        self._lock = threading.Lock()
+        self._last_step_time = time.monotonic()
+        self._watchdog: threading.Thread | None = None
+        self._stopped = threading.Event()
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self.runner.write(self.directory)
+        stalled = next((r for r in self.runner.rules if r.name == "StalledTraining"), None)
+        if stalled is not None and self._watchdog is None:
+            self._last_step_time = time.monotonic()
+            self._watchdog = threading.Thread(target=self._watch, args=(trainer, stalled), daemon=True)
+            self._watchdog.start()
+
+    def _watch(self, trainer: Trainer, rule: Rule) -> None:
+        threshold = float(rule.params["threshold"])
+        reported_for = None
+        while not self._stopped.wait(min(max(threshold / 4, 0.05), 5.0)):
+            with self._lock:
+                idle = time.monotonic() - self._last_step_time
+                if idle > threshold and reported_for != self._last_step_time:
+                    reported_for = self._last_step_time
+                    finding = Finding(
+                        trainer.step,
+                        f"no step for {idle:.1f} s (> {threshold:g} s): training is stalled",
+                        "loss",
+                        {"seconds": idle, "watchdog": True},
+                    )
+                    if self.runner._add(rule, finding):
+                        trainer.request_stop(f"debugger rule {rule.name}: {finding.message}")
+                    self.runner.write(self.directory)
 
     def on_batch_end(self, trainer: Trainer) -> None:
-        stop = self.runner.evaluate(self.trial_source())
+        with self._lock:
+            self._last_step_time = time.monotonic()
+            stop = self.runner.evaluate(self.trial_source())
         if stop:
             raise StopTraining(stop)
 
+    def on_fit_end(self, trainer: Trainer) -> None:
+        self._stopped.set()
+
     def on_epoch_end(self, trainer: Trainer) -> None:
-        stop = self.runner.evaluate(self.trial_source())
-        self.runner.write(self.directory)
+        with self._lock:
+            stop = self.runner.evaluate(self.trial_source())
+            self.runner.write(self.directory)
         if stop:
             raise StopTraining(stop)
 
     def finish(self) -> dict[str, dict[str, Any]]:
-        results = self.runner.finish(self.trial_source())
-        self.runner.write(self.directory)
+        self._stopped.set()
+        with self._lock:
+            results = self.runner.finish(self.trial_source())
+            self.runner.write(self.directory)
         return results
 
 
