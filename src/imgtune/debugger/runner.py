@@ -108,8 +108,9 @@ class RuleRunner:
                 result["status"] = "IssuesFound" if result["finding_count"] else "NoIssuesFound"
         return self.results
 
-    def write(self, directory: Path) -> None:
-        atomic_write_json(directory / RULES_FILE, {"updated": now_iso(), "rules": list(self.results.values())})
+    def write(self, directory: Path, durable: bool = False) -> None:
+        data = {"updated": now_iso(), "rules": list(self.results.values())}
+        atomic_write_json(directory / RULES_FILE, data, durable)
 
 
 class RuleCallback(Callback):
@@ -121,10 +122,14 @@ class RuleCallback(Callback):
 
     order = 26
 
-    def __init__(self, runner: RuleRunner, trial_source: Callable[[], Trial], directory: Path):
+    def __init__(
+        self, runner: RuleRunner, trial_source: Callable[[], Trial], directory: Path, evaluate_every: float = 0.5
+    ):
         self.runner = runner
         self.trial_source = trial_source
         self.directory = directory
+        self.evaluate_every = evaluate_every
+        self._last_evaluation = 0.0
         self._lock = threading.Lock()
         self._last_step_time = time.monotonic()
         self._watchdog: threading.Thread | None = None
@@ -157,8 +162,15 @@ class RuleCallback(Callback):
                     self.runner.write(self.directory)
 
     def on_batch_end(self, trainer: Trainer) -> None:
+        # Rules catch up at most every `evaluate_every` seconds within an epoch (and at every epoch end):
+        # tiny steps (a head on cached features) should not pay for rules at every batch. Rules that may
+        # stop training are evaluated at every batch, so training stops at the batch that fired them.
+        now = time.monotonic()
         with self._lock:
-            self._last_step_time = time.monotonic()
+            self._last_step_time = now
+            if not self.runner.stop_on and now - self._last_evaluation < self.evaluate_every:
+                return
+            self._last_evaluation = now
             stop = self.runner.evaluate(self.trial_source())
         if stop:
             raise StopTraining(stop)
@@ -177,7 +189,7 @@ class RuleCallback(Callback):
         self._stopped.set()
         with self._lock:
             results = self.runner.finish(self.trial_source())
-            self.runner.write(self.directory)
+            self.runner.write(self.directory, durable=True)
         return results
 
 

@@ -114,7 +114,7 @@ class PoorWeightInitialization(Rule):
     def requirements(self) -> list[Requirement]:
         return [
             Requirement("activations", self.activation_inputs_regex, until_step=int(self.steps)),
-            Requirement("gradients", until_step=int(self.steps)),
+            Requirement("gradients", r"gradient/.*weight", until_step=int(self.steps)),
         ]
 
     def _in_window(self, trial: Trial, step: int) -> int | None:
