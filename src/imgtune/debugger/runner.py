@@ -41,6 +41,7 @@ class RuleRunner:
         self.on_finding = on_finding
         self.log = log
         self._evaluated = -1
+        self._written: list[tuple[str, int]] | None = None
         self.results: dict[str, dict[str, Any]] = {
             rule.name: {
                 "rule": rule.name,
@@ -109,6 +110,11 @@ class RuleRunner:
         return self.results
 
     def write(self, directory: Path, durable: bool = False) -> None:
+        """Write rules.json when a status or finding count changed since the last write (or when durable)."""
+        signature = [(r["status"], r["finding_count"]) for r in self.results.values()]
+        if signature == self._written and not durable:
+            return
+        self._written = signature
         data = {"updated": now_iso(), "rules": list(self.results.values())}
         atomic_write_json(directory / RULES_FILE, data, durable)
 
