@@ -79,8 +79,10 @@ def test_debug_cli_rules_show_and_plot(debugged_job: Job, tmp_path: Path):
     offline = {r["rule"]: r["status"] for r in json.loads(result.stdout)["rules"]}
     online = {name: r["status"] for name, r in debugged_job.read()["debugger"].items()}
     assert offline == online
-    one = runner.invoke(app, ["debug", "rules", str(debugged_job.path), "--rule", "Overfit",
-                              "--param", "ratio_threshold=1000", "--json"])  # fmt: skip
+    one = runner.invoke(
+        app,
+        ["debug", "rules", str(debugged_job.path), "--rule", "Overfit", "--param", "ratio_threshold=1000", "--json"],
+    )
     assert one.exit_code == 0, one.output
     assert json.loads(one.stdout)["rules"][0]["status"] == "NoIssuesFound"
     shown = runner.invoke(app, ["debug", "show", str(debugged_job.path), "--json"])
@@ -94,10 +96,27 @@ def test_debug_cli_rules_show_and_plot(debugged_job: Job, tmp_path: Path):
 
 
 def test_no_debugger_flag(tmp_path, dogs_mini, mobilenet_weights):
-    result = runner.invoke(app, [
-        "train", "--data", str(dogs_mini), "--backbone", "mobilenet_v2", "--weights", str(mobilenet_weights),
-        "--image-size", "64", "--epochs", "1", "--no-debugger", "--workspace", str(tmp_path), "--name", "quiet",
-    ])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(dogs_mini),
+            "--backbone",
+            "mobilenet_v2",
+            "--weights",
+            str(mobilenet_weights),
+            "--image-size",
+            "64",
+            "--epochs",
+            "1",
+            "--no-debugger",
+            "--workspace",
+            str(tmp_path),
+            "--name",
+            "quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "quiet/debugger").exists()
     with pytest.raises(JobError, match="no debugger data"):
@@ -107,10 +126,29 @@ def test_no_debugger_flag(tmp_path, dogs_mini, mobilenet_weights):
 def test_reader_follows_a_running_job_and_survives_a_kill_and_resume(tmp_path, dogs_mini, mobilenet_weights):
     env = {**os.environ, "IMGTUNE_WORKSPACE": str(tmp_path)}
     cmd = [
-        sys.executable, "-m", "imgtune", "train", "--data", str(dogs_mini), "--backbone", "mobilenet_v2",
-        "--weights", str(mobilenet_weights), "--image-size", "64", "--epochs", "3", "--name", "watched",
-        "--set", "train.feature_cache=false", "--set", "data.num_workers=0", "--set", "train.batch_size=16",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "imgtune",
+        "train",
+        "--data",
+        str(dogs_mini),
+        "--backbone",
+        "mobilenet_v2",
+        "--weights",
+        str(mobilenet_weights),
+        "--image-size",
+        "64",
+        "--epochs",
+        "3",
+        "--name",
+        "watched",
+        "--set",
+        "train.feature_cache=false",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "train.batch_size=16",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = tmp_path / "watched/debugger/tensors.jsonl"
     deadline = time.monotonic() + 300
@@ -127,11 +165,75 @@ def test_reader_follows_a_running_job_and_survives_a_kill_and_resume(tmp_path, d
     killed = open_trial("watched", tmp_path)  # the store of a killed job reads fine
     assert killed.tensor("loss").steps("train")
 
-    result = subprocess.run([sys.executable, "-m", "imgtune", "train", "--resume", "watched"], env=env,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "imgtune", "train", "--resume", "watched"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     final = open_trial("watched", tmp_path)
     loss = final.tensor("loss")
     mode_steps = [loss.mode_step(s, "train") for s in loss.steps("train")]
     assert mode_steps == list(range(3 * 19))  # 300 images / 16 = 19 batches per epoch, none twice, none lost
     assert json.loads((tmp_path / "watched/debugger/rules.json").read_text())["rules"][0]["status"] != "InProgress"
+
+
+def test_opt_in_collections_and_raw_tensors(tmp_path, dogs_mini, mobilenet_weights):
+    config = build_config(
+        {
+            "data": {"path": str(dogs_mini), "image_size": 64, "num_workers": 0},
+            "model": {"backbone": "mobilenet_v2", "weights": str(mobilenet_weights)},
+            "train": {"epochs": 1},
+            "debugger": {
+                "collections": ["losses", "weights", "activations", "inputs"],
+                "activations_regex": r"1:ReLU",
+                "train": {"save_interval": 2, "end_step": 3},
+                "save_raw": True,
+                "rules": ["ExplodingTensor"],
+            },
+        }
+    )
+    job = run_training_job(config, workspace=tmp_path, progress=False)
+    trial = open_trial(job.path)
+    assert set(trial.collections()) == {"losses", "weights", "activations", "inputs"}
+    assert trial.tensor_names(collection="activations") == ["head.1_relu_input", "head.1_relu_output"]
+    relu_out = trial.tensor("head.1_relu_output")
+    assert [relu_out.mode_step(s, "train") for s in relu_out.steps("train")] == [0, 2]  # interval 2, end_step 3
+    assert relu_out.reduction(relu_out.steps("train")[0], "min", "train") >= 0.0
+    raw = trial.raw("train", relu_out.steps("train")[0])
+    assert raw["head.0.weight"].shape == (128, 1280) and raw["inputs"].shape[1] == 1280
+    assert job.read()["debugger"]["ExplodingTensor"]["status"] == "NoIssuesFound"
+
+
+def test_bad_debugger_config_is_refused(tmp_path, dogs_mini):
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(dogs_mini),
+            "--set",
+            "debugger.collections=[weights, nope]",
+            "--workspace",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 2 and "unknown collection" in result.output
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(dogs_mini),
+            "--set",
+            "debugger.rules=[NoSuchRule]",
+            "--pretrained",
+            "none",
+            "--workspace",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 2 and "unknown rule 'NoSuchRule'" in result.output
+    assert not list(tmp_path.iterdir())  # refused before any job directory was made

@@ -229,6 +229,8 @@ def run_training_job(
             raise ConfigError("run_training_job needs a config or a job to resume")
         if not is_remote(config.data.path) and not Path(config.data.path).expanduser().is_dir():
             raise DataError(f"dataset folder not found: {config.data.path}", "check the path given to --data")
+        if config.debugger.enabled:  # unknown rules or parameters: refuse before a job directory exists
+            make_rules(config.debugger.rules, config.debugger.rule_parameters, config.debugger.rule_files)
         job = Job.create(workspace, config.name, prefix=config.model.backbone)
         record = {
             "name": job.name,
