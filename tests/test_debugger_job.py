@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cli_helpers import train_command
 from imgtune.cli import app
 from imgtune.config import DEFAULT_RULES, build_config
 from imgtune.debugger.store import Trial, open_trial
@@ -125,30 +126,21 @@ def test_no_debugger_flag(tmp_path, dogs_mini, mobilenet_weights):
 
 def test_reader_follows_a_running_job_and_survives_a_kill_and_resume(tmp_path, dogs_mini, mobilenet_weights):
     env = {**os.environ, "IMGTUNE_WORKSPACE": str(tmp_path)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "imgtune",
-        "train",
-        "--data",
-        str(dogs_mini),
-        "--backbone",
-        "mobilenet_v2",
-        "--weights",
-        str(mobilenet_weights),
+    cmd = train_command(
+        dogs_mini,
+        mobilenet_weights,
+        "watched",
         "--image-size",
         "64",
         "--epochs",
         "3",
-        "--name",
-        "watched",
         "--set",
         "train.feature_cache=false",
         "--set",
         "data.num_workers=0",
         "--set",
         "train.batch_size=16",
-    ]
+    )
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = tmp_path / "watched/debugger/tensors.jsonl"
     deadline = time.monotonic() + 300

@@ -14,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cli_helpers import train_command
 from imgtune.cli import app
 from imgtune.config import build_config
 from imgtune.data.transforms import load_image
@@ -209,30 +210,21 @@ def test_training_on_bad_data_completes_and_reports_exclusions(tmp_path, dogs_mi
 def test_killed_job_resumes_without_losing_epochs(tmp_path, dogs_mini, mobilenet_weights):
     workspace = tmp_path / "ws"
     env = {**os.environ, "IMGTUNE_WORKSPACE": str(workspace)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "imgtune",
-        "train",
-        "--data",
-        str(dogs_mini),
-        "--backbone",
-        "mobilenet_v2",
-        "--weights",
-        str(mobilenet_weights),
+    cmd = train_command(
+        dogs_mini,
+        mobilenet_weights,
+        "killed",
         "--image-size",
         "64",
         "--epochs",
         "4",
-        "--name",
-        "killed",
         "--set",
         "train.feature_cache=false",
         "--set",
         "data.num_workers=0",
         "--set",
         "train.batch_size=16",
-    ]
+    )
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = workspace / "killed/metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -316,11 +308,17 @@ def test_config_file_and_overrides(tmp_path, dogs_mini, mobilenet_weights):
 
 def test_sigterm_stops_a_job_cleanly(tmp_path, dogs_mini, mobilenet_weights):
     env = {**os.environ, "IMGTUNE_WORKSPACE": str(tmp_path)}
-    cmd = [
-        sys.executable, "-m", "imgtune", "train", "--data", str(dogs_mini), "--backbone", "mobilenet_v2",
-        "--weights", str(mobilenet_weights), "--image-size", "64", "--epochs", "100000", "--name", "termed",
-        "--set", "train.early_stopping.enabled=false",
-    ]  # fmt: skip
+    cmd = train_command(
+        dogs_mini,
+        mobilenet_weights,
+        "termed",
+        "--image-size",
+        "64",
+        "--epochs",
+        "100000",
+        "--set",
+        "train.early_stopping.enabled=false",
+    )
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "termed/metrics.jsonl"
     deadline = time.monotonic() + 120

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterator
 from typing import Any
 
 from imgtune.debugger.capture import Requirement
-from imgtune.debugger.rules.base import Finding, Rule, saved
+from imgtune.debugger.rules.base import REGISTRY, Finding, Rule, saved
 from imgtune.debugger.store import Trial
 from imgtune.errors import ConfigError
 
@@ -516,29 +517,38 @@ class WeightUpdateRatio(Rule):
         return None
 
 
-class AllZero(Rule):
-    """Fires when at least `threshold` % of a chosen tensor's values are zero."""
-
-    parameters = {"collection_names": None, "tensor_regex": None, "threshold": 100.0}
-    description = "tensors that are all zeros"
+class _ScopedRule(Rule, register=False):
+    """A rule over tensors chosen by `collection_names` and/or `tensor_regex` (one of them is required)."""
 
     def __init__(self, **params: Any):
         super().__init__(**params)
         _require_scope(self)
 
-    def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
+    def records_at(self, trial: Trial, step: int) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        """(tensor name, mode, record) of every chosen tensor saved at `step`."""
         for name in _names_at(trial, step, self.collection_names, self.tensor_regex):
-            series = trial.tensor(name)
-            for mode, records in series.by_mode.items():
-                if step in records and 100 * records[step]["r"]["zeros"] >= self.threshold:
-                    zeros = 100 * records[step]["r"]["zeros"]
-                    return Finding(step, f"{zeros:.0f}% of {name} is zero", name, {"zero_percent": zeros, "mode": mode})
+            for mode, records in trial.tensor(name).by_mode.items():
+                if step in records:
+                    yield name, mode, records[step]
+
+
+class AllZero(_ScopedRule):
+    """Fires when at least `threshold` % of a chosen tensor's values are zero."""
+
+    parameters = {"collection_names": None, "tensor_regex": None, "threshold": 100.0}
+    description = "tensors that are all zeros"
+
+    def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
+        for name, mode, record in self.records_at(trial, step):
+            zeros = 100 * record["r"]["zeros"]
+            if zeros >= self.threshold:
+                return Finding(step, f"{zeros:.0f}% of {name} is zero", name, {"zero_percent": zeros, "mode": mode})
         return None
 
 
-class UnchangedTensor(Rule):
-    """Fires when a chosen tensor's last `num_steps` saved values are equal within (rtol, atol). Values are
-    compared through their reductions (min, max, mean, std, l2), or raw when save_raw is on."""
+class UnchangedTensor(_ScopedRule):
+    """Fires when a chosen tensor's last `num_steps` saved values are equal within (rtol, atol), compared
+    through their reductions (min, max, mean, std, l2)."""
 
     parameters = {
         "collection_names": None,
@@ -552,25 +562,17 @@ class UnchangedTensor(Rule):
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        _require_scope(self)
         self._recent: dict[tuple[str, str], list[tuple[int, list[float]]]] = {}
 
     def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
         n = int(self.num_steps)
-        for name in _names_at(trial, step, self.collection_names, self.tensor_regex):
-            for mode, records in trial.tensor(name).by_mode.items():
-                if step not in records:
-                    continue
-                recent = self._recent.setdefault((name, mode), [])
-                recent.append((step, [records[step]["r"][k] for k in ("min", "max", "mean", "std", "l2")]))
-                del recent[:-n]
-                if len(recent) == n and all(self._close(recent[0][1], v) for _, v in recent[1:]):
-                    return Finding(
-                        step,
-                        f"{name} has not changed over its last {n} saved steps",
-                        name,
-                        {"steps": [s for s, _ in recent], "mode": mode},
-                    )
+        for name, mode, record in self.records_at(trial, step):
+            recent = self._recent.setdefault((name, mode), [])
+            recent.append((step, [record["r"][k] for k in ("min", "max", "mean", "std", "l2")]))
+            del recent[:-n]
+            if len(recent) == n and all(self._close(recent[0][1], v) for _, v in recent[1:]):
+                message = f"{name} has not changed over its last {n} saved steps"
+                return Finding(step, message, name, {"steps": [s for s, _ in recent], "mode": mode})
         return None
 
     def _close(self, a: list[float], b: list[float]) -> bool:
@@ -583,33 +585,21 @@ class UnchangedTensor(Rule):
         return True
 
 
-class TensorVariance(Rule):
+class TensorVariance(_ScopedRule):
     """Fires when a chosen tensor's variance is above `max_threshold` or below `min_threshold` (a bound left
     as None is not checked)."""
 
     parameters = {"collection_names": None, "tensor_regex": None, "max_threshold": None, "min_threshold": None}
     description = "tensor variance out of bounds"
 
-    def __init__(self, **params: Any):
-        super().__init__(**params)
-        _require_scope(self)
-
     def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
-        for name in _names_at(trial, step, self.collection_names, self.tensor_regex):
-            series = trial.tensor(name)
-            for mode, records in series.by_mode.items():
-                if step not in records:
-                    continue
-                variance = records[step]["r"]["std"] ** 2
-                too_high = self.max_threshold is not None and variance > float(self.max_threshold)
-                too_low = self.min_threshold is not None and variance < float(self.min_threshold)
-                if too_high or too_low:
-                    return Finding(
-                        step,
-                        f"variance of {name} is {variance:.3g} (too {'high' if too_high else 'low'})",
-                        name,
-                        {"variance": variance, "mode": mode},
-                    )
+        for name, mode, record in self.records_at(trial, step):
+            variance = record["r"]["std"] ** 2
+            too_high = self.max_threshold is not None and variance > float(self.max_threshold)
+            too_low = self.min_threshold is not None and variance < float(self.min_threshold)
+            if too_high or too_low:
+                message = f"variance of {name} is {variance:.3g} (too {'high' if too_high else 'low'})"
+                return Finding(step, message, name, {"variance": variance, "mode": mode})
         return None
 
 
@@ -684,4 +674,4 @@ class CheckInputImages(Rule):
         return [finding] if finding else []
 
 
-BUILTIN_RULES = [cls for cls in Rule.__subclasses__() if cls.__module__ == __name__]
+BUILTIN_RULES = [cls for name, cls in REGISTRY.items() if cls.__module__ == __name__]
