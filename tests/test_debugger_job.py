@@ -229,3 +229,10 @@ def test_bad_debugger_config_is_refused(tmp_path, dogs_mini):
     )
     assert result.exit_code == 2 and "unknown rule 'NoSuchRule'" in result.output
     assert not list(tmp_path.iterdir())  # refused before any job directory was made
+
+
+def test_check_input_images_says_why_it_cannot_judge_features(debugged_job: Job):
+    result = runner.invoke(app, ["debug", "rules", str(debugged_job.path), "--rule", "CheckInputImages", "--json"])
+    assert result.exit_code == 0, result.output
+    verdict = json.loads(result.stdout)["rules"][0]
+    assert verdict["status"] == "Error" and "input images" in verdict["error"]

@@ -644,6 +644,11 @@ class CheckInputImages(Rule):
     def requirements(self) -> list[Requirement]:
         return [Requirement("inputs", until_step=int(self.threshold_samples))]
 
+    def missing_data(self, trial: Trial) -> str | None:
+        if trial.tensor_names(regex=self.regex):
+            return None
+        return "no per-channel means of input images were saved (with the feature cache, inputs are features)"
+
     def _judge(self, trial: Trial, step: int, final: bool) -> Finding | None:
         names = trial.tensor_names(regex=self.regex)
         if self._done or not trial.has_tensor("inputs") or not names:
