@@ -99,7 +99,6 @@ class DebuggerCallback(Callback):
         self.mode_steps = dict.fromkeys(("train", "eval", "predict"), 0)
         self.mode = "train"
         self._saving = False
-        self._activation_regex: re.Pattern | None = None
         self._hooks: list[Any] = []
         self._pending: dict[str, torch.Tensor] = {}
         self._before_update: dict[str, torch.Tensor] = {}
