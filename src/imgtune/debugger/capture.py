@@ -19,7 +19,6 @@ phase). A mode's SaveConfig decides which mode steps are saved; rules can ask fo
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -59,23 +58,6 @@ def channel_activity(tensor: torch.Tensor, low: float, high: float) -> list[int]
     per_channel = t.transpose(0, 1).reshape(t.shape[1], -1) if t.dim() >= 2 else t.reshape(1, -1)
     inside = ((per_channel > low) & (per_channel < high)).float().mean(dim=1) * 100
     return torch.bincount(inside.round().long().clamp(0, 100), minlength=101).tolist()
-
-
-def scalar_reductions(value: float) -> dict[str, float]:
-    finite = math.isfinite(value)
-    v = value if finite else math.nan
-    return {
-        "min": v,
-        "max": v,
-        "mean": v,
-        "std": 0.0 if finite else math.nan,
-        "l1": abs(v),
-        "l2": abs(v),
-        "zeros": float(value == 0),
-        "nan": float(math.isnan(value)),
-        "inf": float(math.isinf(value)),
-        "numel": 1.0,
-    }
 
 
 class DebuggerCallback(Callback):
@@ -127,21 +109,20 @@ class DebuggerCallback(Callback):
     def _record(
         self, name: str, collection: str, tensor: torch.Tensor | None = None, value: float | None = None, **extra: Any
     ) -> None:
-        if tensor is not None:
-            reductions, histogram = reduce_tensor(tensor, self.config.histogram_bins)
-        else:
-            reductions, histogram = scalar_reductions(float(value)), None
         record = {
             "mode": self.mode,
             "step": self.step,
             "mode_step": self.mode_steps[self.mode],
             "name": name,
             "collection": collection,
-            "r": reductions,
             **extra,
         }
-        if histogram:
-            record["h"] = histogram
+        if tensor is None:
+            record["v"] = float(value)  # a scalar is stored as its value; the reader derives its reductions
+        else:
+            record["r"], histogram = reduce_tensor(tensor, self.config.histogram_bins)
+            if histogram:
+                record["h"] = histogram
         self.writer.write(record)
         if self.config.save_raw and tensor is not None:
             self._pending[name] = tensor.detach().cpu().clone()
@@ -211,7 +192,7 @@ class DebuggerCallback(Callback):
             "mode_step": self.mode_steps[self.mode],
             "name": name,
             "collection": "predictions",
-            "r": scalar_reductions(float(values.float().mean())),
+            "v": float(values.float().mean()),
             "values": values.detach().cpu().tolist(),
         }
         self.writer.write(record)

@@ -168,7 +168,7 @@ class RuleCallback(Callback):
                     self.runner.write(self.directory)
 
     def on_batch_end(self, trainer: Trainer) -> None:
-        # Rules catch up at most every `evaluate_every` seconds within an epoch (and at every epoch end):
+        # Rules catch up at most every `evaluate_every` seconds (and at the end, in `finish`):
         # tiny steps (a head on cached features) should not pay for rules at every batch. Rules that may
         # stop training are evaluated at every batch, so training stops at the batch that fired them.
         now = time.monotonic()
@@ -185,7 +185,12 @@ class RuleCallback(Callback):
         self._stopped.set()
 
     def on_epoch_end(self, trainer: Trainer) -> None:
+        # Epochs of a head on cached features last milliseconds: they share the same time-based pace.
+        now = time.monotonic()
         with self._lock:
+            if not self.runner.stop_on and now - self._last_evaluation < self.evaluate_every:
+                return
+            self._last_evaluation = now
             stop = self.runner.evaluate(self.trial_source())
             self.runner.write(self.directory)
         if stop:

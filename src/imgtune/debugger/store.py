@@ -4,7 +4,8 @@ Layout::
 
     debugger/
       tensors.jsonl            one line per saved tensor and step: mode, step, mode_step, name, collection,
-                               reductions (min, max, mean, std, l1, l2, zeros, nan, inf, numel) and a histogram
+                               reductions "r" (min, max, mean, std, l1, l2, zeros, nan, inf, numel) and a
+                               histogram "h"; a scalar (loss, metric, lr) is stored as its value "v"
       raw/STEP.safetensors     raw tensors of a step, when `save_raw` is on
       rules.json               rule results (written by the rule runner)
 
@@ -96,6 +97,23 @@ def _histogram(values: torch.Tensor, bins: int, lo: float, hi: float) -> list[in
     scaled = [round(c * n / sample.numel()) for c in counts]
     scaled[max(range(bins), key=scaled.__getitem__)] += n - sum(scaled)  # rounding left over
     return scaled
+
+
+def scalar_reductions(value: float) -> dict[str, float]:
+    finite = math.isfinite(value)
+    v = value if finite else math.nan
+    return {
+        "min": v,
+        "max": v,
+        "mean": v,
+        "std": 0.0 if finite else math.nan,
+        "l1": abs(v),
+        "l2": abs(v),
+        "zeros": float(value == 0),
+        "nan": float(math.isnan(value)),
+        "inf": float(math.isinf(value)),
+        "numel": 1.0,
+    }
 
 
 class TensorWriter:
@@ -200,6 +218,8 @@ class Trial:
             self.refresh()
 
     def add(self, record: dict[str, Any]) -> None:
+        if "r" not in record:  # a scalar: stored as its value
+            record["r"] = scalar_reductions(record["v"])
         series = self.tensors.get(record["name"])
         if series is None:
             series = self.tensors[record["name"]] = TensorSeries(record["name"], record["collection"])
