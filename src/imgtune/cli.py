@@ -69,7 +69,9 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    from imgtune.jobs import to_json
+
+    sys.stdout.write(to_json(data, indent=2) + "\n")
 
 
 def _version(value: bool) -> None:
@@ -473,6 +475,8 @@ def _parse_rule_params(params: list[str], rules: list[str]) -> dict[str, dict[st
             if len(rules) != 1:
                 raise ImgtuneError(f"--param {item!r} does not say which rule", "write it as Rule.key=value")
             rule = rules[0]
+        if rule not in rules:
+            raise ImgtuneError(f"--param {item!r} is for rule {rule}, which is not run", f"add --rule {rule}")
         out.setdefault(rule, {})[name] = value
     return out
 

@@ -143,6 +143,14 @@ class DebuggerConfig(_Section):
     stop_on: list[str] = Field(default_factory=list, description="Rules whose finding stops training.")
     rule_files: list[str] = Field(default_factory=list, description="Python files with custom Rule classes.")
 
+    @model_validator(mode="after")
+    def _rules_named_are_run(self) -> DebuggerConfig:
+        for field, names in (("stop_on", self.stop_on), ("rule_parameters", list(self.rule_parameters))):
+            stray = sorted(set(names) - set(self.rules))
+            if stray:
+                raise ValueError(f"{field} names rule(s) {stray} that are not in rules {self.rules}; add them there")
+        return self
+
     @field_validator("collections")
     @classmethod
     def _known_collections(cls, names: list[str]) -> list[str]:

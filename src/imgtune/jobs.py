@@ -15,6 +15,7 @@ Every file is written atomically (temp file + rename), so a killed job leaves wh
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -77,8 +78,23 @@ def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
         raise
 
 
+def json_safe(data: Any) -> Any:
+    """`data` with NaN and infinities as None: standard JSON, which jq and browsers read."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: json_safe(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [json_safe(v) for v in data]
+    return data
+
+
+def to_json(data: Any, indent: int | None = None) -> str:
+    return json.dumps(json_safe(data), indent=indent, default=str, allow_nan=False)
+
+
 def atomic_write_json(path: Path, data: Any, durable: bool = True) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n", durable)
+    atomic_write_text(path, to_json(data, indent=2) + "\n", durable)
 
 
 def now_iso() -> str:
@@ -210,7 +226,7 @@ class Job:
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics_file.open("a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+            f.write(to_json(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -228,7 +244,7 @@ class Job:
     def truncate_metrics(self, last_epoch: int) -> None:
         """Drop records of epochs after `last_epoch` (work a resumed job will redo)."""
         kept = [r for r in self.read_metrics() if r.get("epoch", 0) <= last_epoch]
-        atomic_write_text(self.metrics_file, "".join(json.dumps(r, default=str) + "\n" for r in kept))
+        atomic_write_text(self.metrics_file, "".join(to_json(r) + "\n" for r in kept))
 
     def log(self, message: str) -> None:
         with self.log_file.open("a") as f:

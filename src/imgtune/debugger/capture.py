@@ -84,6 +84,8 @@ class DebuggerCallback(Callback):
         self._hooks: list[Any] = []
         self._pending: dict[str, torch.Tensor] = {}
         self._before_update: dict[str, torch.Tensor] = {}
+        self._resumed = False
+        self._calls: dict[str, int] = {}  # activation records per name in this step (modules called twice)
         collections = set(config.collections)
         self.collections = collections | {r.collection for r in self.requirements}
 
@@ -157,6 +159,12 @@ class DebuggerCallback(Callback):
     def _record_activation(self, name: str, tensor: torch.Tensor) -> None:
         if not self._wants("activations", name):
             return
+        calls = self._calls.get(name, 0)
+        self._calls[name] = calls + 1
+        if calls:  # a module called again in the same step (ResNet's shared relu): its own record, still
+            base, io = name.rsplit("_", 1)  # matching regexes like .*relu_input
+            module, kind = base.rsplit("_", 1)
+            name = f"{module}_call{calls}_{kind}_{io}"
         extra = {}
         for req in self.requirements:
             if req.activity and req.regex and re.fullmatch(req.regex, name):
@@ -169,6 +177,7 @@ class DebuggerCallback(Callback):
         self._attach_activation_hooks(trainer.module)
 
     def on_batch_start(self, trainer: Trainer) -> None:
+        self._calls.clear()
         save_config = getattr(self.config, self.mode)
         self._saving = save_config.should_save(self.mode_steps[self.mode])
         if self._wants("inputs", "inputs") and trainer.inputs is not None:
@@ -179,7 +188,9 @@ class DebuggerCallback(Callback):
 
     def on_after_forward(self, trainer: Trainer) -> None:
         if "losses" in self.collections and trainer.loss is not None:
-            self._record("loss", "losses", value=float(trainer.loss.detach()), t=round(time.time(), 3))
+            extra = {"resumed": True} if self._resumed else {}
+            self._resumed = False
+            self._record("loss", "losses", value=float(trainer.loss.detach()), t=round(time.time(), 3), **extra)
         if self._wants("predictions") and trainer.targets is not None and trainer.outputs is not None:
             # For ClassImbalance: labels and predictions of the batch, raw (they are small).
             self._record_raw_ints("labels", trainer.targets)
@@ -252,6 +263,7 @@ class DebuggerCallback(Callback):
     def load_state_dict(self, state: dict) -> None:
         self.step, self.mode_steps = state["step"], dict(state["mode_steps"])
         self.writer.truncate_after(self.step - 1)
+        self._resumed = True  # the next loss record says so (StalledTraining ignores the gap before it)
 
     def close(self) -> None:
         for hook in self._hooks:

@@ -62,7 +62,11 @@ class RuleRunner:
         if result["finding_count"] == 1 and self.log:
             self.log(f"rule {rule.name} found an issue at step {finding.step}: {finding.message}")
         if self.on_finding:
-            self.on_finding(rule.name, finding)
+            try:
+                self.on_finding(rule.name, finding)
+            except Exception as exc:  # the user's action must not switch the rules off
+                if self.log:
+                    self.log(f"on_finding action failed for rule {rule.name}: {type(exc).__name__}: {exc}")
         # a rule's own stop_training_on_fire parameter (StalledTraining's, as in SageMaker) acts like stop_on
         return rule.name in self.stop_on or bool(rule.params.get("stop_training_on_fire"))
 
@@ -157,8 +161,10 @@ class RuleCallback(Callback):
                 idle = time.monotonic() - self._last_step_time
                 if idle > threshold and reported_for != self._last_step_time:
                     reported_for = self._last_step_time
+                    trial = self.trial_source()
+                    rule.stall_reported = True  # the step that ends this stall need not report it again
                     finding = Finding(
-                        trainer.step,
+                        trial.steps()[-1] + 1 if trial.steps() else 0,  # the step being waited for
                         f"no step for {idle:.1f} s (> {threshold:g} s): training is stalled",
                         "loss",
                         {"seconds": idle, "watchdog": True},
@@ -178,8 +184,13 @@ class RuleCallback(Callback):
                 return
             self._last_evaluation = now
             stop = self.runner.evaluate(self.trial_source())
+            self.runner.write(self.directory)  # cheap: only when a status or count changed
         if stop:
             raise StopTraining(stop)
+
+    def close(self) -> None:
+        """Stop the watchdog (also when training failed)."""
+        self._stopped.set()
 
     def on_fit_end(self, trainer: Trainer) -> None:
         self._stopped.set()

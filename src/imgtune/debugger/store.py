@@ -9,7 +9,9 @@ Layout::
       raw/STEP.safetensors     raw tensors of a step, when `save_raw` is on
       rules.json               rule results (written by the rule runner)
 
-Lines are appended and flushed as training goes, so a killed job keeps everything written before it died,
+Non-finite numbers appear as NaN/Infinity (Python's json reads them; the JSON files imgtune shows users
+elsewhere, rules.json and --json output, hold null instead). Lines are appended and flushed as training
+goes, so a killed job keeps everything written before it died,
 and the reader works on a job that is still running (a line cut short by a kill is skipped).
 """
 
@@ -178,6 +180,12 @@ class TensorSeries:
     def steps(self, mode: str | None = None) -> list[int]:
         modes = [mode] if mode else list(self.by_mode)
         return sorted(step for m in modes for step in self.by_mode.get(m, {}))
+
+    def has(self, step: int, mode: str | None = None) -> bool:
+        """Was this tensor saved at `step` (in `mode`)? Constant time, unlike `step in steps()`."""
+        if mode is not None:
+            return step in self.by_mode.get(mode, {})
+        return any(step in records for records in self.by_mode.values())
 
     def reduction(self, step: int, name: str = "mean", mode: str | None = None) -> float:
         return self._record(step, mode)["r"][name]

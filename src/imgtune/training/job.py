@@ -344,11 +344,19 @@ def _run(
         start_epoch = restore_checkpoint(trainer, last, [c.id for c in data.classes])
         job.truncate_metrics(start_epoch - 1)
         job.log(f"resumed after epoch {start_epoch - 1}")
-    elif resuming:
+    elif resuming:  # killed before its first epoch ended: start over
         job.truncate_metrics(0)
+        if debugger is not None:
+            debugger.writer.truncate_after(-1)
     job.update(training_mode=setup.mode, resumed_from_epoch=start_epoch - 1 if resuming else None)
     loop_started = time.perf_counter()
-    trainer.fit(start_epoch)
+    try:
+        trainer.fit(start_epoch)
+    except BaseException:
+        if rule_callback is not None:  # stop the watchdog and release the store and hooks of a failed job
+            rule_callback.close()
+            debugger.close()
+        raise
     timings["training_loop"] = timings.get("training_loop", 0.0) + time.perf_counter() - loop_started
     finalize_started = time.perf_counter()
     restored = cfg.early_stopping.restore_best and has_valid and stopper.restore_best(module)

@@ -122,6 +122,8 @@ class Trainer:
                 if train:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scaler.scale(self.loss).backward()
+                    if self.scaler.is_enabled():  # callbacks see true gradients, not loss-scaled ones
+                        self.scaler.unscale_(self.optimizer)
                     self.emit(Event.AFTER_BACKWARD)
                     self.scaler.step(self.optimizer)
                     self.scaler.update()

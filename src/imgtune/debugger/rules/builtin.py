@@ -31,7 +31,7 @@ def _names_at(
         chosen.update(trial.tensor_names(regex=regex))
     if not collections and not regex and default_all:
         chosen.update(trial.tensor_names())
-    return sorted(n for n in chosen if step in trial.tensor(n).steps())
+    return sorted(n for n in chosen if trial.tensor(n).has(step))
 
 
 def _require_scope(rule: Rule) -> None:
@@ -59,7 +59,7 @@ class VanishingGradient(Rule):
     def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
         for name in trial.tensor_names(collection="gradients"):
             series = trial.tensor(name)
-            if step not in series.steps("train"):
+            if not series.has(step, "train"):
                 continue
             r = series._record(step, "train")["r"]
             mean_abs = r["l1"] / r["numel"] if r["numel"] else 0.0
@@ -119,7 +119,7 @@ class PoorWeightInitialization(Rule):
         ]
 
     def _in_window(self, trial: Trial, step: int) -> int | None:
-        if not trial.has_tensor("loss") or step not in trial.tensor("loss").steps("train"):
+        if not trial.has_tensor("loss") or not trial.tensor("loss").has(step, "train"):
             return None
         mode_step = trial.tensor("loss").mode_step(step, "train")
         return mode_step if mode_step < self.steps else None
@@ -131,7 +131,7 @@ class PoorWeightInitialization(Rule):
         variances = {
             n: trial.tensor(n).reduction(step, "std", "train") ** 2
             for n in trial.tensor_names(regex=self.activation_inputs_regex)
-            if step in trial.tensor(n).steps("train")
+            if trial.tensor(n).has(step, "train")
         }
         if len(variances) >= 2 and min(variances.values()) > 0:
             ratio = max(variances.values()) / min(variances.values())
@@ -144,7 +144,7 @@ class PoorWeightInitialization(Rule):
                 )
         for name in trial.tensor_names(collection="gradients"):
             series = trial.tensor(name)
-            if step in series.steps("train") and series.reduction(step, "numel", "train") > 1 and "bias" not in name:
+            if series.has(step, "train") and series.reduction(step, "numel", "train") > 1 and "bias" not in name:
                 spread = _percentile_spread(series.histogram(step, "train"))
                 if spread is not None and spread < self.distribution_range:
                     return Finding(
@@ -203,7 +203,8 @@ def _percentile_spread(histogram: dict[str, Any] | None) -> float | None:
 class LossNotDecreasing(Rule):
     """Every `num_steps` saved losses of a mode, compares the mean of the last `num_steps` losses with the
     mean of the `num_steps` before them. Fires when it fell by less than `diff_percent` %, or rose by more
-    than `increase_threshold_percent` %. `mode` None: EVAL losses when there are any, else TRAIN.
+    than `increase_threshold_percent` %. `mode` None: the EVAL losses, or the TRAIN losses of a run that has
+    no EVAL losses (judged when it ends).
     """
 
     parameters = {
@@ -219,12 +220,7 @@ class LossNotDecreasing(Rule):
 
     def __init__(self, **params: Any):
         super().__init__(**params)
-        self._values: dict[str, list[float]] = {}  # each loss's values so far (steps are visited in order)
-
-    def _mode(self, trial: Trial) -> str:
-        if self.mode:
-            return str(self.mode).lower()
-        return "eval" if trial.has_tensor("loss") and trial.tensor("loss").steps("eval") else "train"
+        self._windows: dict[tuple[str, str], tuple[int, list[float]]] = {}  # (loss, mode) -> (count, last 2n)
 
     def _losses(self, trial: Trial) -> list[str]:
         names = set(trial.tensor_names(collection="losses")) if self.use_losses_collection else set()
@@ -234,26 +230,43 @@ class LossNotDecreasing(Rule):
             names.update(trial.tensor_names(regex=self.tensor_regex))
         return sorted(names)
 
+    def _check(self, name: str, mode: str, step: int, value: float) -> Finding | None:
+        n = int(self.num_steps)
+        count, values = self._windows.get((name, mode), (0, []))
+        values = [*values[-(2 * n - 1) :], value]
+        count += 1
+        self._windows[(name, mode)] = (count, values)
+        if count < 2 * n or count % n:
+            return None
+        before, now = statistics.fmean(values[:n]), statistics.fmean(values[n:])
+        change = (before - now) / abs(before) * 100 if before else 0.0
+        evidence = {"before": before, "now": now, "decrease_percent": change, "mode": mode}
+        if -change > self.increase_threshold_percent:
+            message = f"{mode} {name} rose {-change:.1f}% over the last {n} steps ({before:.4f} -> {now:.4f})"
+            return Finding(step, message, name, evidence)
+        if change < self.diff_percent:
+            message = f"{mode} {name} fell only {change:.2f}% over the last {n} steps ({before:.4f} -> {now:.4f})"
+            return Finding(step, message, name, evidence)
+        return None
+
     def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
-        mode, n = self._mode(trial), int(self.num_steps)
+        mode = str(self.mode).lower() if self.mode else "eval"
         for name in self._losses(trial):
             record = trial.tensor(name).by_mode.get(mode, {}).get(step)
-            if record is None:
-                continue
-            values = self._values.setdefault(name, [])
-            values.append(record["r"]["mean"])
-            if len(values) < 2 * n or len(values) % n:
-                continue
-            before, now = statistics.fmean(values[-2 * n : -n]), statistics.fmean(values[-n:])
-            change = (before - now) / abs(before) * 100 if before else 0.0
-            evidence = {"before": before, "now": now, "decrease_percent": change, "mode": mode}
-            if -change > self.increase_threshold_percent:
-                message = f"{mode} {name} rose {-change:.1f}% over the last {n} steps ({before:.4f} -> {now:.4f})"
-                return Finding(step, message, name, evidence)
-            if change < self.diff_percent:
-                message = f"{mode} {name} fell only {change:.2f}% over the last {n} steps ({before:.4f} -> {now:.4f})"
-                return Finding(step, message, name, evidence)
+            if record is not None and (finding := self._check(name, mode, step, record["r"]["mean"])):
+                return finding
         return None
+
+    def finish(self, trial: Trial) -> list[Finding]:
+        names = self._losses(trial)
+        if self.mode or any(trial.tensor(n).by_mode.get("eval") for n in names):
+            return []
+        findings = []  # no EVAL losses at all: judge the TRAIN losses
+        for name in names:
+            for step, record in sorted(trial.tensor(name).by_mode.get("train", {}).items()):
+                if finding := self._check(name, "train", step, record["r"]["mean"]):
+                    findings.append(finding)
+        return findings
 
 
 def _epoch_metrics(trial: Trial, step: int) -> list[tuple[int, float, float]]:
@@ -274,6 +287,11 @@ class Overfit(Rule):
 
     parameters = {"tensor_regex": None, "start_step": 0, "patience": 1, "ratio_threshold": 0.1}
     description = "validation loss well above training loss"
+
+    def missing_data(self, trial: Trial) -> str | None:
+        if not trial.has_tensor("valid_loss"):
+            return "the job has no validation split, so training and validation losses cannot be compared"
+        return super().missing_data(trial)
 
     def requirements(self) -> list[Requirement]:
         return [Requirement("metrics")]
@@ -316,20 +334,21 @@ class Overtraining(Rule):
         return since
 
     def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
-        epochs = _epoch_metrics(trial, step)
-        if not epochs or epochs[-1][0] != step:
-            return None
-        train_since = self._epochs_since_best([t for _, t, _ in epochs], self.delta)
-        valid_since = self._epochs_since_best([v for _, _, v in epochs], self.delta)
+        if not trial.has_tensor("train_loss") or not trial.tensor("train_loss").has(step, "train"):
+            return None  # judged once per epoch end; a job without a validation split is judged on train loss
+        train = [v for s, v in trial.tensor("train_loss").reductions("mean", "train").items() if s <= step]
+        valid = []
+        if trial.has_tensor("valid_loss"):
+            valid = [v for s, v in trial.tensor("valid_loss").reductions("mean", "train").items() if s <= step]
+        train_since = self._epochs_since_best(train, self.delta)
+        valid_since = self._epochs_since_best(valid, self.delta) if valid else 0
         evidence = {"epochs_without_train_improvement": train_since, "epochs_without_valid_improvement": valid_since}
-        if valid_since >= self.patience_validation:
-            return Finding(
-                step, f"valid loss has not improved by {self.delta} for {valid_since} epochs", "valid_loss", evidence
-            )
+        if valid and valid_since >= self.patience_validation:
+            message = f"valid loss has not improved by {self.delta} for {valid_since} epochs"
+            return Finding(step, message, "valid_loss", evidence)
         if train_since >= self.patience_train:
-            return Finding(
-                step, f"train loss has not improved by {self.delta} for {train_since} epochs", "train_loss", evidence
-            )
+            message = f"train loss has not improved by {self.delta} for {train_since} epochs"
+            return Finding(step, message, "train_loss", evidence)
         return None
 
 
@@ -364,7 +383,7 @@ class ClassImbalance(Rule):
         counts: dict[int, int] = {}
         wrong: dict[int, int] = {}
         for s in lab.steps("train"):
-            if s > step or s not in pred.steps("train"):
+            if s > step or not pred.has(s, "train"):
                 continue
             for y, p in zip(lab._record(s, "train")["values"], pred._record(s, "train")["values"], strict=True):
                 counts[y] = counts.get(y, 0) + 1
@@ -415,7 +434,7 @@ def _activity_finding(rule: Rule, trial: Trial, step: int, regex: str, what: str
     `threshold_inactivity` % of the time (from the capture's per-channel activity histogram)."""
     for name in trial.tensor_names(regex=regex):
         series = trial.tensor(name)
-        if step not in series.steps("train"):
+        if not series.has(step, "train"):
             continue
         activity = series._record(step, "train").get("activity")
         if not activity:
@@ -498,7 +517,7 @@ class WeightUpdateRatio(Rule):
     def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
         for name in trial.tensor_names(collection="weights"):
             series = trial.tensor(name)
-            if step not in series.steps("train"):
+            if not series.has(step, "train"):
                 continue
             record = series._record(step, "train")
             if "update" not in record:
@@ -613,6 +632,7 @@ class StalledTraining(Rule):
     def __init__(self, **params: Any):
         super().__init__(**params)
         self._last_time: float | None = None
+        self.stall_reported = False  # set by the online watchdog
 
     def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
         if not trial.has_tensor("loss"):
@@ -621,7 +641,12 @@ class StalledTraining(Rule):
         if record is None or "t" not in record:
             return None
         last, self._last_time = self._last_time, record["t"]
+        if record.get("resumed"):  # the time a job lay killed before its resume is no stall
+            return None
         if last is not None and record["t"] - last > self.threshold:
+            if self.stall_reported:
+                self.stall_reported = False
+                return None
             gap = record["t"] - last
             return Finding(
                 step, f"no step for {gap:.0f} s before step {step} (> {self.threshold} s)", "loss", {"seconds": gap}
