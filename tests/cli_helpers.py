@@ -12,3 +12,15 @@ def train_command(data: Path, weights: Path, name: str, *options: str) -> list[s
         sys.executable, "-m", "imgtune", "train", "--data", str(data), "--backbone", "mobilenet_v2",
         "--weights", str(weights), "--name", name, *options,
     ]  # fmt: skip
+
+
+# Training on images (no feature cache) in one process, small batches: slow enough to kill mid-epoch.
+SLOW_IMAGE_TRAINING = (
+    "--image-size", "64", "--set", "train.feature_cache=false", "--set", "data.num_workers=0",
+    "--set", "train.batch_size=16",
+)  # fmt: skip
+
+
+def resume_command(name: str, *options: str) -> list[str]:
+    """`python -m imgtune train --resume NAME`."""
+    return [sys.executable, "-m", "imgtune", "train", "--resume", name, *options]

@@ -6,14 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from cli_helpers import train_command
+from cli_helpers import SLOW_IMAGE_TRAINING, resume_command, train_command
 from imgtune.cli import app
 from imgtune.config import DEFAULT_RULES, build_config
 from imgtune.debugger.store import Trial, open_trial
@@ -126,21 +125,7 @@ def test_no_debugger_flag(tmp_path, dogs_mini, mobilenet_weights):
 
 def test_reader_follows_a_running_job_and_survives_a_kill_and_resume(tmp_path, dogs_mini, mobilenet_weights):
     env = {**os.environ, "IMGTUNE_WORKSPACE": str(tmp_path)}
-    cmd = train_command(
-        dogs_mini,
-        mobilenet_weights,
-        "watched",
-        "--image-size",
-        "64",
-        "--epochs",
-        "3",
-        "--set",
-        "train.feature_cache=false",
-        "--set",
-        "data.num_workers=0",
-        "--set",
-        "train.batch_size=16",
-    )
+    cmd = train_command(dogs_mini, mobilenet_weights, "watched", "--epochs", "3", *SLOW_IMAGE_TRAINING)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = tmp_path / "watched/debugger/tensors.jsonl"
     deadline = time.monotonic() + 300
@@ -158,7 +143,7 @@ def test_reader_follows_a_running_job_and_survives_a_kill_and_resume(tmp_path, d
     assert killed.tensor("loss").steps("train")
 
     result = subprocess.run(
-        [sys.executable, "-m", "imgtune", "train", "--resume", "watched"],
+        resume_command("watched"),
         env=env,
         capture_output=True,
         text=True,

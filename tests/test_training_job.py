@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli_helpers import train_command
+from cli_helpers import SLOW_IMAGE_TRAINING, resume_command, train_command
 from imgtune.cli import app
 from imgtune.config import build_config
 from imgtune.data.transforms import load_image
@@ -210,21 +209,7 @@ def test_training_on_bad_data_completes_and_reports_exclusions(tmp_path, dogs_mi
 def test_killed_job_resumes_without_losing_epochs(tmp_path, dogs_mini, mobilenet_weights):
     workspace = tmp_path / "ws"
     env = {**os.environ, "IMGTUNE_WORKSPACE": str(workspace)}
-    cmd = train_command(
-        dogs_mini,
-        mobilenet_weights,
-        "killed",
-        "--image-size",
-        "64",
-        "--epochs",
-        "4",
-        "--set",
-        "train.feature_cache=false",
-        "--set",
-        "data.num_workers=0",
-        "--set",
-        "train.batch_size=16",
-    )
+    cmd = train_command(dogs_mini, mobilenet_weights, "killed", "--epochs", "4", *SLOW_IMAGE_TRAINING)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = workspace / "killed/metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -243,7 +228,7 @@ def test_killed_job_resumes_without_losing_epochs(tmp_path, dogs_mini, mobilenet
     assert 1 <= done_before < 4
 
     result = subprocess.run(
-        [sys.executable, "-m", "imgtune", "train", "--resume", "killed", "--json"],
+        resume_command("killed", "--json"),
         env=env,
         capture_output=True,
         text=True,

@@ -352,7 +352,26 @@ class Overtraining(Rule):
         return None
 
 
-class ClassImbalance(Rule):
+class _JudgedOnceRule(Rule, register=False):
+    """A rule that judges once, when enough samples were seen (or at the end with what there is)."""
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        self._done = False
+
+    def _judge(self, trial: Trial, step: int, final: bool) -> Finding | None:
+        raise NotImplementedError
+
+    def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
+        return self._judge(trial, step, final=False)
+
+    def finish(self, trial: Trial) -> list[Finding]:
+        steps = trial.steps("train")
+        finding = self._judge(trial, steps[-1], final=True) if steps else None
+        return [finding] if finding else []
+
+
+class ClassImbalance(_JudgedOnceRule):
     """Once `samples` training labels were seen: fires when the most frequent class is more than
     `threshold_imbalance` times as frequent as the rarest, or when a class is mispredicted more often than
     `threshold_misprediction`."""
@@ -366,10 +385,6 @@ class ClassImbalance(Rule):
         "predictions_regex": ".*predictions",
     }
     description = "some classes are rare or mostly mispredicted"
-
-    def __init__(self, **params: Any):
-        super().__init__(**params)
-        self._done = False
 
     def requirements(self) -> list[Requirement]:
         return [Requirement("predictions", until_step=int(self.samples))]
@@ -419,14 +434,6 @@ class ClassImbalance(Rule):
                 {"misprediction_rates": rates},
             )
         return None
-
-    def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
-        return self._judge(trial, step, final=False)
-
-    def finish(self, trial: Trial) -> list[Finding]:
-        steps = trial.steps("train")
-        finding = self._judge(trial, steps[-1], final=True) if steps else None
-        return [finding] if finding else []
 
 
 def _activity_finding(rule: Rule, trial: Trial, step: int, regex: str, what: str) -> Finding | None:
@@ -654,17 +661,13 @@ class StalledTraining(Rule):
         return None
 
 
-class CheckInputImages(Rule):
+class CheckInputImages(_JudgedOnceRule):
     """Once `threshold_samples` input images were seen: fires when the mean of a channel (normalised input)
     is further than `threshold_mean` from 0, i.e. the images are not normalised. Reads the `inputs`
     collection's per-channel means; with the feature cache the inputs are features, not images."""
 
     parameters = {"threshold_mean": 0.2, "threshold_samples": 500, "regex": "inputs_channel.*_mean", "channel": 1}
     description = "input images not normalised"
-
-    def __init__(self, **params: Any):
-        super().__init__(**params)
-        self._done = False
 
     def requirements(self) -> list[Requirement]:
         return [Requirement("inputs", until_step=int(self.threshold_samples))]
@@ -694,14 +697,6 @@ class CheckInputImages(Rule):
                 {"channel_means": means, "images": images},
             )
         return None
-
-    def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
-        return self._judge(trial, step, final=False)
-
-    def finish(self, trial: Trial) -> list[Finding]:
-        steps = trial.steps("train")
-        finding = self._judge(trial, steps[-1], final=True) if steps else None
-        return [finding] if finding else []
 
 
 BUILTIN_RULES = [cls for name, cls in REGISTRY.items() if cls.__module__ == __name__]
