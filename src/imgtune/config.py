@@ -160,6 +160,44 @@ class DebuggerConfig(_Section):
         return names
 
 
+PROFILER_RULES = [
+    "LowGPUUtilization",
+    "CPUBottleneck",
+    "IOBottleneck",
+    "BatchSize",
+    "StepOutlier",
+    "Dataloader",
+    "GPUMemoryIncrease",
+    "MaxInitializationTime",
+    "LoadBalancing",
+    "OverallSystemUsage",
+    "OverallFrameworkMetrics",
+]
+
+
+class ProfilerConfig(_Section):
+    """System monitor, step timeline, torch.profiler trace window and profiler rules (imgtune.profiler)."""
+
+    enabled: bool = True
+    interval_ms: int = Field(500, ge=100, le=60_000, description="System monitor sampling interval.")
+    trace: bool = Field(True, description="Record a torch.profiler trace over a window of training steps.")
+    trace_start_step: int = Field(5, ge=0, description="Training steps (warm-up) before the trace window.")
+    trace_steps: int = Field(5, ge=1, le=1000, description="Training steps the trace window covers.")
+    rules: list[str] = Field(default_factory=lambda: list(PROFILER_RULES))
+    rule_parameters: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    report: bool = Field(True, description="Write report.html when the job ends.")
+
+    @model_validator(mode="after")
+    def _known_rules(self) -> ProfilerConfig:
+        unknown = sorted(set(self.rules) - set(PROFILER_RULES))
+        if unknown:
+            raise ValueError(f"unknown profiler rule(s) {unknown}; known: {', '.join(PROFILER_RULES)}")
+        stray = sorted(set(self.rule_parameters) - set(self.rules))
+        if stray:
+            raise ValueError(f"rule_parameters names rule(s) {stray} that are not in rules; add them there")
+        return self
+
+
 class JobConfig(_Section):
     """A complete training job."""
 
@@ -168,6 +206,7 @@ class JobConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     debugger: DebuggerConfig = Field(default_factory=DebuggerConfig)
+    profiler: ProfilerConfig = Field(default_factory=ProfilerConfig)
 
     @model_validator(mode="after")
     def _weights_or_pretrained(self) -> JobConfig:

@@ -28,6 +28,7 @@ from imgtune.debugger.runner import RuleCallback, RuleRunner
 from imgtune.errors import ConfigError, DataError, JobError
 from imgtune.jobs import Job, cache_dir, now_iso
 from imgtune.models.factory import ImageClassifier, create_model
+from imgtune.profiler import ProfilerSession
 from imgtune.serving.bundle import save_bundle
 from imgtune.training.callbacks import Callback
 from imgtune.training.feature_cache import FeatureCache, FeatureLoader, extract_features, module_fingerprint
@@ -243,19 +244,41 @@ def run_training_job(
     timings: dict[str, float] = dict(record.get("timings", {}))
     job.update(status="running", versions=versions(), started=now_iso(), error=None)
     job.mark_running()
+    profiler = ProfilerSession(job, config.profiler).start() if config.profiler.enabled else None
     try:
-        summary = _run(job, config, resume is not None, list(callbacks), progress, timings, started, on_finding)
+        summary = _run(
+            job, config, resume is not None, list(callbacks), progress, timings, started, on_finding, profiler
+        )
     except KeyboardInterrupt:
         job.update(status="stopped", error="interrupted by the user", timings=timings)
         job.log("stopped by the user")
+        _end(job, config, profiler)
         raise
     except Exception as exc:
         job.update(status="failed", error=f"{type(exc).__name__}: {exc}", timings=timings)
         job.log(f"failed: {type(exc).__name__}: {exc}")
+        _end(job, config, profiler)
         raise
     job.update(status="completed", finished=now_iso(), timings=timings, **summary)
     job.log("completed")
+    _end(job, config, profiler)
     return job
+
+
+def _end(job: Job, config: JobConfig, profiler: ProfilerSession | None) -> None:
+    """Whatever way the job ended: stop the profiler, evaluate its rules, write the report (never raises over
+    the job's own outcome: a failure here is logged)."""
+    try:
+        if profiler is not None:
+            job.update(profiler=profiler.finish())
+        if config.profiler.report:
+            from imgtune.report import write_report
+
+            started = time.perf_counter()
+            path = write_report(job)
+            job.log(f"report written to {path} in {time.perf_counter() - started:.2f} s")
+    except Exception as exc:  # the job's result stands; the report can be made again with `imgtune report`
+        job.log(f"profiler/report failed: {type(exc).__name__}: {exc}")
 
 
 def _run(
@@ -267,6 +290,7 @@ def _run(
     timings: dict[str, float],
     started: float,
     on_finding: Callable[[str, Any], None] | None = None,
+    profiler: ProfilerSession | None = None,
 ) -> dict[str, Any]:
     cfg = config.train
     debug = config.debugger
@@ -317,6 +341,15 @@ def _run(
         runner = RuleRunner(rules, stop_on=debug.stop_on, on_finding=on_finding, log=job.log)
         rule_callback = RuleCallback(runner, lambda: debugger.trial, job.path / "debugger")
         extra = [debugger, rule_callback, *extra]
+    if profiler is not None:
+        train_loader = setup.loaders["train"]
+        meta = {
+            "training_mode": setup.mode,
+            "batch_size": cfg.batch_size,
+            "num_workers": getattr(train_loader, "num_workers", 0),
+            "pin_memory": bool(getattr(train_loader, "pin_memory", False)),
+        }
+        extra = [*extra, profiler.callback(meta)]
     callbacks: list[Callback] = [
         MetricsWriter(job),
         stopper,

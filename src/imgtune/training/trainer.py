@@ -20,6 +20,11 @@ class Trainer:
     The state callbacks read is plain attributes: `epoch` (1-based), `step` (optimizer steps so far),
     `phase`, `batch_index`, `inputs`, `targets`, `outputs`, `loss`, `metrics` (the running PhaseMetrics),
     `epoch_record` (the finished epoch's numbers) and `history` (all epoch records).
+
+    `step_timing` holds the current batch's seconds per segment (data wait, host-to-device copy, forward,
+    backward, optimizer step), measured without the callbacks' own time; `batch_started` is when the batch's
+    fetch began (perf_counter). With `sync_timing` on, CUDA work is waited for at each segment's end, so the
+    times are the device's and not only the launches' (the profiler turns it on).
     """
 
     def __init__(
@@ -63,6 +68,10 @@ class Trainer:
         self.epoch_record: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
         self.stop_reason: str | None = None
+        self.step_timing: dict[str, float] = {}
+        self.batch_started = 0.0
+        self.sync_timing = False
+        self._mark_time = 0.0
 
     @property
     def callbacks(self) -> list[Callback]:
@@ -102,6 +111,22 @@ class Trainer:
                 if hasattr(owner, "set_epoch"):
                     owner.set_epoch(epoch)
 
+    def _start_timing(self) -> None:
+        self.step_timing = {}
+        self.batch_started = self._mark_time = time.perf_counter()
+
+    def _mark(self, segment: str) -> None:
+        """Close a timed segment: the time since the last mark goes to `segment`."""
+        if self.sync_timing and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.step_timing[segment] = self.step_timing.get(segment, 0.0) + now - self._mark_time
+        self._mark_time = now
+
+    def _resume_timing(self) -> None:
+        """After callbacks ran: their time is not the next segment's."""
+        self._mark_time = time.perf_counter()
+
     def run_phase(self, phase: str, *, train: bool, confusion: bool = False) -> PhaseMetrics:
         """One pass over `loaders[phase]`, training or evaluating."""
         self.phase = phase
@@ -110,27 +135,43 @@ class Trainer:
         self.emit(Event.PHASE_START)
         grad = contextlib.nullcontext() if train else torch.inference_mode()
         with grad:
-            for batch_index, (inputs, targets) in enumerate(self.loaders[phase]):
+            batches = iter(self.loaders[phase])
+            batch_index = 0
+            while True:
+                self._start_timing()
+                try:
+                    inputs, targets = next(batches)
+                except StopIteration:
+                    break
+                self._mark("data")
                 self.batch_index = batch_index
                 self.inputs = inputs.to(self.device, non_blocking=True)
                 self.targets = targets.to(self.device, non_blocking=True)
+                self._mark("h2d")
                 self.emit(Event.BATCH_START)
+                self._resume_timing()
                 with self._autocast():
                     self.outputs = self.module(self.inputs)
                     self.loss = self.loss_fn(self.outputs.float(), self.targets)
+                self._mark("forward")
                 self.emit(Event.AFTER_FORWARD)
                 if train:
+                    self._resume_timing()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scaler.scale(self.loss).backward()
                     if self.scaler.is_enabled():  # callbacks see true gradients, not loss-scaled ones
                         self.scaler.unscale_(self.optimizer)
+                    self._mark("backward")
                     self.emit(Event.AFTER_BACKWARD)
+                    self._resume_timing()
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
+                    self._mark("optimizer")
                     self.step += 1
                     self.emit(Event.AFTER_STEP)
                 self.metrics.update(self.outputs, self.targets, self.loss)
                 self.emit(Event.BATCH_END)
+                batch_index += 1
                 if self.stop_reason and train:
                     break
         self.emit(Event.PHASE_END)

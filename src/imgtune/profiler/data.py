@@ -1,0 +1,112 @@
+"""Reading what the profiler wrote under `JOB/profiler/` (samples, steps, meta, operators) for rules and reports."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgtune.profiler.monitor import SYSTEM_FILE
+from imgtune.profiler.timeline import META_FILE, OPERATORS_FILE, SEGMENTS, STEPS_FILE, TRACE_FILE
+
+PROFILER_DIR = "profiler"
+
+
+def read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
+    """Records of a JSON-lines file; a line cut short by a kill is skipped."""
+    if not path.exists():
+        return
+    with path.open() as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+@dataclass
+class ProfileData:
+    """A job's profile: system samples as arrays, step records, and the run's facts."""
+
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    operators: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    trace: Path | None = None
+
+    @classmethod
+    def load(cls, job_path: Path, timings: dict[str, float] | None = None) -> ProfileData:
+        directory = job_path / PROFILER_DIR
+        meta_path, ops_path, trace = directory / META_FILE, directory / OPERATORS_FILE, directory / TRACE_FILE
+        return cls(
+            samples=list(read_jsonl(directory / SYSTEM_FILE)),
+            steps=list(read_jsonl(directory / STEPS_FILE)),
+            meta=json.loads(meta_path.read_text()) if meta_path.exists() else {},
+            operators=json.loads(ops_path.read_text()) if ops_path.exists() else {},
+            timings=dict(timings or {}),
+            trace=trace if trace.exists() else None,
+        )
+
+    # -- system samples ---------------------------------------------------------------------------------
+
+    def series(self, key: str) -> np.ndarray:
+        """A scalar metric over the samples (NaN where a sample lacks it)."""
+        return np.array([float(s.get(key, np.nan)) for s in self.samples], dtype=float)
+
+    @property
+    def times(self) -> np.ndarray:
+        return self.series("t")
+
+    @property
+    def gpu_count(self) -> int:
+        return max((len(s.get("gpus", [])) for s in self.samples), default=0)
+
+    def gpu_series(self, index: int, key: str) -> np.ndarray:
+        out = []
+        for s in self.samples:
+            gpus = s.get("gpus", [])
+            out.append(float(gpus[index][key]) if index < len(gpus) else np.nan)
+        return np.array(out, dtype=float)
+
+    def core_matrix(self) -> np.ndarray:
+        """Utilisation per core: [samples, cores] (%)."""
+        width = max((len(s.get("cpu", [])) for s in self.samples), default=0)
+        matrix = np.full((len(self.samples), width), np.nan)
+        for i, s in enumerate(self.samples):
+            cores = s.get("cpu", [])
+            matrix[i, : len(cores)] = cores
+        return matrix
+
+    # -- steps ------------------------------------------------------------------------------------------
+
+    def step_array(self, key: str, phase: str | None = "train") -> np.ndarray:
+        return np.array([float(s.get(key, 0.0)) for s in self.steps if phase is None or s["phase"] == phase])
+
+    def phases(self) -> list[str]:
+        return list(dict.fromkeys(s["phase"] for s in self.steps))
+
+    def segment_totals(self, phase: str | None = None) -> dict[str, float]:
+        """Seconds per step segment summed over a phase's batches; 'other' is callbacks and bookkeeping."""
+        totals = {k: float(self.step_array(k, phase).sum()) for k in SEGMENTS}
+        totals["other"] = max(float(self.step_array("total", phase).sum()) - sum(totals.values()), 0.0)
+        return totals
+
+
+def percentiles(values: np.ndarray) -> dict[str, float]:
+    """min, p50, p95, p99, max of the finite values (NaN when there are none)."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return dict.fromkeys(("min", "p50", "p95", "p99", "max"), float("nan"))
+    p50, p95, p99 = np.percentile(finite, [50, 95, 99])
+    return {
+        "min": float(finite.min()),
+        "p50": float(p50),
+        "p95": float(p95),
+        "p99": float(p99),
+        "max": float(finite.max()),
+    }

@@ -1,0 +1,164 @@
+"""The system monitor: a background thread sampling the machine while a job runs.
+
+Every `interval` seconds it appends one JSON line to `JOB/profiler/system.jsonl`:
+
+* ``t``: Unix time; ``cpu``: utilisation per core (%); ``cpu_total`` (%); ``iowait`` (% of CPU time, Linux);
+* ``proc_rss``: the job's resident memory (bytes, its worker processes included), ``proc_cpu`` (% of one core,
+  workers included); ``mem_used`` (% of system memory), ``mem_available`` (bytes);
+* ``disk_read``, ``disk_write``, ``net_recv``, ``net_sent``: bytes per second since the previous sample;
+* ``gpus``: per NVIDIA GPU, ``util`` (%), ``mem_used`` and ``mem_total`` (bytes), from NVML; absent without one.
+
+Lines are flushed as they are written, so a killed job keeps its samples and a running job can be read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+SYSTEM_FILE = "system.jsonl"
+
+
+class _Nvml:
+    """NVIDIA GPUs through NVML, when the library and a driver are there; otherwise no GPUs."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # no library, no driver, no GPU: the monitor records CPUs only
+            self.handles = []
+
+    def sample(self) -> list[dict[str, float]]:
+        gpus = []
+        for handle in self.handles:
+            try:
+                util = self._nvml.nvmlDeviceGetUtilizationRates(handle)
+                memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+            except Exception:
+                continue
+            gpus.append({"util": float(util.gpu), "mem_used": float(memory.used), "mem_total": float(memory.total)})
+        return gpus
+
+    def close(self) -> None:
+        if self.handles:
+            with contextlib.suppress(Exception):
+                self._nvml.nvmlShutdown()
+
+
+def gpu_count() -> int:
+    """NVIDIA GPUs NVML sees (0 without a driver)."""
+    nvml = _Nvml()
+    count = len(nvml.handles)
+    nvml.close()
+    return count
+
+
+class SystemMonitor:
+    """Samples the machine every `interval` seconds into `directory/system.jsonl`, in a daemon thread."""
+
+    def __init__(self, directory: Path, interval: float = 0.5):
+        self.path = directory / SYSTEM_FILE
+        directory.mkdir(parents=True, exist_ok=True)
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._process = psutil.Process()
+        self._children: dict[int, psutil.Process] = {}
+        self.samples = 0
+
+    def start(self) -> SystemMonitor:
+        self._thread = threading.Thread(target=self._run, name="imgtune-system-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(2.0, 2 * self.interval))
+            self._thread = None
+
+    def __enter__(self) -> SystemMonitor:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _process_tree(self) -> list[psutil.Process]:
+        """The job and its live children (DataLoader workers), each kept so its CPU % has a baseline."""
+        try:
+            live = {c.pid: c for c in self._process.children(recursive=True)}
+        except psutil.Error:
+            live = {}
+        for pid in list(self._children):
+            if pid not in live:
+                del self._children[pid]
+        for pid, child in live.items():
+            if pid not in self._children:
+                self._children[pid] = child
+                with contextlib.suppress(psutil.Error):
+                    child.cpu_percent(None)
+        return [self._process, *self._children.values()]
+
+    def _proc_usage(self) -> tuple[float, float]:
+        rss = cpu = 0.0
+        for proc in self._process_tree():
+            try:
+                with proc.oneshot():
+                    rss += proc.memory_info().rss
+                    cpu += proc.cpu_percent(None)
+            except psutil.Error:
+                continue
+        return rss, cpu
+
+    def _run(self) -> None:
+        nvml = _Nvml()
+        psutil.cpu_percent(percpu=True)
+        psutil.cpu_times_percent()
+        self._proc_usage()
+        last_disk, last_net, last_t = psutil.disk_io_counters(), psutil.net_io_counters(), time.monotonic()
+        with self.path.open("a", buffering=1) as out:
+            while not self._stop.wait(self.interval):
+                now = time.monotonic()
+                elapsed = max(now - last_t, 1e-6)
+                disk, net = psutil.disk_io_counters(), psutil.net_io_counters()
+                rss, proc_cpu = self._proc_usage()
+                memory = psutil.virtual_memory()
+                cores = psutil.cpu_percent(percpu=True)
+                sample: dict[str, Any] = {
+                    "t": round(time.time(), 3),
+                    "cpu": cores,
+                    "cpu_total": round(sum(cores) / max(len(cores), 1), 2),
+                    "iowait": float(getattr(psutil.cpu_times_percent(), "iowait", 0.0)),
+                    "proc_rss": rss,
+                    "proc_cpu": round(proc_cpu, 2),
+                    "mem_used": memory.percent,
+                    "mem_available": float(memory.available),
+                    "disk_read": _rate(disk, last_disk, "read_bytes", elapsed),
+                    "disk_write": _rate(disk, last_disk, "write_bytes", elapsed),
+                    "net_recv": _rate(net, last_net, "bytes_recv", elapsed),
+                    "net_sent": _rate(net, last_net, "bytes_sent", elapsed),
+                }
+                gpus = nvml.sample()
+                if gpus:
+                    sample["gpus"] = gpus
+                out.write(json.dumps(sample) + "\n")
+                self.samples += 1
+                last_disk, last_net, last_t = disk, net, now
+        nvml.close()
+
+
+def _rate(current: Any, previous: Any, field: str, seconds: float) -> float:
+    if current is None or previous is None:
+        return 0.0
+    return round(max(getattr(current, field) - getattr(previous, field), 0) / seconds, 1)

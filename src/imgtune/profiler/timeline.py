@@ -1,0 +1,150 @@
+"""The step timeline and the torch.profiler trace window: a Trainer callback writing under `JOB/profiler/`.
+
+* ``steps.jsonl``: one line per batch of every phase: ``phase``, ``epoch``, ``batch``, ``step`` (optimizer
+  steps so far), ``t`` (Unix time the batch's fetch began), and seconds of ``data`` (waiting for the loader),
+  ``h2d`` (copy to the device), ``forward``, ``backward``, ``optimizer`` and ``total`` (the whole batch, the
+  callbacks' time included: ``total`` minus the segments is what callbacks and bookkeeping took);
+* ``trace.json``: a torch.profiler trace of `trace_steps` training steps after `trace_start_step` warm-up
+  steps, in the Chrome trace format that Perfetto and chrome://tracing open;
+* ``operators.json``: the trace's top operators by self time;
+* ``meta.json``: what the rules need to know about the run (cores, GPUs, loader settings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from imgtune.jobs import atomic_write_json
+from imgtune.profiler.monitor import gpu_count
+from imgtune.training.callbacks import Callback
+
+if TYPE_CHECKING:
+    from imgtune.training.trainer import Trainer
+
+STEPS_FILE = "steps.jsonl"
+TRACE_FILE = "trace.json"
+OPERATORS_FILE = "operators.json"
+META_FILE = "meta.json"
+SEGMENTS = ("data", "h2d", "forward", "backward", "optimizer")
+TOP_OPERATORS = 25
+
+
+class StepTimeline(Callback):
+    """Writes each batch's timing, and records the trace window (see the module docstring)."""
+
+    order = 95  # last: a batch's total includes the other callbacks' work
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        trace: bool = True,
+        trace_start_step: int = 5,
+        trace_steps: int = 5,
+        meta: dict[str, Any] | None = None,
+    ):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.trace = trace and not (directory / TRACE_FILE).exists()  # a resumed job keeps its first trace
+        self.trace_start_step = trace_start_step
+        self.trace_steps = trace_steps
+        self.meta = meta or {}
+        self._file = (directory / STEPS_FILE).open("a", buffering=1)
+        self._train_batches = 0
+        self._profile: torch.profiler.profile | None = None
+        self._traced = 0
+        self._trace_done = False
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        trainer.sync_timing = True
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        meta = {
+            "cpu_count": os.cpu_count(),
+            "cpus_available": cpus,
+            "gpu_count": gpu_count(),
+            "device": str(trainer.device),
+            "torch_threads": torch.get_num_threads(),
+            **self.meta,
+        }
+        atomic_write_json(self.directory / META_FILE, meta)
+        if self.trace and self.trace_start_step == 0:
+            self._start_trace(trainer)
+
+    def on_batch_end(self, trainer: Trainer) -> None:
+        now = time.perf_counter()
+        timing = trainer.step_timing
+        record = {
+            "phase": trainer.phase,
+            "epoch": trainer.epoch,
+            "batch": trainer.batch_index,
+            "step": trainer.step,
+            "t": round(time.time() - (now - trainer.batch_started), 4),
+            **{k: round(timing.get(k, 0.0), 6) for k in SEGMENTS},
+            "total": round(now - trainer.batch_started, 6),
+        }
+        self._file.write(json.dumps(record) + "\n")
+        if trainer.phase != "train":
+            return
+        self._train_batches += 1
+        if self._profile is not None:
+            self._traced += 1
+            if self._traced >= self.trace_steps:
+                self._stop_trace()
+        elif self.trace and not self._trace_done and self._train_batches == self.trace_start_step:
+            self._start_trace(trainer)
+
+    def _start_trace(self, trainer: Trainer) -> None:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if trainer.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self._profile = torch.profiler.profile(activities=activities)
+        self._profile.start()
+
+    def _stop_trace(self) -> None:
+        profile, self._profile = self._profile, None
+        self._trace_done = True
+        if profile is None:
+            return
+        profile.stop()
+        tmp = self.directory / f".{TRACE_FILE}.tmp"
+        profile.export_chrome_trace(str(tmp))
+        tmp.replace(self.directory / TRACE_FILE)
+        atomic_write_json(self.directory / OPERATORS_FILE, top_operators(profile, self._traced))
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self._profile is not None:  # training ended inside the window: keep what it recorded
+            self._stop_trace()
+        trainer.sync_timing = False
+
+    def close(self) -> None:
+        if self._profile is not None:
+            with contextlib.suppress(Exception):
+                self._profile.stop()
+            self._profile = None
+        self._file.close()
+
+
+def top_operators(profile: torch.profiler.profile, steps: int) -> dict[str, Any]:
+    """The operators with the most self time in the trace window (CPU, and CUDA where traced)."""
+    events = profile.key_averages()
+    device = any(getattr(e, "self_device_time_total", 0) for e in events)
+    key = "self_device_time_total" if device else "self_cpu_time_total"
+    rows = []
+    for event in sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:TOP_OPERATORS]:
+        rows.append(
+            {
+                "name": event.key,
+                "calls": int(event.count),
+                "self_cpu_us": float(event.self_cpu_time_total),
+                "cpu_total_us": float(event.cpu_time_total),
+                "self_device_us": float(getattr(event, "self_device_time_total", 0.0)),
+            }
+        )
+    return {"steps": steps, "sorted_by": key, "operators": rows}
