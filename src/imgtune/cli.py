@@ -38,7 +38,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 WorkspaceOption = Annotated[
     Path | None,
-    typer.Option("--workspace", envvar="IMGTUNE_WORKSPACE", help="Where jobs live [default: ./imgtune-runs]."),
+    typer.Option("--workspace", envvar="IMGTUNE_WORKSPACE", help="Where jobs live \\[default: ./imgtune-runs]."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
@@ -96,23 +96,26 @@ def main(
 @friendly_errors
 def train(
     data: Annotated[str | None, typer.Option(help="Dataset folder or s3://bucket/prefix.")] = None,
-    backbone: Annotated[str | None, typer.Option(help="torchvision or timm model [default: resnet50].")] = None,
+    backbone: Annotated[str | None, typer.Option(help="torchvision or timm model \\[default: resnet50].")] = None,
     weights: Annotated[str | None, typer.Option(help="Local state dict for the backbone.")] = None,
     pretrained: Annotated[
         str | None, typer.Option(help="'default' (library ImageNet weights) or 'none' (random init).")
     ] = None,
-    freeze: Annotated[str | None, typer.Option(help="backbone | all_but_last | none [default: backbone].")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs [default: 10].")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate [default: 0.001].")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size [default: 64].")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Input size in pixels [default: 224].")] = None,
-    name: Annotated[str | None, typer.Option(help="Job name [default: BACKBONE-TIME].")] = None,
+    freeze: Annotated[str | None, typer.Option(help="backbone | all_but_last | none \\[default: backbone].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs \\[default: 10].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate \\[default: 0.001].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size \\[default: 64].")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input size in pixels \\[default: 224].")] = None,
+    name: Annotated[str | None, typer.Option(help="Job name \\[default: BACKBONE-TIME].")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file (see `imgtune train --help`).")] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override any config key: --set train.optimizer=sgd.")
     ] = None,
     resume: Annotated[str | None, typer.Option(help="Continue a killed job (name or path).")] = None,
     no_debugger: Annotated[bool, typer.Option("--no-debugger", help="Turn tensor capture and rules off.")] = False,
+    no_profiler: Annotated[
+        bool, typer.Option("--no-profiler", help="Turn the system monitor, step timeline and trace off.")
+    ] = False,
     workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -123,7 +126,8 @@ def train(
     head_hidden,dropout,freeze}, train.{epochs,batch_size,lr,optimizer,momentum,weight_decay,schedule,
     step_size,gamma,label_smoothing,mixed_precision,seed,deterministic,device,feature_cache,augment_views},
     train.early_stopping.{enabled,metric,patience,min_delta,restore_best}, debugger.{enabled,collections,
-    activations_regex,train,eval,predict,histogram_bins,save_raw,rules,rule_parameters,stop_on,rule_files}.
+    activations_regex,train,eval,predict,histogram_bins,save_raw,rules,rule_parameters,stop_on,rule_files},
+    profiler.{enabled,interval_ms,trace,trace_start_step,trace_steps,rules,rule_parameters,report}.
     """
     from imgtune.config import apply_overrides, build_config, load_config_file, merge
     from imgtune.training.job import run_training_job
@@ -155,6 +159,7 @@ def train(
             "model": {"backbone": backbone, "weights": weights, "pretrained": pretrained, "freeze": freeze},
             "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size},
             "debugger": {"enabled": False} if no_debugger else {},
+            "profiler": {"enabled": False} if no_profiler else {},
         }
         raw = apply_overrides(merge(raw, flags), set_ or [])
         if not raw.get("data", {}).get("path"):
@@ -208,6 +213,8 @@ def _print_job_summary(job: Any, as_json: bool) -> None:
         "test": {k: v for k, v in (record.get("test") or {}).items() if k not in ("confusion_matrix",)} or None,
         "excluded_files": record.get("dataset", {}).get("excluded_count", 0),
         "model": str(job.model_dir),
+        "report": str(job.path / "report.html") if (job.path / "report.html").exists() else None,
+        "profiler": record.get("profiler"),
         "timings": record.get("timings"),
     }
     if as_json:
@@ -239,6 +246,12 @@ def _print_job_summary(job: Any, as_json: bool) -> None:
     timings = record.get("timings", {})
     table.add_row("time", f"{_fmt(timings.get('total'), 1)} s (loop {_fmt(timings.get('training_loop'), 1)} s)")
     table.add_row("model bundle", str(job.model_dir))
+    report = job.path / "report.html"
+    if report.exists():
+        table.add_row("report", str(report))
+    issues = (record.get("profiler") or {}).get("issues") or []
+    if issues:
+        table.add_row("profiler issues", ", ".join(issues) + " (see the report)")
     table.add_row("job directory", str(job.path))
     out.print(table)
 
@@ -346,6 +359,37 @@ def jobs_show(
 
 
 # -- evaluation ------------------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly_errors
+def report(
+    job: Annotated[str, typer.Argument(help="Job name or path.")],
+    out_file: Annotated[Path | None, typer.Option("--out", help="HTML file \\[default: JOB/report.html].")] = None,
+    rules: Annotated[
+        bool, typer.Option("--rules/--no-rules", help="Evaluate the profiler rules again first.")
+    ] = True,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a job's report: one self-contained HTML file (summary, curves, test results, debugger and profiler
+    rules, system usage, step timeline, top operators, recommendations). Opens offline in any browser."""
+    import time
+
+    from imgtune.jobs import Job
+    from imgtune.profiler import analyze_job
+    from imgtune.report import write_report
+
+    handle = Job.open(job, workspace)
+    started = time.perf_counter()
+    if rules and (handle.path / "profiler").exists():
+        handle.update(profiler=analyze_job(handle))
+    path = write_report(handle, out_file)
+    seconds = time.perf_counter() - started
+    if as_json:
+        print_json({"job": handle.name, "report": str(path), "seconds": seconds})
+    else:
+        out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s")
 
 
 @app.command()
@@ -499,7 +543,7 @@ def _print_rule_results(results: list[dict[str, Any]]) -> None:
 def debug_rules(
     job: Annotated[str, typer.Argument(help="Job name or path.")],
     rule: Annotated[
-        list[str] | None, typer.Option("--rule", help="Rule to run (repeatable) [default: the job's].")
+        list[str] | None, typer.Option("--rule", help="Rule to run (repeatable) \\[default: the job's].")
     ] = None,
     param: Annotated[list[str] | None, typer.Option("--param", help="Rule parameter: Rule.key=value.")] = None,
     rule_file: Annotated[list[str] | None, typer.Option("--rule-file", help="Python file with Rule classes.")] = None,

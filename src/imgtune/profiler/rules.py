@@ -12,6 +12,7 @@ number of datapoints over which percentiles are taken.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -612,7 +613,9 @@ def evaluate_rules(rules: list[ProfilerRule], data: ProfileData) -> dict[str, di
     results = {}
     for rule in rules:
         try:
-            results[rule.name] = rule.evaluate(data).to_dict()
+            with warnings.catch_warnings():  # all-NaN slices (a metric a machine lacks) are handled, not news
+                warnings.simplefilter("ignore", RuntimeWarning)
+                results[rule.name] = rule.evaluate(data).to_dict()
         except Exception as exc:
             results[rule.name] = RuleResult(rule.name, "Error", f"{type(exc).__name__}: {exc}").to_dict()
     return results

@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +36,22 @@ OPERATORS_FILE = "operators.json"
 META_FILE = "meta.json"
 SEGMENTS = ("data", "h2d", "forward", "backward", "optimizer")
 TOP_OPERATORS = 25
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence what the native profiler (Kineto) prints to the process's stderr when it starts and stops
+    ("profiler_start", and on machines without a GPU "gpuGetDeviceCount failed"): noise, not news."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 class StepTimeline(Callback):
@@ -105,14 +123,16 @@ class StepTimeline(Callback):
         if trainer.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self._profile = torch.profiler.profile(activities=activities)
-        self._profile.start()
+        with _quiet_native_stderr():
+            self._profile.start()
 
     def _stop_trace(self) -> None:
         profile, self._profile = self._profile, None
         self._trace_done = True
         if profile is None:
             return
-        profile.stop()
+        with _quiet_native_stderr():
+            profile.stop()
         tmp = self.directory / f".{TRACE_FILE}.tmp"
         profile.export_chrome_trace(str(tmp))
         tmp.replace(self.directory / TRACE_FILE)
@@ -125,7 +145,7 @@ class StepTimeline(Callback):
 
     def close(self) -> None:
         if self._profile is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), _quiet_native_stderr():
                 self._profile.stop()
             self._profile = None
         self._file.close()

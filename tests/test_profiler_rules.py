@@ -1,0 +1,223 @@
+"""Each profiler rule on constructed sample streams: it fires on a bad one and stays silent on a healthy one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imgtune.errors import ConfigError
+from imgtune.profiler.data import ProfileData
+from imgtune.profiler.rules import (
+    INSUFFICIENT,
+    ISSUES,
+    NO_ISSUES,
+    NOT_APPLICABLE,
+    RULES,
+    evaluate_rules,
+    jensen_shannon,
+    make_profiler_rules,
+)
+
+RNG = np.random.default_rng(0)
+N = 1600  # datapoints: past the default patience of 1000
+
+
+def samples(
+    n: int = N,
+    cpu: float | np.ndarray = 50.0,
+    cores: int = 4,
+    gpu_util: list[np.ndarray] | None = None,
+    gpu_mem: list[np.ndarray] | None = None,
+    iowait: float | np.ndarray = 1.0,
+    rss: np.ndarray | None = None,
+) -> list[dict]:
+    cpu = np.broadcast_to(cpu, (n,)) if np.ndim(cpu) == 0 else cpu
+    iowait = np.broadcast_to(iowait, (n,)) if np.ndim(iowait) == 0 else iowait
+    rss = np.full(n, 1e9) if rss is None else rss
+    out = []
+    for i in range(n):
+        per_core = [float(cpu[i])] * cores if np.ndim(cpu[i]) == 0 else list(map(float, cpu[i]))
+        sample = {
+            "t": 1000.0 + 0.5 * i,
+            "cpu": per_core,
+            "cpu_total": float(np.mean(per_core)),
+            "iowait": float(iowait[i]),
+            "proc_rss": float(rss[i]),
+            "proc_cpu": 100.0,
+            "mem_used": 40.0,
+            "mem_available": 16e9,
+            "disk_read": 0.0,
+            "disk_write": 0.0,
+            "net_recv": 0.0,
+            "net_sent": 0.0,
+        }
+        if gpu_util is not None:
+            mem = gpu_mem or [np.full(n, 30.0)] * len(gpu_util)
+            sample["gpus"] = [
+                {"util": float(u[i]), "mem_used": float(m[i]) * 1e8, "mem_total": 100e8}
+                for u, m in zip(gpu_util, mem, strict=True)
+            ]
+        out.append(sample)
+    return out
+
+
+def steps(n: int = 300, total: float | np.ndarray = 0.1, data: float = 0.01, phase: str = "train") -> list[dict]:
+    total = np.broadcast_to(total, (n,)) if np.ndim(total) == 0 else total
+    return [
+        {"phase": phase, "epoch": 1, "batch": i, "step": i, "t": 0.0, "data": data, "h2d": 0.001,
+         "forward": 0.03, "backward": 0.04, "optimizer": 0.01, "total": float(total[i])}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def run(rule: str, data: ProfileData, **params) -> dict:
+    return evaluate_rules(make_profiler_rules([rule], {rule: params} if params else None), data)[rule]
+
+
+def busy_gpu(n: int = N) -> np.ndarray:
+    return np.clip(RNG.normal(92, 3, n), 0, 100)
+
+
+def test_every_rule_has_sagemakers_defaults() -> None:
+    assert RULES["LowGPUUtilization"].parameters == {
+        "threshold_p95": 70, "threshold_p5": 10, "window": 500, "patience": 1000,
+    }  # fmt: skip
+    assert RULES["CPUBottleneck"].parameters == {
+        "threshold": 50,
+        "gpu_threshold": 10,
+        "cpu_threshold": 90,
+        "patience": 1000,
+    }
+    assert RULES["StepOutlier"].parameters == {"stddev": 3, "mode": None, "n_outliers": 10}
+    assert RULES["MaxInitializationTime"].parameters == {"threshold": 20}
+    assert RULES["LoadBalancing"].parameters == {"threshold": 0.5, "patience": 1000}
+    with pytest.raises(ConfigError, match="no parameter"):
+        make_profiler_rules(["BatchSize"], {"BatchSize": {"bogus": 1}})
+    with pytest.raises(ConfigError, match="unknown profiler rule"):
+        make_profiler_rules(["NoSuchRule"])
+
+
+def test_low_gpu_utilization() -> None:
+    healthy = ProfileData(samples=samples(gpu_util=[busy_gpu()]))
+    assert run("LowGPUUtilization", healthy)["status"] == NO_ISSUES
+    idle = ProfileData(samples=samples(gpu_util=[np.clip(RNG.normal(30, 5, N), 0, 100)]))
+    result = run("LowGPUUtilization", idle)
+    assert result["status"] == ISSUES and "under-used" in result["message"]
+    fluctuating = np.where(np.arange(N) % 4 == 0, 0.0, 95.0)  # p95 high, p5 at zero
+    result = run("LowGPUUtilization", ProfileData(samples=samples(gpu_util=[fluctuating])))
+    assert result["status"] == ISSUES and "fluctuating" in result["message"]
+    assert run("LowGPUUtilization", ProfileData(samples=samples()))["status"] == NOT_APPLICABLE  # no GPU
+    short = ProfileData(samples=samples(n=50, gpu_util=[np.zeros(50)]))
+    assert run("LowGPUUtilization", short)["status"] == INSUFFICIENT
+
+
+def test_cpu_bottleneck_with_a_gpu() -> None:
+    starved = ProfileData(samples=samples(cpu=97.0, gpu_util=[np.full(N, 3.0)]))
+    result = run("CPUBottleneck", starved)
+    assert result["status"] == ISSUES and result["triggers"] > 0
+    assert run("CPUBottleneck", ProfileData(samples=samples(cpu=97.0, gpu_util=[busy_gpu()])))["status"] == NO_ISSUES
+
+
+def test_cpu_bottleneck_without_a_gpu_reads_data_wait() -> None:
+    waiting = ProfileData(samples=samples(cpu=98.0), steps=steps(total=0.1, data=0.08))
+    result = run("CPUBottleneck", waiting)
+    assert result["status"] == ISSUES and "no GPU" in result["message"]
+    assert result["details"]["data_wait_percent"] == pytest.approx(80, abs=1)
+    computing = ProfileData(samples=samples(cpu=98.0), steps=steps(total=0.1, data=0.005))
+    assert run("CPUBottleneck", computing)["status"] == NO_ISSUES
+
+
+def test_io_bottleneck() -> None:
+    stalled = ProfileData(samples=samples(iowait=70.0, gpu_util=[np.full(N, 2.0)]))
+    assert run("IOBottleneck", stalled)["status"] == ISSUES
+    assert (
+        run("IOBottleneck", ProfileData(samples=samples(iowait=2.0, gpu_util=[np.full(N, 2.0)])))["status"] == NO_ISSUES
+    )
+    cpu_only = ProfileData(samples=samples(iowait=80.0))  # I/O wait is a CPU reading: meaningful without a GPU
+    assert run("IOBottleneck", cpu_only)["status"] == ISSUES
+
+
+def test_batch_size() -> None:
+    idle = ProfileData(samples=samples(cpu=20.0, gpu_util=[np.full(N, 25.0)], gpu_mem=[np.full(N, 10.0)]))
+    assert run("BatchSize", idle)["status"] == ISSUES
+    full_memory = ProfileData(samples=samples(cpu=20.0, gpu_util=[np.full(N, 25.0)], gpu_mem=[np.full(N, 90.0)]))
+    assert run("BatchSize", full_memory)["status"] == NO_ISSUES
+    assert run("BatchSize", ProfileData(samples=samples(cpu=30.0)))["status"] == ISSUES  # idle cores, no GPU
+    assert run("BatchSize", ProfileData(samples=samples(cpu=95.0)))["status"] == NO_ISSUES
+
+
+def test_step_outlier() -> None:
+    durations = np.clip(RNG.normal(0.1, 0.005, 400), 0.05, None)
+    steady = ProfileData(steps=steps(400, total=durations))
+    assert run("StepOutlier", steady)["status"] == NO_ISSUES
+    spiky = durations.copy()
+    spiky[::25] = 1.5  # 16 stalls of 1.5 s
+    result = run("StepOutlier", ProfileData(steps=steps(400, total=spiky)))
+    assert result["status"] == ISSUES and result["triggers"] == 16
+    assert result["details"]["train"]["first_outlier_batches"][:2] == [0, 25]
+    assert run("StepOutlier", ProfileData(steps=steps(50)))["status"] == INSUFFICIENT  # needs > 100 steps
+
+
+def test_dataloader() -> None:
+    meta = {"training_mode": "images", "cpus_available": 8, "gpu_count": 0, "device": "cpu", "pin_memory": False}
+    assert run("Dataloader", ProfileData(meta={**meta, "num_workers": 1}))["status"] == ISSUES  # 12% of cores
+    assert run("Dataloader", ProfileData(meta={**meta, "num_workers": 24}))["status"] == ISSUES  # 300%
+    assert run("Dataloader", ProfileData(meta={**meta, "num_workers": 8}))["status"] == NO_ISSUES
+    gpu = {**meta, "num_workers": 8, "gpu_count": 1, "device": "cuda"}
+    result = run("Dataloader", ProfileData(meta=gpu))
+    assert result["status"] == ISSUES and "pinned" in result["message"]
+    features = ProfileData(meta={**meta, "training_mode": "features", "num_workers": 0})
+    assert run("Dataloader", features)["status"] == NOT_APPLICABLE
+
+
+def test_gpu_memory_increase() -> None:
+    jump = np.concatenate([np.full(1200, 20.0), np.full(400, 90.0)])
+    assert (
+        run("GPUMemoryIncrease", ProfileData(samples=samples(gpu_util=[busy_gpu()], gpu_mem=[jump])))["status"]
+        == ISSUES
+    )
+    flat = ProfileData(samples=samples(gpu_util=[busy_gpu()], gpu_mem=[np.full(N, 50.0)]))
+    assert run("GPUMemoryIncrease", flat)["status"] == NO_ISSUES
+    leak = np.concatenate([np.full(1200, 1e9), np.full(400, 14e9)])  # no GPU: the job's own memory
+    cpu_only = samples(rss=leak)
+    for sample in cpu_only:
+        sample["mem_available"] = 17e9 - sample["proc_rss"]
+    result = run("GPUMemoryIncrease", ProfileData(samples=cpu_only))
+    assert result["status"] == ISSUES and "resident memory" in result["message"]
+
+
+def test_max_initialization_time() -> None:
+    assert run("MaxInitializationTime", ProfileData(timings={"initialization": 25 * 60}))["status"] == ISSUES
+    assert run("MaxInitializationTime", ProfileData(timings={"initialization": 30.0}))["status"] == NO_ISSUES
+    assert run("MaxInitializationTime", ProfileData(timings={"initialization": 90.0}), threshold=1)["status"] == ISSUES
+
+
+def test_load_balancing() -> None:
+    even = ProfileData(samples=samples(gpu_util=[busy_gpu(), busy_gpu()]))
+    assert run("LoadBalancing", even)["status"] == NO_ISSUES
+    uneven = ProfileData(samples=samples(gpu_util=[busy_gpu(), np.clip(RNG.normal(20, 3, N), 0, 100)]))
+    assert run("LoadBalancing", uneven)["status"] == ISSUES
+    one_hot_core = np.tile([99.0, 5.0, 4.0, 6.0], (N, 1))  # no GPU: one core saturated, the rest idle
+    result = run("LoadBalancing", ProfileData(samples=samples(cpu=one_hot_core)))
+    assert result["status"] == ISSUES and "core 0" in result["message"]
+    assert run("LoadBalancing", ProfileData(samples=samples(cpu=60.0)))["status"] == NO_ISSUES
+    assert jensen_shannon(np.array([1, 0]), np.array([0, 1])) == pytest.approx(np.sqrt(np.log(2)))
+
+
+def test_summaries_never_fire_and_hold_their_tables() -> None:
+    data = ProfileData(samples=samples(gpu_util=[busy_gpu()]), steps=steps())
+    usage = run("OverallSystemUsage", data)
+    assert usage["status"] == NO_ISSUES
+    table = {row["metric"]: row for row in usage["details"]["table"]}
+    assert table["GPU 0 utilisation"]["p50"] == pytest.approx(92, abs=1)
+    assert table["CPU utilisation (all cores)"]["max"] == 50.0
+    framework = run("OverallFrameworkMetrics", data)
+    assert framework["status"] == NO_ISSUES and "backward" in framework["message"]  # 0.04 s of 0.1 s per step
+    assert framework["details"]["train_segments_s"]["other"] == pytest.approx(300 * 0.009, rel=1e-6)
+
+
+def test_a_failing_rule_is_reported_not_lost() -> None:
+    broken = ProfileData(samples=[{"t": 0.0}] * (N + 1))  # samples without the fields the rules read
+    results = evaluate_rules(make_profiler_rules(list(RULES)), broken)
+    assert set(results) == set(RULES)
+    assert all(r["status"] in (ISSUES, NO_ISSUES, NOT_APPLICABLE, INSUFFICIENT, "Error") for r in results.values())
