@@ -276,7 +276,9 @@ def _end(job: Job, config: JobConfig, profiler: ProfilerSession | None) -> None:
 
             started = time.perf_counter()
             path = write_report(job)
-            job.log(f"report written to {path} in {time.perf_counter() - started:.2f} s")
+            seconds = time.perf_counter() - started
+            job.update(timings={**job.read().get("timings", {}), "report": seconds})
+            job.log(f"report written to {path} in {seconds:.2f} s")
     except Exception as exc:  # the job's result stands; the report can be made again with `imgtune report`
         job.log(f"profiler/report failed: {type(exc).__name__}: {exc}")
 

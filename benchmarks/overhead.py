@@ -1,0 +1,51 @@
+"""Shared by the overhead benchmarks: time the same training job with a feature on and off, in one process.
+
+Each comparison runs one warm-up job (builds the feature cache, loads libraries), then alternates jobs
+without and with the feature `repeats` times, and prints the median whole-job and training-loop times and
+their ratios (with / without).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imgtune.config import build_config
+from imgtune.training.job import run_training_job
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("IMGTUNE_SHARED", ROOT.parent / "shared"))
+DOGS_MINI = SHARED / "data/dogs-mini"
+MOBILENET_WEIGHTS = SHARED / "weights/mobilenet_v2_imagenet_features.pth"
+
+
+def machine() -> str:
+    return f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def job_timings(raw: dict[str, Any], section: str, enabled: bool, workspace: Path) -> dict[str, float]:
+    config = build_config({**raw, section: {**raw.get(section, {}), "enabled": enabled}})
+    job = run_training_job(config, workspace=workspace, progress=False)
+    return job.read()["timings"]
+
+
+def compare(label: str, raw: dict[str, Any], section: str, repeats: int, workspace: Path) -> dict[str, float]:
+    """Print and return the median timings with `section` off and on, and their ratios."""
+    job_timings(raw, section, False, workspace)
+    runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    for _ in range(repeats):
+        for enabled in (False, True):
+            runs[enabled].append(job_timings(raw, section, enabled, workspace))
+    print(label)
+    medians = {}
+    for key, name in (("total", "job total    "), ("training_loop", "training loop")):
+        off = statistics.median(t[key] for t in runs[False])
+        on = statistics.median(t[key] for t in runs[True])
+        medians[key] = on / off
+        print(f"  median {name} without {off:8.3f} s   with {on:8.3f} s   ratio {on / off:.3f}")
+    return medians
