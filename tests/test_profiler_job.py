@@ -144,3 +144,27 @@ def test_monitor_stops_and_keeps_its_samples(tmp_path):
     assert len(list(read_jsonl(tmp_path / "system.jsonl"))) == count  # stopped: nothing more written
     data = ProfileData(samples=list(read_jsonl(tmp_path / "system.jsonl")))
     assert data.core_matrix().shape == (count, len(data.samples[0]["cpu"]))
+
+
+def test_operator_table_from_the_trace_matches_torch(tmp_path):
+    import torch
+    from torch.profiler import profile
+
+    from imgtune.profiler.operators import top_operators
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 3, 16, 16)
+    model(x)
+    with profile() as prof:
+        for _ in range(3):
+            loss = model(x).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    ours = {row["name"]: row for row in top_operators(tmp_path / "trace.json", limit=1000)["operators"]}
+    theirs = {e.key: e for e in prof.key_averages()}
+    for name in ("aten::convolution", "aten::relu", "aten::addmm", "aten::mean"):
+        assert ours[name]["self_cpu_us"] == pytest.approx(theirs[name].self_cpu_time_total, rel=1e-3, abs=0.5)
+        assert ours[name]["calls"] == theirs[name].count

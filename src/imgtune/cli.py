@@ -366,9 +366,7 @@ def jobs_show(
 def report(
     job: Annotated[str, typer.Argument(help="Job name or path.")],
     out_file: Annotated[Path | None, typer.Option("--out", help="HTML file \\[default: JOB/report.html].")] = None,
-    rules: Annotated[
-        bool, typer.Option("--rules/--no-rules", help="Evaluate the profiler rules again first.")
-    ] = True,
+    rules: Annotated[bool, typer.Option("--rules/--no-rules", help="Evaluate the profiler rules again first.")] = True,
     workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:

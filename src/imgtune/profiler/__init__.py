@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,9 @@ from imgtune.config import ProfilerConfig
 from imgtune.jobs import Job, atomic_write_json
 from imgtune.profiler.data import PROFILER_DIR, ProfileData
 from imgtune.profiler.monitor import SystemMonitor
+from imgtune.profiler.operators import top_operators
 from imgtune.profiler.rules import ISSUES, evaluate_rules, make_profiler_rules
-from imgtune.profiler.timeline import StepTimeline
+from imgtune.profiler.timeline import OPERATORS_FILE, TRACE_FILE, TRACE_META_FILE, StepTimeline
 
 RULES_FILE = "rules.json"
 
@@ -56,10 +58,16 @@ def analyze_job(job: Job, config: ProfilerConfig | None = None) -> dict[str, Any
     """Evaluate the profiler rules over a job's stored profile into `profiler/rules.json`; returns a summary."""
     if config is None:
         config = ProfilerConfig.model_validate(job.read().get("config", {}).get("profiler", {}))
+    directory = job.path / PROFILER_DIR
+    trace = directory / TRACE_FILE
+    if trace.exists():
+        meta = directory / TRACE_META_FILE
+        operators = {"steps": json.loads(meta.read_text())["steps"] if meta.exists() else None, **top_operators(trace)}
+        atomic_write_json(directory / OPERATORS_FILE, operators, durable=False)
     data = ProfileData.load(job.path, job.read().get("timings", {}))
     results = evaluate_rules(make_profiler_rules(config.rules, config.rule_parameters), data)
-    (job.path / PROFILER_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(job.path / PROFILER_DIR / RULES_FILE, results, durable=False)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(directory / RULES_FILE, results, durable=False)
     return {
         "samples": len(data.samples),
         "steps": len(data.steps),
@@ -69,7 +77,5 @@ def analyze_job(job: Job, config: ProfilerConfig | None = None) -> dict[str, Any
 
 
 def read_rule_results(job_path: Path) -> dict[str, dict[str, Any]]:
-    import json
-
     path = job_path / PROFILER_DIR / RULES_FILE
     return json.loads(path.read_text()) if path.exists() else {}

@@ -6,7 +6,8 @@
   callbacks' time included: ``total`` minus the segments is what callbacks and bookkeeping took);
 * ``trace.json``: a torch.profiler trace of `trace_steps` training steps after `trace_start_step` warm-up
   steps, in the Chrome trace format that Perfetto and chrome://tracing open;
-* ``operators.json``: the trace's top operators by self time;
+* ``trace-meta.json``: how many steps the trace holds; ``operators.json``: its top operators by self time,
+  made from the trace when the job ends (`imgtune.profiler.operators`);
 * ``meta.json``: what the rules need to know about the run (cores, GPUs, loader settings).
 """
 
@@ -32,10 +33,10 @@ if TYPE_CHECKING:
 
 STEPS_FILE = "steps.jsonl"
 TRACE_FILE = "trace.json"
+TRACE_META_FILE = "trace-meta.json"
 OPERATORS_FILE = "operators.json"
 META_FILE = "meta.json"
 SEGMENTS = ("data", "h2d", "forward", "backward", "optimizer")
-TOP_OPERATORS = 25
 
 
 @contextlib.contextmanager
@@ -134,9 +135,9 @@ class StepTimeline(Callback):
         with _quiet_native_stderr():
             profile.stop()
         tmp = self.directory / f".{TRACE_FILE}.tmp"
-        profile.export_chrome_trace(str(tmp))
+        profile.export_chrome_trace(str(tmp))  # its operator table is made from this file after the job
         tmp.replace(self.directory / TRACE_FILE)
-        atomic_write_json(self.directory / OPERATORS_FILE, top_operators(profile, self._traced))
+        atomic_write_json(self.directory / TRACE_META_FILE, {"steps": self._traced}, durable=False)
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if self._profile is not None:  # training ended inside the window: keep what it recorded
@@ -149,22 +150,3 @@ class StepTimeline(Callback):
                 self._profile.stop()
             self._profile = None
         self._file.close()
-
-
-def top_operators(profile: torch.profiler.profile, steps: int) -> dict[str, Any]:
-    """The operators with the most self time in the trace window (CPU, and CUDA where traced)."""
-    events = profile.key_averages()
-    device = any(getattr(e, "self_device_time_total", 0) for e in events)
-    key = "self_device_time_total" if device else "self_cpu_time_total"
-    rows = []
-    for event in sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:TOP_OPERATORS]:
-        rows.append(
-            {
-                "name": event.key,
-                "calls": int(event.count),
-                "self_cpu_us": float(event.self_cpu_time_total),
-                "cpu_total_us": float(event.cpu_time_total),
-                "self_device_us": float(getattr(event, "self_device_time_total", 0.0)),
-            }
-        )
-    return {"steps": steps, "sorted_by": key, "operators": rows}
