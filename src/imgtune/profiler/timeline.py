@@ -80,6 +80,7 @@ class StepTimeline(Callback):
         self._profile: torch.profiler.profile | None = None
         self._traced = 0
         self._trace_done = False
+        self._finished_profile: torch.profiler.profile | None = None
 
     def on_fit_start(self, trainer: Trainer) -> None:
         trainer.sync_timing = True
@@ -128,12 +129,18 @@ class StepTimeline(Callback):
             self._profile.start()
 
     def _stop_trace(self) -> None:
+        """End the window; the trace is written by `close()`, after training, where it costs no step time."""
         profile, self._profile = self._profile, None
         self._trace_done = True
+        if profile is not None:
+            with _quiet_native_stderr():
+                profile.stop()
+            self._finished_profile = profile
+
+    def _export_trace(self) -> None:
+        profile, self._finished_profile = self._finished_profile, None
         if profile is None:
             return
-        with _quiet_native_stderr():
-            profile.stop()
         tmp = self.directory / f".{TRACE_FILE}.tmp"
         profile.export_chrome_trace(str(tmp))  # its operator table is made from this file after the job
         tmp.replace(self.directory / TRACE_FILE)
@@ -145,8 +152,9 @@ class StepTimeline(Callback):
         trainer.sync_timing = False
 
     def close(self) -> None:
+        """After training (also a failed or stopped one): end an open window and write the trace."""
         if self._profile is not None:
-            with contextlib.suppress(Exception), _quiet_native_stderr():
-                self._profile.stop()
-            self._profile = None
+            with contextlib.suppress(Exception):
+                self._stop_trace()
+        self._export_trace()
         self._file.close()
