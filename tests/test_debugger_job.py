@@ -18,6 +18,7 @@ from imgtune.config import DEFAULT_RULES, build_config
 from imgtune.debugger.store import Trial, open_trial
 from imgtune.errors import JobError
 from imgtune.jobs import Job
+from imgtune.profiler.data import read_jsonl
 from imgtune.training.job import run_training_job
 
 runner = CliRunner()
@@ -141,6 +142,10 @@ def test_reader_follows_a_running_job_and_survives_a_kill_and_resume(tmp_path, d
     proc.wait()
     killed = open_trial("watched", tmp_path)  # the store of a killed job reads fine
     assert killed.tensor("loss").steps("train")
+    profiler = tmp_path / "watched/profiler"  # so do the profiler's samples and step records
+    assert len(list(read_jsonl(profiler / "system.jsonl"))) > 0
+    steps_before = [s for s in read_jsonl(profiler / "steps.jsonl") if s["phase"] == "train"]
+    assert steps_before
 
     result = subprocess.run(
         resume_command("watched"),
@@ -155,6 +160,9 @@ def test_reader_follows_a_running_job_and_survives_a_kill_and_resume(tmp_path, d
     mode_steps = [loss.mode_step(s, "train") for s in loss.steps("train")]
     assert mode_steps == list(range(3 * 19))  # 300 images / 16 = 19 batches per epoch, none twice, none lost
     assert json.loads((tmp_path / "watched/debugger/rules.json").read_text())["rules"][0]["status"] != "InProgress"
+    steps_after = [s for s in read_jsonl(profiler / "steps.jsonl") if s["phase"] == "train"]
+    assert len(steps_after) >= len(steps_before) + 19  # the resumed run appended its own
+    assert (tmp_path / "watched/report.html").exists()
 
 
 def test_opt_in_collections_and_raw_tensors(tmp_path, dogs_mini, mobilenet_weights):

@@ -3,7 +3,8 @@
 * ``steps.jsonl``: one line per batch of every phase: ``phase``, ``epoch``, ``batch``, ``step`` (optimizer
   steps so far), ``t`` (Unix time the batch's fetch began), and seconds of ``data`` (waiting for the loader),
   ``h2d`` (copy to the device), ``forward``, ``backward``, ``optimizer`` and ``total`` (the whole batch, the
-  callbacks' time included: ``total`` minus the segments is what callbacks and bookkeeping took);
+  callbacks' time included: ``total`` minus the segments is what callbacks and bookkeeping took), written at
+  least every second and at the end of each phase, so a killed job loses at most its last second;
 * ``trace.json``: a torch.profiler trace of `trace_steps` training steps after `trace_start_step` warm-up
   steps, in the Chrome trace format that Perfetto and chrome://tracing open;
 * ``trace-meta.json``: how many steps the trace holds; ``operators.json``: its top operators by self time,
@@ -37,6 +38,7 @@ TRACE_META_FILE = "trace-meta.json"
 OPERATORS_FILE = "operators.json"
 META_FILE = "meta.json"
 SEGMENTS = ("data", "h2d", "forward", "backward", "optimizer")
+FLUSH_SECONDS = 1.0
 
 
 @contextlib.contextmanager
@@ -75,7 +77,9 @@ class StepTimeline(Callback):
         self.trace_start_step = trace_start_step
         self.trace_steps = trace_steps
         self.meta = meta or {}
-        self._file = (directory / STEPS_FILE).open("a", buffering=1)
+        self._file = (directory / STEPS_FILE).open("a")
+        self._pending: list[str] = []  # written at least every FLUSH_SECONDS and at each phase's end
+        self._flushed = time.perf_counter()
         self._train_batches = 0
         self._profile: torch.profiler.profile | None = None
         self._traced = 0
@@ -109,7 +113,9 @@ class StepTimeline(Callback):
             **{k: round(timing.get(k, 0.0), 6) for k in SEGMENTS},
             "total": round(now - trainer.batch_started, 6),
         }
-        self._file.write(json.dumps(record) + "\n")
+        self._pending.append(json.dumps(record) + "\n")
+        if now - self._flushed > FLUSH_SECONDS:
+            self._flush(now)
         if trainer.phase != "train":
             return
         self._train_batches += 1
@@ -119,6 +125,15 @@ class StepTimeline(Callback):
                 self._stop_trace()
         elif self.trace and not self._trace_done and self._train_batches == self.trace_start_step:
             self._start_trace(trainer)
+
+    def _flush(self, now: float | None = None) -> None:
+        self._file.write("".join(self._pending))
+        self._file.flush()
+        self._pending.clear()
+        self._flushed = time.perf_counter() if now is None else now
+
+    def on_phase_end(self, trainer: Trainer) -> None:
+        self._flush()
 
     def _start_trace(self, trainer: Trainer) -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -157,4 +172,5 @@ class StepTimeline(Callback):
             with contextlib.suppress(Exception):
                 self._stop_trace()
         self._export_trace()
+        self._flush()
         self._file.close()
