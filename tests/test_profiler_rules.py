@@ -125,6 +125,9 @@ def test_cpu_bottleneck_without_a_gpu_reads_data_wait() -> None:
     assert result["details"]["data_wait_percent"] == pytest.approx(80, abs=1)
     computing = ProfileData(samples=samples(cpu=98.0), steps=steps(total=0.1, data=0.005))
     assert run("CPUBottleneck", computing)["status"] == NO_ISSUES
+    short_job = ProfileData(samples=samples(n=20, cpu=98.0), steps=steps(40, total=0.1, data=0.08))
+    assert run("CPUBottleneck", short_job)["status"] == ISSUES  # the step reading needs no sample patience
+    assert run("CPUBottleneck", ProfileData(samples=samples(n=20), steps=steps(5)))["status"] == INSUFFICIENT
 
 
 def test_io_bottleneck() -> None:

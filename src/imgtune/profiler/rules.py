@@ -135,16 +135,20 @@ class LowGPUUtilization(ProfilerRule):
         )
 
 
+MIN_CPU_READING_STEPS = 10
+
+
 class CPUBottleneck(ProfilerRule):
     """With a GPU: fires when more than `threshold` % of datapoints have a core above `cpu_threshold` % while a
     GPU is below `gpu_threshold` %. Without one: fires when training steps spend more than `threshold` % of
-    their time waiting for data while the CPU is above `cpu_threshold` % (data preparation starves the model)."""
+    their time waiting for data while the CPU is above `cpu_threshold` % (data preparation starves the model);
+    this reading uses the step records, so it needs 10 training steps rather than `patience` samples."""
 
     parameters = {"threshold": 50, "gpu_threshold": 10, "cpu_threshold": 90, "patience": 1000}
     description = "the CPU holds the training back"
 
     def evaluate(self, data: ProfileData) -> RuleResult:
-        if len(data.samples) <= self.patience:
+        if data.gpu_count and len(data.samples) <= self.patience:
             return _too_few(self, len(data.samples))
         cores = data.core_matrix()
         cpu = _after_patience(np.nanmax(cores, axis=1) if cores.size else data.series("cpu_total"), self.patience)
@@ -169,11 +173,13 @@ class CPUBottleneck(ProfilerRule):
             return self.result(
                 NO_ISSUES, f"CPU-bound samples: {share:.0f}% (threshold {self.threshold}%)", datapoints=n
             )
+        # No GPU: the reading is the training steps' own (no system-sample patience): how much of their time
+        # went to waiting for data, and how busy the cores were meanwhile.
         waits, totals = data.step_array("data"), data.step_array("total")
-        if not totals.size or not cpu.size:
-            return self.result(NOT_APPLICABLE, "no GPU, and too few samples or steps to judge the CPU")
+        if totals.size < MIN_CPU_READING_STEPS or not data.samples:
+            return self.result(INSUFFICIENT, f"no GPU, and fewer than {MIN_CPU_READING_STEPS} training steps to judge")
         wait_share = 100 * float(waits.sum()) / max(float(totals.sum()), 1e-9)
-        busy = float(np.nanmedian(_after_patience(data.series("cpu_total"), self.patience)))
+        busy = float(np.nanmedian(data.series("cpu_total")))
         details = {"data_wait_percent": wait_share, "cpu_median_percent": busy}
         if wait_share > self.threshold and busy > self.cpu_threshold:
             return self.result(
@@ -468,7 +474,7 @@ class LoadBalancing(ProfilerRule):
                     "work such as evaluation or logging alone).",
                 )
             return self.result(NO_ISSUES, "GPU load was even", datapoints=len(data.samples))
-        if len(data.samples) <= self.patience:
+        if data.gpu_count and len(data.samples) <= self.patience:
             return _too_few(self, len(data.samples))
         cores = data.core_matrix()[int(self.patience) :]
         if cores.shape[1] < 2:

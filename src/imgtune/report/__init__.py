@@ -26,6 +26,7 @@ from imgtune.profiler.timeline import SEGMENTS
 
 REPORT_FILE = "report.html"
 MAX_POINTS = 2000
+MIN_STEPS_PLOTTED = 10
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 COLORS = {"train": "#1f77b4", "valid": "#ff7f0e", "test": "#2ca02c", "eval": "#ff7f0e", "predict": "#2ca02c"}
 
@@ -210,7 +211,7 @@ def _profiler_section(figures: _Figures, job: Job, timings: dict[str, float]) ->
     step_plots = []
     for phase in data.phases():
         durations = data.step_array("total", phase) * 1000
-        if durations.size == 0:
+        if durations.size < MIN_STEPS_PLOTTED:  # a distribution of two test batches says nothing
             continue
         index = np.arange(durations.size, dtype=float)
         x, y = reduce_series(index, durations, peaks=True)

@@ -1,0 +1,59 @@
+"""Train a job on dogs-mini with default settings and screenshot its report in headless Chromium (for the README).
+
+python scripts/report_screenshot.py [--out docs/job-report.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from imgtune.config import build_config
+from imgtune.training.job import run_training_job
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("IMGTUNE_SHARED", ROOT.parent / "shared"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/job-report.png")
+    parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
+    args = parser.parse_args()
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = build_config(
+            {
+                "name": "dogs-mini-mobilenet_v2",
+                "data": {"path": str(SHARED / "data/dogs-mini")},
+                "model": {
+                    "backbone": "mobilenet_v2",
+                    "weights": str(SHARED / "weights/mobilenet_v2_imagenet_features.pth"),
+                },
+            }
+        )
+        job = run_training_job(config, workspace=Path(tmp), progress=False)
+        shot = Path(tmp) / "full.png"
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto((job.path / "report.html").as_uri())
+            page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length > 5")
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+        image = Image.open(shot).convert("RGB")
+        image = image.resize((image.width // 2, image.height // 2), Image.LANCZOS)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        image.quantize(colors=128).save(args.out, optimize=True)
+        print(f"wrote {args.out} ({args.out.stat().st_size / 1e3:.0f} kB, {image.width}x{image.height})")
+
+
+if __name__ == "__main__":
+    main()
