@@ -14,20 +14,15 @@ off in all of them, so that only the debugger's cost is measured (benchmarks/pro
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from pathlib import Path
 
-from overhead import DOGS_MINI, MOBILENET_WEIGHTS, compare, machine
+from overhead import arguments, compare, machine
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(DOGS_MINI))
-    parser.add_argument("--weights", default=str(MOBILENET_WEIGHTS))
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = arguments(__doc__)
     model = {"backbone": "mobilenet_v2", "weights": args.weights}
     off = {"profiler": {"enabled": False}}
     print(f"debugger overhead: {args.data}, mobilenet_v2, {args.repeats} alternating runs each")

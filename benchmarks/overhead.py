@@ -7,6 +7,7 @@ their ratios (with / without).
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -22,6 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMGTUNE_SHARED", ROOT.parent / "shared"))
 DOGS_MINI = SHARED / "data/dogs-mini"
 MOBILENET_WEIGHTS = SHARED / "weights/mobilenet_v2_imagenet_features.pth"
+
+
+def arguments(doc: str) -> argparse.Namespace:
+    """--data, --weights and --repeats, with the shared dogs-mini photos and MobileNetV2 weights as defaults."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--data", default=str(DOGS_MINI))
+    parser.add_argument("--weights", default=str(MOBILENET_WEIGHTS))
+    parser.add_argument("--repeats", type=int, default=5)
+    return parser.parse_args()
 
 
 def machine() -> str:

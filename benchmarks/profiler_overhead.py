@@ -11,25 +11,20 @@ the job, by both). A second pair trains on images (all but the last stage frozen
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from overhead import DOGS_MINI, MOBILENET_WEIGHTS, compare, machine
+from overhead import arguments, compare, machine
 
 from imgtune.jobs import list_jobs
 from imgtune.report import write_report
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(DOGS_MINI))
-    parser.add_argument("--weights", default=str(MOBILENET_WEIGHTS))
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = arguments(__doc__)
     model = {"backbone": "mobilenet_v2", "weights": args.weights}
     no_report = {"profiler": {"report": False}}  # the report is timed on its own below
     print(f"profiler overhead: {args.data}, mobilenet_v2, {args.repeats} alternating runs each")

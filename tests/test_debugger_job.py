@@ -17,8 +17,7 @@ from imgtune.cli import app
 from imgtune.config import DEFAULT_RULES, build_config
 from imgtune.debugger.store import Trial, open_trial
 from imgtune.errors import JobError
-from imgtune.jobs import Job
-from imgtune.profiler.data import read_jsonl
+from imgtune.jobs import Job, read_jsonl
 from imgtune.training.job import run_training_job
 
 runner = CliRunner()

@@ -81,6 +81,7 @@ def test_report_renders_in_chromium(reported_job: Job):
             title = page.title()
             screenshot = artifacts_dir() / "job-report.png"
             page.screenshot(path=str(screenshot), full_page=True)
+            pdf = page.pdf(format="A4", print_background=True)  # what "print to PDF" gives a user
         finally:
             browser.close()
     assert errors == []
@@ -89,3 +90,6 @@ def test_report_renders_in_chromium(reported_job: Job):
     assert svg_paths > 50  # drawn, not only declared
     assert reported_job.name in title
     assert screenshot.stat().st_size > 50_000
+    (artifacts_dir() / "job-report.pdf").write_bytes(pdf)
+    pages = len(re.findall(rb"/Type\s*/Page[^s]", pdf))
+    assert pdf.startswith(b"%PDF") and pages >= 3

@@ -97,6 +97,18 @@ def atomic_write_json(path: Path, data: Any, durable: bool = True) -> None:
     atomic_write_text(path, to_json(data, indent=2) + "\n", durable)
 
 
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Records of a JSON-lines file (none if it does not exist); a line cut short by a kill is skipped."""
+    if not path.exists():
+        return
+    with path.open() as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -231,15 +243,7 @@ class Job:
             os.fsync(f.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_file.exists():
-            return []
-        records = []
-        for line in self.metrics_file.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-        return records
+        return list(read_jsonl(self.metrics_file))
 
     def truncate_metrics(self, last_epoch: int) -> None:
         """Drop records of epochs after `last_epoch` (work a resumed job will redo)."""

@@ -21,7 +21,6 @@ import bisect
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from imgtune.errors import JobError
+from imgtune.jobs import read_jsonl
 
 TENSORS_FILE = "tensors.jsonl"
 RAW_DIR = "raw"
@@ -145,7 +145,7 @@ class TensorWriter:
         """Drop records after global `step` (a resumed job redoes them)."""
         self._file.close()
         path = self.directory / TENSORS_FILE
-        kept = [r for r in _read_records(path) if r["step"] <= step]
+        kept = [r for r in read_jsonl(path) if r["step"] <= step]
         from imgtune.jobs import atomic_write_text
 
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -157,17 +157,6 @@ class TensorWriter:
 
     def close(self) -> None:
         self._file.close()
-
-
-def _read_records(path: Path) -> Iterable[dict[str, Any]]:
-    if not path.exists():
-        return
-    with path.open() as f:
-        for line in f:
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
 
 
 @dataclass

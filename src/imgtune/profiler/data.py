@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from imgtune.jobs import read_jsonl
 from imgtune.profiler.monitor import SYSTEM_FILE
 from imgtune.profiler.timeline import META_FILE, OPERATORS_FILE, SEGMENTS, STEPS_FILE, TRACE_FILE
 
 PROFILER_DIR = "profiler"
-
-
-def read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
-    """Records of a JSON-lines file; a line cut short by a kill is skipped."""
-    if not path.exists():
-        return
-    with path.open() as f:
-        for line in f:
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
 
 
 @dataclass
@@ -73,6 +61,13 @@ class ProfileData:
             out.append(float(gpus[index][key]) if index < len(gpus) else np.nan)
         return np.array(out, dtype=float)
 
+    def gpu_memory_percent(self, index: int) -> np.ndarray:
+        return 100 * self.gpu_series(index, "mem_used") / self.gpu_series(index, "mem_total")
+
+    def least_busy_gpu(self) -> np.ndarray:
+        """Per sample, the lowest utilisation of any GPU (%)."""
+        return np.nanmin([self.gpu_series(i, "util") for i in range(self.gpu_count)], axis=0)
+
     def core_matrix(self) -> np.ndarray:
         """Utilisation per core: [samples, cores] (%)."""
         width = max((len(s.get("cpu", [])) for s in self.samples), default=0)
@@ -84,16 +79,26 @@ class ProfileData:
 
     # -- steps ------------------------------------------------------------------------------------------
 
-    def step_array(self, key: str, phase: str | None = "train") -> np.ndarray:
-        return np.array([float(s.get(key, 0.0)) for s in self.steps if phase is None or s["phase"] == phase])
+    def step_array(self, key: str, phase: str | None = "train", epoch: int | None = None) -> np.ndarray:
+        return np.array(
+            [
+                float(s.get(key, 0.0))
+                for s in self.steps
+                if (phase is None or s["phase"] == phase) and (epoch is None or s.get("epoch") == epoch)
+            ]
+        )
+
+    def epochs(self) -> list[int]:
+        return sorted({s["epoch"] for s in self.steps if s.get("phase") == "train"})
 
     def phases(self) -> list[str]:
         return list(dict.fromkeys(s["phase"] for s in self.steps))
 
-    def segment_totals(self, phase: str | None = None) -> dict[str, float]:
-        """Seconds per step segment summed over a phase's batches; 'other' is callbacks and bookkeeping."""
-        totals = {k: float(self.step_array(k, phase).sum()) for k in SEGMENTS}
-        totals["other"] = max(float(self.step_array("total", phase).sum()) - sum(totals.values()), 0.0)
+    def segment_totals(self, phase: str | None = None, epoch: int | None = None) -> dict[str, float]:
+        """Seconds per step segment summed over a phase's batches (of one epoch); 'other' is callbacks and
+        bookkeeping."""
+        totals = {k: float(self.step_array(k, phase, epoch).sum()) for k in SEGMENTS}
+        totals["other"] = max(float(self.step_array("total", phase, epoch).sum()) - sum(totals.values()), 0.0)
         return totals
 
 

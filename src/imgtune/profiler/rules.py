@@ -153,9 +153,7 @@ class CPUBottleneck(ProfilerRule):
         cores = data.core_matrix()
         cpu = _after_patience(np.nanmax(cores, axis=1) if cores.size else data.series("cpu_total"), self.patience)
         if data.gpu_count:
-            gpu = _after_patience(
-                np.nanmin([data.gpu_series(i, "util") for i in range(data.gpu_count)], 0), self.patience
-            )
+            gpu = _after_patience(data.least_busy_gpu(), self.patience)
             n = min(cpu.size, gpu.size)
             bottleneck = int(np.sum((cpu[:n] > self.cpu_threshold) & (gpu[:n] < self.gpu_threshold)))
             share = 100 * bottleneck / n if n else 0.0
@@ -213,9 +211,7 @@ class IOBottleneck(ProfilerRule):
         iowait = _after_patience(data.series("iowait"), self.patience)
         waiting = iowait > self.io_threshold
         if data.gpu_count:
-            gpu = _after_patience(
-                np.nanmin([data.gpu_series(i, "util") for i in range(data.gpu_count)], 0), self.patience
-            )
+            gpu = _after_patience(data.least_busy_gpu(), self.patience)
             n = min(len(waiting), gpu.size)
             waiting = waiting[:n] & (gpu[:n] < self.gpu_threshold)
         share = 100 * float(waiting.mean()) if waiting.size else 0.0
@@ -254,10 +250,7 @@ class BatchSize(ProfilerRule):
         triggers, evidence = 0, []
         gpus = range(data.gpu_count)
         util = [_after_patience(data.gpu_series(i, "util"), self.patience) for i in gpus]
-        memory = [
-            _after_patience(100 * data.gpu_series(i, "mem_used") / data.gpu_series(i, "mem_total"), self.patience)
-            for i in gpus
-        ]
+        memory = [_after_patience(data.gpu_memory_percent(i), self.patience) for i in gpus]
         for start in range(0, cpu.size, max(int(self.window), 1)):
             stop = start + int(self.window)
             cpu_p95 = float(np.nanpercentile(cpu[start:stop], 95))
@@ -388,10 +381,7 @@ class GPUMemoryIncrease(ProfilerRule):
         if len(data.samples) <= self.patience:
             return _too_few(self, len(data.samples))
         if data.gpu_count:
-            curves = {
-                f"gpu{i}": 100 * data.gpu_series(i, "mem_used") / data.gpu_series(i, "mem_total")
-                for i in range(data.gpu_count)
-            }
+            curves = {f"gpu{i}": data.gpu_memory_percent(i) for i in range(data.gpu_count)}
             what = "GPU memory"
         else:
             machine = data.series("mem_available") + data.series("proc_rss")
@@ -536,7 +526,7 @@ def system_usage_table(data: ProfileData) -> list[dict[str, Any]]:
         rows.append({"metric": label, "unit": unit, **percentiles(values)})
     for i in range(data.gpu_count):
         rows.append({"metric": f"GPU {i} utilisation", "unit": "%", **percentiles(data.gpu_series(i, "util"))})
-        memory = 100 * data.gpu_series(i, "mem_used") / data.gpu_series(i, "mem_total")
+        memory = data.gpu_memory_percent(i)
         rows.append({"metric": f"GPU {i} memory", "unit": "%", **percentiles(memory)})
     return rows
 

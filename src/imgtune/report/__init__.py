@@ -28,6 +28,7 @@ REPORT_FILE = "report.html"
 MAX_POINTS = 2000
 MIN_STEPS_PLOTTED = 10
 PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+SEGMENT_COLORS = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#b0bec5")
 COLORS = {"train": "#1f77b4", "valid": "#ff7f0e", "test": "#2ca02c", "eval": "#ff7f0e", "predict": "#2ca02c"}
 
 
@@ -201,7 +202,7 @@ def _profiler_section(figures: _Figures, job: Job, timings: dict[str, float]) ->
         for i in range(data.gpu_count):
             x, y = reduce_series(t, data.gpu_series(i, "util"))
             fig.add_trace(go.Scatter(x=x, y=y, name=f"GPU {i} util", mode="lines"), row=3, col=1)
-            memory = 100 * data.gpu_series(i, "mem_used") / data.gpu_series(i, "mem_total")
+            memory = data.gpu_memory_percent(i)
             x, y = reduce_series(t, memory, peaks=True)
             fig.add_trace(go.Scatter(x=x, y=y, name=f"GPU {i} memory %", mode="lines"), row=3, col=1)
         fig.update_xaxes(title_text="seconds since the job started", row=rows, col=1)
@@ -235,18 +236,38 @@ def _profiler_section(figures: _Figures, job: Job, timings: dict[str, float]) ->
         fig.update_layout(title=f"Step durations: {phase} ({durations.size} batches)")
         step_plots.append(figures.div(fig, 320))
     plots += step_plots
+    job_parts = {
+        k: timings[k] for k in ("initialization", "feature_cache", "training_loop", "finalization") if k in timings
+    }
+    if job_parts:
+        fig = go.Figure()
+        for part, seconds in job_parts.items():
+            if part == "initialization":  # it includes building the feature cache, shown on its own
+                seconds -= job_parts.get("feature_cache", 0.0)
+            fig.add_trace(go.Bar(y=["job"], x=[seconds], name=part.replace("_", " "), orientation="h"))
+        fig.update_layout(barmode="stack", title="Job time: initialisation, training loop, finalisation (s)")
+        plots.append(figures.div(fig, 200))
     breakdown = {phase: data.segment_totals(phase) for phase in data.phases()}
     if breakdown:
-        fig = go.Figure()
-        for segment in (*SEGMENTS, "other"):
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("per phase", "training, per epoch"))
+        epochs = data.epochs()
+        per_epoch = {e: data.segment_totals("train", e) for e in epochs}
+        for i, segment in enumerate((*SEGMENTS, "other")):
+            color = SEGMENT_COLORS[i]
             fig.add_trace(
-                go.Bar(y=list(breakdown), x=[breakdown[p][segment] for p in breakdown], name=segment, orientation="h")
-            )
-        job_parts = {k: timings.get(k) for k in ("initialization", "training_loop", "finalization")}
-        fig.update_layout(barmode="stack", title="Time breakdown per phase (seconds)", xaxis_title="seconds")
-        plots.append(figures.div(fig, 280))
-    else:
-        job_parts = {}
+                go.Bar(y=list(breakdown), x=[breakdown[p][segment] for p in breakdown], name=segment,
+                       orientation="h", marker_color=color, legendgroup=segment),
+                row=1, col=1,
+            )  # fmt: skip
+            fig.add_trace(
+                go.Bar(x=epochs, y=[per_epoch[e][segment] for e in epochs], name=segment, marker_color=color,
+                       legendgroup=segment, showlegend=False),
+                row=1, col=2,
+            )  # fmt: skip
+        fig.update_layout(barmode="stack", title="Step time breakdown (seconds)")
+        fig.update_xaxes(title_text="seconds", row=1, col=1)
+        fig.update_xaxes(title_text="epoch", row=1, col=2)
+        plots.append(figures.div(fig, 320))
     return {
         "rules": list(rules.values()),
         "usage": system_usage_table(data) if data.samples else [],
@@ -256,7 +277,6 @@ def _profiler_section(figures: _Figures, job: Job, timings: dict[str, float]) ->
         "meta": data.meta,
         "samples": len(data.samples),
         "steps": len(data.steps),
-        "job_parts": job_parts,
     }
 
 
