@@ -81,6 +81,7 @@ class DebuggerCallback(Callback):
         self.mode_steps = dict.fromkeys(("train", "eval", "predict"), 0)
         self.mode = "train"
         self._saving = False
+        self._active = True  # until the first batch decides
         self._hooks: list[Any] = []
         self._pending: dict[str, torch.Tensor] = {}
         self._before_update: dict[str, torch.Tensor] = {}
@@ -97,9 +98,20 @@ class DebuggerCallback(Callback):
 
     def _wants(self, collection: str, name: str | None = None) -> bool:
         """Is `collection` (tensor `name`) saved at the current step, by config or by a rule's requirement?"""
+        if not self._active:  # most steps: nothing but the loss is saved
+            return False
         if self._saving and collection in self.config.collections:
             return True
         return any(self._requirement_applies(r, collection, name) for r in self.requirements)
+
+    def _step_is_active(self) -> bool:
+        """Does anything beyond the loss get saved at this step (the SaveConfig, or a rule's dense window)?"""
+        if self._saving:
+            return True
+        return any(
+            r.until_step is not None and self.mode == "train" and self.mode_steps["train"] < r.until_step
+            for r in self.requirements
+        )
 
     def _requirement_applies(self, req: Requirement, collection: str, name: str | None) -> bool:
         if req.collection != collection or (req.regex and name and not re.fullmatch(req.regex, name)):
@@ -180,6 +192,7 @@ class DebuggerCallback(Callback):
         self._calls.clear()
         save_config = getattr(self.config, self.mode)
         self._saving = save_config.should_save(self.mode_steps[self.mode])
+        self._active = self._step_is_active()
         if self._wants("inputs", "inputs") and trainer.inputs is not None:
             self._record("inputs", "inputs", trainer.inputs, batch=int(trainer.inputs.shape[0]))
             if trainer.inputs.dim() == 4:
@@ -243,6 +256,9 @@ class DebuggerCallback(Callback):
         self.step += 1
         self.mode_steps[self.mode] += 1
 
+    def on_phase_end(self, trainer: Trainer) -> None:
+        self.writer.flush()
+
     def on_epoch_end(self, trainer: Trainer) -> None:
         if "metrics" not in self.collections:
             return
@@ -251,6 +267,7 @@ class DebuggerCallback(Callback):
             if key in trainer.epoch_record:
                 self._record(key, "metrics", value=float(trainer.epoch_record[key]))
         self.mode = saved_mode
+        self.writer.flush()
         # The metrics take a global step of their own: the rule runner evaluates each step once, right after
         # the epoch's metrics, so a next batch sharing their step would never be evaluated online.
         self.step += 1

@@ -10,8 +10,8 @@ Layout::
       rules.json               rule results (written by the rule runner)
 
 Non-finite numbers appear as NaN/Infinity (Python's json reads them; the JSON files imgtune shows users
-elsewhere, rules.json and --json output, hold null instead). Lines are appended and flushed as training
-goes, so a killed job keeps everything written before it died,
+elsewhere, rules.json and --json output, hold null instead). Lines are appended as training goes and flushed at
+least every second and at the end of each phase, so a killed job keeps all but its last second,
 and the reader works on a job that is still running (a line cut short by a kill is skipped).
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from imgtune.jobs import read_jsonl
 TENSORS_FILE = "tensors.jsonl"
 RAW_DIR = "raw"
 RULES_FILE = "rules.json"
+FLUSH_SECONDS = 1.0  # records reach the file at least this often, and at the end of every phase
 MODES = ("train", "eval", "predict")
 REDUCTIONS = ("min", "max", "mean", "std", "l1", "l2", "zeros", "nan", "inf", "numel")
 
@@ -125,12 +127,25 @@ class TensorWriter:
     def __init__(self, directory: Path):
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self._file = (directory / TENSORS_FILE).open("a", buffering=1)  # line-buffered: each record is written
+        self._file = (directory / TENSORS_FILE).open("a")
+        self._pending: list[str] = []
+        self._flushed = time.monotonic()
         self.trial = Trial(directory, load=False)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        """Keep a record (in memory at once, for online rules; on disk within FLUSH_SECONDS)."""
+        self._pending.append(json.dumps(record) + "\n")
         self.trial.add(record)
+        if time.monotonic() - self._flushed > FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is pending (the capture calls this at each phase's end too)."""
+        if self._pending:
+            self._file.write("".join(self._pending))
+            self._pending.clear()
+        self._file.flush()
+        self._flushed = time.monotonic()
 
     def write_raw(self, mode: str, step: int, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
@@ -143,6 +158,7 @@ class TensorWriter:
 
     def truncate_after(self, step: int) -> None:
         """Drop records after global `step` (a resumed job redoes them)."""
+        self.flush()
         self._file.close()
         path = self.directory / TENSORS_FILE
         kept = [r for r in read_jsonl(path) if r["step"] <= step]
@@ -152,10 +168,11 @@ class TensorWriter:
         for raw in (self.directory / RAW_DIR).glob("*.safetensors"):
             if int(raw.stem.rsplit("-", 1)[1]) > step:
                 raw.unlink()
-        self._file = path.open("a", buffering=1)
+        self._file = path.open("a")
         self.trial = Trial(self.directory)
 
     def close(self) -> None:
+        self.flush()
         self._file.close()
 
 
