@@ -1,4 +1,5 @@
-"""Train a job on dogs-mini with default settings and screenshot its report in headless Chromium (for the README).
+"""Train a job on dogs-mini with default settings (a first run: features not cached yet) and screenshot its
+report in headless Chromium (for the README).
 
 python scripts/report_screenshot.py [--out docs/job-report.png]
 """
@@ -29,6 +30,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["IMGTUNE_CACHE"] = str(Path(tmp) / "cache")  # a first run: the feature cache is built too
         config = build_config(
             {
                 "name": "dogs-mini-mobilenet_v2",

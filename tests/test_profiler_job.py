@@ -168,3 +168,10 @@ def test_operator_table_from_the_trace_matches_torch(tmp_path):
     for name in ("aten::convolution", "aten::relu", "aten::addmm", "aten::mean"):
         assert ours[name]["self_cpu_us"] == pytest.approx(theirs[name].self_cpu_time_total, rel=1e-3, abs=0.5)
         assert ours[name]["calls"] == theirs[name].count
+
+
+def test_a_job_shorter_than_one_interval_still_has_a_sample(tmp_path):
+    with SystemMonitor(tmp_path, interval=0.5):
+        time.sleep(0.2)
+    (sample,) = read_jsonl(tmp_path / "system.jsonl")
+    assert sample["cpu"] and sample["proc_rss"] > 0

@@ -204,6 +204,8 @@ def test_load_balancing() -> None:
     result = run("LoadBalancing", ProfileData(samples=samples(cpu=one_hot_core)))
     assert result["status"] == ISSUES and "core 0" in result["message"]
     assert run("LoadBalancing", ProfileData(samples=samples(cpu=60.0)))["status"] == NO_ISSUES
+    short = ProfileData(samples=samples(n=50, cpu=np.tile([99.0, 5.0, 4.0, 6.0], (50, 1))))
+    assert run("LoadBalancing", short)["status"] == INSUFFICIENT
     assert jensen_shannon(np.array([1, 0]), np.array([0, 1])) == pytest.approx(np.sqrt(np.log(2)))
 
 

@@ -8,7 +8,9 @@ Every `interval` seconds it appends one JSON line to `JOB/profiler/system.jsonl`
 * ``disk_read``, ``disk_write``, ``net_recv``, ``net_sent``: bytes per second since the previous sample;
 * ``gpus``: per NVIDIA GPU, ``util`` (%), ``mem_used`` and ``mem_total`` (bytes), from NVML; absent without one.
 
-Lines are flushed as they are written, so a killed job keeps its samples and a running job can be read.
+Lines are flushed as they are written, so a killed job keeps its samples and a running job can be read. When
+the monitor stops, a last sample covers the time since the previous one (so a job shorter than one interval
+still has a sample).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import psutil
 
 SYSTEM_FILE = "system.jsonl"
+FINAL_SAMPLE_MIN_SECONDS = 0.05
 
 
 class _Nvml:
@@ -128,9 +131,13 @@ class SystemMonitor:
         self._proc_usage()
         last_disk, last_net, last_t = psutil.disk_io_counters(), psutil.net_io_counters(), time.monotonic()
         with self.path.open("a", buffering=1) as out:
-            while not self._stop.wait(self.interval):
+            while True:
+                stopping = self._stop.wait(self.interval)
                 now = time.monotonic()
                 elapsed = max(now - last_t, 1e-6)
+                if stopping and elapsed < FINAL_SAMPLE_MIN_SECONDS:
+                    break  # a last sample over a few milliseconds would only be noise
+
                 disk, net = psutil.disk_io_counters(), psutil.net_io_counters()
                 rss, proc_cpu = self._proc_usage()
                 memory = psutil.virtual_memory()
@@ -155,6 +162,8 @@ class SystemMonitor:
                 out.write(json.dumps(sample) + "\n")
                 self.samples += 1
                 last_disk, last_net, last_t = disk, net, now
+                if stopping:  # the stretch since the last sample, so even a job shorter than one interval has one
+                    break
         nvml.close()
 
 

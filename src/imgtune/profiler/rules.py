@@ -464,7 +464,7 @@ class LoadBalancing(ProfilerRule):
                     "work such as evaluation or logging alone).",
                 )
             return self.result(NO_ISSUES, "GPU load was even", datapoints=len(data.samples))
-        if data.gpu_count and len(data.samples) <= self.patience:
+        if len(data.samples) <= self.patience:
             return _too_few(self, len(data.samples))
         cores = data.core_matrix()[int(self.patience) :]
         if cores.shape[1] < 2:
