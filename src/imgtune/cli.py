@@ -30,6 +30,13 @@ debug_app = typer.Typer(help="Debugger: rule results, offline rules, tensor plot
 app.add_typer(data_app, name="data")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(debug_app, name="debug")
+tune_app = typer.Typer(
+    help="Tune hyperparameters on Ray Tune: each trial is a training job judged on the validation split (never "
+    "test); with a frozen backbone all trials share one feature cache. `imgtune tune show JOB` lists the trials, "
+    "`imgtune tune best JOB --train` trains the final model.",
+    invoke_without_command=True,
+)
+app.add_typer(tune_app, name="tune")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -129,7 +136,7 @@ def train(
     activations_regex,train,eval,predict,histogram_bins,save_raw,rules,rule_parameters,stop_on,rule_files},
     profiler.{enabled,interval_ms,trace,trace_start_step,trace_steps,rules,rule_parameters,report}.
     """
-    from imgtune.config import apply_overrides, build_config, load_config_file, merge
+    from imgtune.config import build_config
     from imgtune.training.job import run_training_job
 
     if resume:
@@ -152,7 +159,6 @@ def train(
             err.print(f"[yellow]note:[/] --resume continues with the job's own config; ignored: {', '.join(ignored)}")
         job = run_training_job(resume=resume, workspace=workspace, progress=not as_json)
     else:
-        raw = load_config_file(config) if config else {}
         flags = {
             "name": name,
             "data": {"path": data, "image_size": image_size},
@@ -161,11 +167,21 @@ def train(
             "debugger": {"enabled": False} if no_debugger else {},
             "profiler": {"enabled": False} if no_profiler else {},
         }
-        raw = apply_overrides(merge(raw, flags), set_ or [])
-        if not raw.get("data", {}).get("path"):
-            raise ImgtuneError("no dataset given", "pass --data PATH (or data.path in --config)")
-        job = run_training_job(build_config(raw), workspace=workspace, progress=not as_json)
+        job = run_training_job(
+            build_config(_raw_config(config, flags, set_)), workspace=workspace, progress=not as_json
+        )
     _print_job_summary(job, as_json)
+
+
+def _raw_config(config: Path | None, flags: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """A raw job config: the --config file, then the flags, then --set overrides; a dataset is required."""
+    from imgtune.config import apply_overrides, load_config_file, merge
+
+    raw = load_config_file(config) if config else {}
+    raw = apply_overrides(merge(raw, flags), overrides or [])
+    if not raw.get("data", {}).get("path"):
+        raise ImgtuneError("no dataset given", "pass --data PATH (or data.path in --config)")
+    return raw
 
 
 @app.command()
@@ -617,3 +633,198 @@ def debug_plot(
     trial = open_trial(job, workspace)
     plot_tensor(trial, tensor, out_file, reduction=reduction)
     out.print(f"wrote {out_file}")
+
+
+# -- tune ------------------------------------------------------------------------------------------------
+
+
+@tune_app.callback()
+@friendly_errors
+def tune(
+    ctx: typer.Context,
+    data: Annotated[str | None, typer.Option(help="Dataset folder or s3://bucket/prefix.")] = None,
+    space: Annotated[
+        Path | None, typer.Option(help="Search space YAML \\[default: lr 0.001-0.1 log, batch size].")
+    ] = None,
+    strategy: Annotated[
+        str, typer.Option(help="bayesian (Optuna TPE) | random | grid | hyperband (ASHA).")
+    ] = "bayesian",
+    max_trials: Annotated[int, typer.Option(help="Trials to run (grid: every combination).")] = 8,
+    max_parallel: Annotated[int, typer.Option(help="Trials running at once.")] = 2,
+    objective: Annotated[
+        str, typer.Option(help="valid_accuracy (maximised) or valid_loss (minimised).")
+    ] = "valid_accuracy",
+    early_stopping: Annotated[str, typer.Option(help="Stop poor trials early: none | median | asha.")] = "none",
+    cpus_per_trial: Annotated[float, typer.Option(help="CPUs each trial reserves.")] = 1.0,
+    gpus_per_trial: Annotated[float, typer.Option(help="GPUs each trial reserves.")] = 0.0,
+    time_budget: Annotated[float | None, typer.Option(help="Stop starting trials after this many seconds.")] = None,
+    stop_after: Annotated[
+        int | None, typer.Option(help="Stop after this many finished trials without a better objective.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the searcher.")] = 0,
+    ray_address: Annotated[
+        str | None, typer.Option(help="An existing Ray cluster (e.g. 127.0.0.1:6379) \\[default: in-process Ray].")
+    ] = None,
+    warm_start: Annotated[
+        list[str] | None, typer.Option(help="Earlier tuning job whose trials seed the searcher (repeatable).")
+    ] = None,
+    backbone: Annotated[str | None, typer.Option(help="torchvision or timm model \\[default: resnet50].")] = None,
+    weights: Annotated[str | None, typer.Option(help="Local state dict for the backbone.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per trial \\[default: 10].")] = None,
+    name: Annotated[str | None, typer.Option(help="Tuning job name \\[default: tune-TIME].")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML job config every trial starts from.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key of the trials' config.")] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue a tuning job whose driver was killed.")] = None,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Tune hyperparameters: each trial is a training job inside the tuning job, judged on the validation split
+    (never the test split). With a frozen backbone all trials share one feature cache, computed first.
+    `imgtune tune show JOB` lists the trials; `imgtune tune best JOB --train` trains the final model."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from imgtune.tuning.job import TuneOptions, run_tuning_job
+    from imgtune.tuning.space import load_space
+
+    if resume:
+        job = run_tuning_job(workspace=workspace, resume=resume, progress=not as_json)
+    else:
+        if data is None and config is None:
+            raise ImgtuneError("no dataset given", "pass --data PATH")
+        flags = {
+            "data": {"path": data},
+            "model": {"backbone": backbone, "weights": weights},
+            "train": {"epochs": epochs},
+            # Trials record what tuning needs; the final training (tune best --train) has debugger and profiler on.
+            "debugger": {"enabled": False},
+            "profiler": {"enabled": False, "report": False},
+        }
+        options = TuneOptions(
+            base=_raw_config(config, flags, set_),
+            space=load_space(space).to_dict(),
+            strategy=strategy,
+            max_trials=max_trials,
+            max_parallel=max_parallel,
+            objective=objective,
+            early_stopping=early_stopping,
+            cpus_per_trial=cpus_per_trial,
+            gpus_per_trial=gpus_per_trial,
+            time_budget_s=time_budget,
+            stop_after_no_improvement=stop_after,
+            seed=seed,
+            ray_address=ray_address,
+            warm_start=warm_start or [],
+            name=name,
+        )
+        job = run_tuning_job(options, workspace=workspace, progress=not as_json)
+    _print_tuning(job, as_json)
+
+
+def _tuning_summary(job: Any) -> dict[str, Any]:
+    record = job.read()
+    return {
+        "job": job.name,
+        "path": str(job.path),
+        "status": job.status(),
+        "strategy": record.get("options", {}).get("strategy"),
+        "objective": record.get("options", {}).get("objective"),
+        "seconds": record.get("seconds"),
+        "feature_cache_seconds": record.get("feature_cache_seconds"),
+        "best": record.get("best"),
+        "trials": record.get("trials", []),
+    }
+
+
+def _print_tuning(job: Any, as_json: bool) -> None:
+    summary = _tuning_summary(job)
+    if as_json:
+        print_json(summary)
+        return
+    objective = summary["objective"]
+    table = Table(title=f"tuning job {job.name}: {summary['status']} ({summary['strategy']})", title_justify="left")
+    keys = sorted({k for t in summary["trials"] for k in t.get("hyperparameters", {})})
+    short = [k.rsplit(".", 1)[-1] for k in keys]
+    headers = short if len(set(short)) == len(short) else keys  # "lr" unless two sections share a name
+    table.add_column("trial", no_wrap=True)
+    for column in (*headers, objective.replace("valid_", "valid "), "status", "epochs", "seconds"):
+        table.add_column(column, justify="left" if column == "status" else "right")
+    for t in summary["trials"]:
+        values = t.get("hyperparameters", {})
+        table.add_row(
+            t["trial"],
+            *(_fmt(values.get(k), 4) if isinstance(values.get(k), float) else str(values.get(k)) for k in keys),
+            _fmt(t.get("objective")),
+            t["status"],
+            str(t.get("epochs")),
+            _fmt(t.get("seconds"), 1),
+        )
+    out.print(table)
+    best = summary["best"]
+    if best:
+        out.print(
+            f"best: {best['trial']} {objective} {_fmt(best['objective'])} with "
+            + ", ".join(f"{k}={v!r}" for k, v in best["hyperparameters"].items())
+        )
+        out.print(f"train the final model with: imgtune tune best {job.name} --train")
+    errored = [t for t in summary["trials"] if t["status"] == "errored"]
+    for t in errored:
+        last = (t.get("error") or "").strip().splitlines()[-1:] or ["?"]
+        err.print(f"[red]{t['trial']} errored:[/] {last[0]} (traceback: imgtune tune show {job.name} --json)")
+
+
+@tune_app.command("show")
+@friendly_errors
+def tune_show(
+    job: Annotated[str, typer.Argument(help="Tuning job name or path.")],
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The trials of a tuning job, best first: hyperparameters, objective, status, epochs, duration."""
+    _print_tuning(_open_tuning_job(job, workspace), as_json)
+
+
+def _open_tuning_job(name: str, workspace: Path | None) -> Any:
+    from imgtune.jobs import Job
+
+    handle = Job.open(name, workspace)
+    if handle.read().get("kind") != "tuning":
+        raise ImgtuneError(f"{handle.name} is not a tuning job", "`imgtune jobs` lists jobs and their kinds")
+    return handle
+
+
+@tune_app.command("best")
+@friendly_errors
+def tune_best(
+    job: Annotated[str, typer.Argument(help="Tuning job name or path.")],
+    train_final: Annotated[
+        bool, typer.Option("--train", help="Train the final model with them (debugger and profiler on).")
+    ] = False,
+    name: Annotated[str | None, typer.Option(help="Name of the final training job.")] = None,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The best hyperparameters of a tuning job (with their real types); --train trains the final model."""
+    from imgtune.config import build_config
+
+    handle = _open_tuning_job(job, workspace)
+    record = handle.read()
+    best = record.get("best")
+    if not best:
+        raise ImgtuneError(f"tuning job {handle.name} has no finished trial", "see `imgtune tune show`")
+    if not train_final:
+        if as_json:
+            print_json(best)
+        else:
+            out.print(", ".join(f"{k}={v!r}" for k, v in best["hyperparameters"].items()))
+        return
+    from imgtune.training.job import run_training_job
+    from imgtune.tuning.space import apply_values
+
+    raw = apply_values(record["options"]["base"], best["hyperparameters"])
+    raw["name"] = name or f"{handle.name}-best"
+    raw["debugger"] = {k: v for k, v in raw.get("debugger", {}).items() if k != "enabled"}
+    raw["profiler"] = {k: v for k, v in raw.get("profiler", {}).items() if k not in ("enabled", "report")}
+    raw.setdefault("train", {})["evaluate_test"] = True
+    final = run_training_job(build_config(raw), workspace=handle.path.parent, progress=not as_json)
+    handle.update(final_job=final.name)
+    _print_job_summary(final, as_json)

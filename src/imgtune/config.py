@@ -93,6 +93,9 @@ class TrainConfig(_Section):
     deterministic: bool = Field(False, description="Deterministic algorithms (slower, bit-reproducible).")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     feature_cache: bool = Field(True, description="Train the head on cached features when the backbone is frozen.")
+    evaluate_test: bool = Field(
+        True, description="Evaluate the test split at the end (tuning trials never do: they must not see it)."
+    )
     augment_views: int = Field(
         0, ge=0, le=32, description="Augmented views cached per training image (frozen backbone mode)."
     )

@@ -196,6 +196,18 @@ def setup_training(
     return TrainingSetup(model, loaders, "images")
 
 
+def warm_feature_cache(config: JobConfig, *, progress: bool = True) -> bool:
+    """Compute (or find) the feature cache a job with `config` would use, without training; False when the job
+    would train on images. Tuning jobs call this once, so that all trials share one cache."""
+    if config.model.freeze != "backbone" or not config.train.feature_cache:
+        return False
+    data = prepare_data(config.data, progress=progress)
+    model = build_model(config, data.num_classes)
+    preprocessing = model.preprocessing(config.data.image_size)
+    setup_training(model, data, preprocessing, config, resolve_device(config.train.device), progress=progress)
+    return True
+
+
 def run_training_job(
     config: JobConfig | None = None,
     *,
@@ -403,7 +415,7 @@ def _run(
         "best": _best_record(trainer.history, stopper.best_epoch if restored else None),
         "callback_failures": trainer.runner.failures,
     }
-    if "test" in setup.loaders:
+    if "test" in setup.loaders and cfg.evaluate_test:
         test = trainer.evaluate("test", confusion=True)
         results["test"] = {
             **test.summary(),
