@@ -15,9 +15,12 @@ head training. Strategies: bayesian (Optuna's TPE through OptunaSearch), random,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import re
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -29,7 +32,7 @@ import optuna
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
-from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
@@ -173,7 +176,7 @@ def _search_and_scheduler(options: TuneOptions, space: SearchSpace, warm: list[t
             points_to_evaluate=points,
             evaluated_rewards=rewards,
         )
-        return ConcurrencyLimiter(search, max_concurrent=options.max_parallel), scheduler
+        return search, scheduler  # TuneConfig.max_concurrent_trials limits it
     points = [space.samples(values) for values, _ in warm] if options.strategy != "grid" else None
     return BasicVariantGenerator(random_state=options.seed, points_to_evaluate=points or None), scheduler
 
@@ -209,6 +212,8 @@ class NoImprovementStopper(Stopper):
 
 
 def _ray_init(address: str | None) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no experiment tables: imgtune shows its own progress
     for name in ("ray", "ray.tune", "ray.train"):  # where results are, TensorBoard hints: imgtune says its own
         logging.getLogger(name).setLevel(logging.WARNING)
     if ray.is_initialized():
@@ -354,7 +359,8 @@ def _run(
                 verbose=0,
             ),
         )
-    grid_results = tuner.fit()
+    with contextlib.redirect_stdout(sys.stderr):  # Ray's own tables would spoil --json on stdout
+        grid_results = tuner.fit()
     trials = collect_trials(job, options, space, grid_results)
     job.update(trials=trials, best=best_of(trials))
     return {"trials_count": len(trials), "best": best_of(trials)}
@@ -407,8 +413,8 @@ def collect_trials(job: Job, options: TuneOptions, space: SearchSpace, results: 
 def _error_text(error: Any) -> str | None:
     if error is None:
         return None
-    text = str(error)
-    return text[-4000:]  # the traceback's end says what failed
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # Ray colours its task errors for terminals
+    return text[-20_000:]  # a deep traceback's end says what failed
 
 
 def sort_trials(trials: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
