@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -218,3 +219,48 @@ def test_cli_tune_show_and_train_the_best(tmp_path, dogs_mini, mobilenet_weights
     assert Job.open("search", tmp_path).read()["final_job"] == final["job"]
     bad = runner.invoke(app, ["tune", "--data", str(dogs_mini), "--strategy", "psychic", *common])
     assert bad.exit_code == 2 and "unknown strategy" in bad.output
+
+
+def test_resume_after_the_driver_is_killed(tmp_path, dogs_mini, mobilenet_weights):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    cmd = [sys.executable, "-m", "imgtune", "tune", "--data", str(dogs_mini), "--backbone", "mobilenet_v2",
+           "--weights", str(mobilenet_weights), "--epochs", "3", "--max-trials", "4", "--max-parallel", "1",
+           "--name", "killed", "--workspace", str(tmp_path), "--set", "data.num_workers=0"]  # fmt: skip
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    trials = tmp_path / "killed" / "trials"
+
+    def completed() -> dict[str, str]:
+        done = {}
+        for job_file in trials.glob("*/job.json"):
+            record = json.loads(job_file.read_text())
+            if record.get("status") == "completed":
+                done[job_file.parent.name] = record["finished"]
+        return done
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not completed():
+        time.sleep(0.2)
+    before = completed()
+    assert before, "no trial finished before the deadline"
+    family = [driver.pid, *(p.pid for p in psutil.Process(driver.pid).children(recursive=True))]
+    for pid in family:  # the driver and the local Ray it started, as if the machine had gone down
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    driver.wait()
+    assert Job.open("killed", tmp_path).status() == "interrupted"
+
+    result = runner.invoke(app, ["tune", "--resume", "killed", "--workspace", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "completed" and len(summary["trials"]) == 4
+    assert all(t["status"] == "completed" and t["epochs"] == 3 for t in summary["trials"])
+    assert len(list(trials.iterdir())) == 4  # no trial ran twice under another name
+    after = completed()
+    assert all(after[name] == finished for name, finished in before.items())  # finished trials were not re-run
