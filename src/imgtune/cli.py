@@ -683,6 +683,13 @@ def tune(
     `imgtune tune show JOB` lists the trials; `imgtune tune best JOB --train` trains the final model."""
     if ctx.invoked_subcommand is not None:
         return
+    from imgtune.tuning import use_ray_address
+
+    if resume:
+        from imgtune.jobs import Job
+
+        ray_address = Job.open(resume, workspace).read().get("options", {}).get("ray_address")
+    use_ray_address(ray_address)  # before Ray is imported
     from imgtune.tuning.job import TuneOptions, run_tuning_job
     from imgtune.tuning.space import load_space
 

@@ -40,6 +40,7 @@ from imgtune.config import build_config
 from imgtune.errors import ConfigError, JobError
 from imgtune.jobs import Job, now_iso
 from imgtune.training.callbacks import Callback, StopTraining
+from imgtune.tuning import RAY_CLUSTERS_ENV, is_loopback
 from imgtune.tuning.space import SearchSpace, apply_values, parse_space
 
 STRATEGIES = ("bayesian", "random", "grid", "hyperband")
@@ -220,6 +221,14 @@ def _ray_init(address: str | None) -> None:
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     if address:
+        from ray._private import ray_constants
+
+        if not is_loopback(address) and not ray_constants.ENABLE_RAY_CLUSTER:
+            raise ConfigError(
+                f"Ray was imported for loopback use only, so it cannot join the cluster at {address}",
+                f"call imgtune.tuning.use_ray_address({address!r}) before importing Ray (the CLI does), or set "
+                f"{RAY_CLUSTERS_ENV}=1",
+            )
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=os.cpu_count(), num_gpus=None, **kwargs)
@@ -312,6 +321,17 @@ def _run(
         job.update(feature_cache_seconds=time.perf_counter() - started)
         job.log(f"feature cache ready in {time.perf_counter() - started:.1f} s, shared by every trial")
     _ray_init(options.ray_address)
+    nodes = [
+        {
+            "address": n["NodeManagerAddress"],
+            "cpus": n.get("Resources", {}).get("CPU", 0),
+            "gpus": n.get("Resources", {}).get("GPU", 0),
+        }
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+    job.update(ray={"address": options.ray_address or "in-process", "nodes": nodes})
+    job.log(f"Ray: {options.ray_address or 'in-process'}, nodes {', '.join(n['address'] for n in nodes)}")
     context = {
         "base": options.base,
         "space": options.space,
@@ -404,6 +424,7 @@ def collect_trials(job: Job, options: TuneOptions, space: SearchSpace, results: 
                 if history is not None and "time_total_s" in history
                 else None,
                 "job": str(trial_job.relative_to(job.path)) if trial_job.exists() else None,
+                "node": (result.metrics or {}).get("node_ip"),
                 "error": _error_text(result.error),
             }
         )
