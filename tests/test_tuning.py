@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from browser import assert_rendered_offline, render_report
 from imgtune.cli import app
 from imgtune.errors import ConfigError
 from imgtune.jobs import Job
@@ -204,6 +205,11 @@ def test_cli_tune_show_and_train_the_best(tmp_path, dogs_mini, mobilenet_weights
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["status"] == "completed" and len(summary["trials"]) == 2
+    report = (tmp_path / "search" / "report.html").read_text()  # the tuning report, written at the end
+    assert "Parallel coordinates" in report and "per epoch" in report and summary["trials"][0]["trial"] in report
+    rendered = render_report(tmp_path / "search" / "report.html", "tuning-report")  # in real Chromium
+    assert_rendered_offline(rendered)
+    assert rendered.figures == 4  # objective per trial, parallel coordinates, lr vs batch size, curves
     shown = json.loads(runner.invoke(app, ["tune", "show", "search", "--json", *common]).stdout)
     assert shown["best"] == summary["best"]
     best = json.loads(runner.invoke(app, ["tune", "best", "search", "--json", *common]).stdout)

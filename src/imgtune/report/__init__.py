@@ -33,7 +33,7 @@ COLORS = {"train": "#1f77b4", "valid": "#ff7f0e", "test": "#2ca02c", "eval": "#f
 
 
 @cache
-def _plotly_js() -> str:
+def plotly_js() -> str:
     from plotly.offline import get_plotlyjs
 
     return get_plotlyjs()
@@ -50,24 +50,24 @@ def reduce_series(x: np.ndarray, y: np.ndarray, peaks: bool = False) -> tuple[np
     return xs, ys
 
 
-class _Figures:
+class Figures:
     """Builds Plotly figures as HTML divs, numbered in page order."""
 
     def __init__(self) -> None:
         self.count = 0
 
-    def div(self, fig: Any, height: int = 360) -> str:
+    def div(self, fig: Any, height: int = 360, top: int = 48) -> str:
         self.count += 1
         fig.update_layout(
             height=height,
-            margin={"l": 60, "r": 20, "t": 48, "b": 48},
+            margin={"l": 60, "r": 20, "t": top, "b": 48},
             template="plotly_white",
             legend={"orientation": "h", "y": -0.2},
         )
         return fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{self.count}", config=PLOT_CONFIG)
 
 
-def _training_curves(figures: _Figures, metrics: list[dict[str, Any]]) -> list[str]:
+def _training_curves(figures: Figures, metrics: list[dict[str, Any]]) -> list[str]:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -95,7 +95,7 @@ def _training_curves(figures: _Figures, metrics: list[dict[str, Any]]) -> list[s
     return [figures.div(fig)]
 
 
-def _test_figures(figures: _Figures, test: dict[str, Any], classes: dict[str, str]) -> list[str]:
+def _test_figures(figures: Figures, test: dict[str, Any], classes: dict[str, str]) -> list[str]:
     import plotly.graph_objects as go
 
     out = []
@@ -127,7 +127,7 @@ def _test_figures(figures: _Figures, test: dict[str, Any], classes: dict[str, st
     return out
 
 
-def _debugger_section(figures: _Figures, job: Job) -> dict[str, Any] | None:
+def _debugger_section(figures: Figures, job: Job) -> dict[str, Any] | None:
     import plotly.graph_objects as go
 
     directory = job.path / "debugger"
@@ -176,7 +176,7 @@ def _debugger_section(figures: _Figures, job: Job) -> dict[str, Any] | None:
     return {"rules": list(rules.values()), "plots": plots}
 
 
-def _profiler_section(figures: _Figures, job: Job, timings: dict[str, float]) -> dict[str, Any] | None:
+def _profiler_section(figures: Figures, job: Job, timings: dict[str, float]) -> dict[str, Any] | None:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -323,7 +323,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def build_context(job: Job) -> dict[str, Any]:
     record = job.read()
     metrics = job.read_metrics()
-    figures = _Figures()
+    figures = Figures()
     classes = {c["id"]: c.get("name") or c["id"] for c in record.get("dataset", {}).get("classes", [])}
     timings = record.get("timings", {})
     debugger = _debugger_section(figures, job)
@@ -351,7 +351,7 @@ def build_context(job: Job) -> dict[str, Any]:
         "profiler": profiler,
         "recommendations": _recommendations(profiler, debugger),
         "figure_count": figures.count,
-        "plotly_js": _plotly_js(),
+        "plotly_js": plotly_js(),
         "fmt": _fmt,
     }
 
@@ -364,7 +364,13 @@ def render_report(job: Job) -> str:
 
 
 def write_report(job: Job, out: Path | None = None) -> Path:
-    """Render the job's report to `out` (default JOB/report.html) and return its path."""
+    """Render the job's report (a training or a tuning job's) to `out` (default JOB/report.html)."""
     path = out or job.path / REPORT_FILE
-    atomic_write_text(path, render_report(job), durable=False)
+    if job.read().get("kind") == "tuning":
+        from imgtune.report.tuning import render_tuning_report
+
+        html_text = render_tuning_report(job)
+    else:
+        html_text = render_report(job)
+    atomic_write_text(path, html_text, durable=False)
     return path

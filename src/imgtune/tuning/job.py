@@ -298,6 +298,12 @@ def run_tuning_job(
         raise
     job.update(status="completed", finished=now_iso(), seconds=time.perf_counter() - started, **summary)
     job.log("completed")
+    try:
+        from imgtune.report.tuning import write_tuning_report
+
+        job.log(f"report written to {write_tuning_report(job)}")
+    except Exception as exc:  # the results stand; `imgtune report JOB` can make it again
+        job.log(f"report failed: {type(exc).__name__}: {exc}")
     return job
 
 
