@@ -179,7 +179,10 @@ def _search_and_scheduler(options: TuneOptions, space: SearchSpace, warm: list[t
         )
         return search, scheduler  # TuneConfig.max_concurrent_trials limits it
     points = [space.samples(values) for values, _ in warm] if options.strategy != "grid" else None
-    return BasicVariantGenerator(random_state=options.seed, points_to_evaluate=points or None), scheduler
+    search = BasicVariantGenerator(
+        random_state=options.seed, points_to_evaluate=points or None, max_concurrent=options.max_parallel
+    )
+    return search, scheduler
 
 
 class NoImprovementStopper(Stopper):
@@ -371,7 +374,8 @@ def _run(
                 search_alg=search,
                 scheduler=scheduler,
                 num_samples=1 if grid else options.max_trials,
-                max_concurrent_trials=options.max_parallel,
+                # OptunaSearch is limited here; the variant generator of the other strategies limits itself
+                max_concurrent_trials=options.max_parallel if options.strategy == "bayesian" else None,
                 time_budget_s=options.time_budget_s,
                 trial_name_creator=lambda trial: TRIAL_PREFIX + trial.trial_id,
                 trial_dirname_creator=lambda trial: TRIAL_PREFIX + trial.trial_id,
