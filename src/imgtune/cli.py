@@ -291,12 +291,15 @@ def jobs_list(ctx: typer.Context, workspace: WorkspaceOption = None, as_json: Js
         except ImgtuneError:
             continue
         best = record.get("best") or {}
+        config = record.get("config") or record.get("options", {}).get("base", {})  # a tuning job's trials' base
+        if record.get("kind") == "tuning" and best.get("objective_name") == "valid_accuracy":
+            best = {"valid_accuracy": best.get("objective")}
         rows.append(
             {
                 "name": job.name,
                 "status": job.status(),
                 "kind": record.get("kind", "training"),
-                "backbone": record.get("config", {}).get("model", {}).get("backbone"),
+                "backbone": config.get("model", {}).get("backbone"),
                 "epochs_run": record.get("epochs_run"),
                 "best_valid_accuracy": best.get("valid_accuracy"),
                 "test_accuracy": (record.get("test") or {}).get("accuracy"),
@@ -315,7 +318,7 @@ def jobs_list(ctx: typer.Context, workspace: WorkspaceOption = None, as_json: Js
         table.add_column(column)
     for r in rows:
         table.add_row(
-            r["name"],
+            r["name"] + (" (tuning)" if r["kind"] == "tuning" else ""),
             r["status"],
             r["backbone"] or "-",
             _fmt(r["epochs_run"]),
