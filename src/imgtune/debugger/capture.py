@@ -106,18 +106,16 @@ class DebuggerCallback(Callback):
 
     def _step_is_active(self) -> bool:
         """Does anything beyond the loss get saved at this step (the SaveConfig, or a rule's dense window)?"""
-        if self._saving:
-            return True
-        return any(
-            r.until_step is not None and self.mode == "train" and self.mode_steps["train"] < r.until_step
-            for r in self.requirements
-        )
+        return self._saving or any(r.until_step is not None and self._in_dense_window(r) for r in self.requirements)
+
+    def _in_dense_window(self, req: Requirement) -> bool:
+        return self.mode == "train" and self.mode_steps["train"] < req.until_step
 
     def _requirement_applies(self, req: Requirement, collection: str, name: str | None) -> bool:
         if req.collection != collection or (req.regex and name and not re.fullmatch(req.regex, name)):
             return False
         if req.until_step is not None:
-            return self.mode == "train" and self.mode_steps["train"] < req.until_step
+            return self._in_dense_window(req)
         return self._saving
 
     def _record(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -79,17 +80,27 @@ class ProfileData:
 
     # -- steps ------------------------------------------------------------------------------------------
 
+    @cached_property
+    def _step_columns(self) -> dict[str, np.ndarray]:
+        """The step records as columns, made once: reports and rules slice them many times."""
+        columns = {k: np.array([float(s.get(k, 0.0)) for s in self.steps]) for k in (*SEGMENTS, "total")}
+        columns["phase"] = np.array([s["phase"] for s in self.steps], dtype=object)
+        columns["epoch"] = np.array([s.get("epoch", -1) for s in self.steps])
+        return columns
+
     def step_array(self, key: str, phase: str | None = "train", epoch: int | None = None) -> np.ndarray:
-        return np.array(
-            [
-                float(s.get(key, 0.0))
-                for s in self.steps
-                if (phase is None or s["phase"] == phase) and (epoch is None or s.get("epoch") == epoch)
-            ]
-        )
+        columns = self._step_columns
+        values = columns[key] if key in columns else np.array([float(s.get(key, 0.0)) for s in self.steps])
+        mask = np.ones(len(self.steps), dtype=bool)
+        if phase is not None:
+            mask &= columns["phase"] == phase
+        if epoch is not None:
+            mask &= columns["epoch"] == epoch
+        return values[mask]
 
     def epochs(self) -> list[int]:
-        return sorted({s["epoch"] for s in self.steps if s.get("phase") == "train"})
+        columns = self._step_columns
+        return sorted({int(e) for e in columns["epoch"][columns["phase"] == "train"]})
 
     def phases(self) -> list[str]:
         return list(dict.fromkeys(s["phase"] for s in self.steps))

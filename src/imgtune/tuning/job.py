@@ -51,6 +51,7 @@ RAY_DIR = "ray"
 EXPERIMENT = "experiment"
 TRIAL_PREFIX = "trial-"
 REPORTED = ("valid_accuracy", "valid_loss", "train_accuracy", "train_loss")
+TUNER_STOP = "stopped early by the tuner's scheduler"  # a trial job's stop_reason
 
 
 @dataclass
@@ -118,7 +119,7 @@ class TuneReporter(Callback):
             tune.report(metrics)
         except SystemExit:  # Ray ends a trial its scheduler stopped by raising SystemExit in report()
             if trainer.epoch < trainer.epochs:
-                raise StopTraining("stopped early by the tuner's scheduler") from None
+                raise StopTraining(TUNER_STOP) from None
 
 
 def _shares_features(space: SearchSpace, base: dict[str, Any]) -> bool:
@@ -415,7 +416,7 @@ def collect_trials(job: Job, options: TuneOptions, space: SearchSpace, results: 
         planned = int(record.get("config", {}).get("train", {}).get("epochs", 0) or 0)
         if result.error is not None:
             status = "errored"
-        elif record.get("stop_reason") == "stopped early by the tuner's scheduler" or (
+        elif record.get("stop_reason") == TUNER_STOP or (
             planned and epochs < planned and not record.get("stop_reason")
         ):
             status = "early-stopped"
