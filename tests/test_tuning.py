@@ -195,19 +195,25 @@ def test_random_with_median_stopping_and_warm_start(tmp_path, dogs_mini, mobilen
     assert len(second.read()["trials"]) == 2
 
 
-def test_cli_tune_show_and_train_the_best(tmp_path, dogs_mini, mobilenet_weights):
-    common = ["--workspace", str(tmp_path)]
+def test_cli_tune_show_and_train_the_best(tmp_path, dogs_mini, mobilenet_weights, monkeypatch):
+    # relative paths, as a user types them: trials run in Ray workers with another working directory
+    monkeypatch.chdir(tmp_path)
+    Path("dogs").symlink_to(dogs_mini)
+    Path("backbone.pth").symlink_to(mobilenet_weights)
+    common = ["--workspace", "runs"]
     result = runner.invoke(
         app,
-        ["tune", "--data", str(dogs_mini), "--backbone", "mobilenet_v2", "--weights", str(mobilenet_weights),
+        ["tune", "--data", "dogs", "--backbone", "mobilenet_v2", "--weights", "backbone.pth",
          "--epochs", "2", "--max-trials", "2", "--strategy", "random", "--name", "search", "--json", *common],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["status"] == "completed" and len(summary["trials"]) == 2
-    report = (tmp_path / "search" / "report.html").read_text()  # the tuning report, written at the end
+    assert {t["status"] for t in summary["trials"]} == {"completed"}
+    runs = tmp_path / "runs"
+    report = (runs / "search" / "report.html").read_text()  # the tuning report, written at the end
     assert "Parallel coordinates" in report and "per epoch" in report and summary["trials"][0]["trial"] in report
-    rendered = render_report(tmp_path / "search" / "report.html", "tuning-report")  # in real Chromium
+    rendered = render_report(runs / "search" / "report.html", "tuning-report")  # in real Chromium
     assert_rendered_offline(rendered)
     assert rendered.figures == 4  # objective per trial, parallel coordinates, lr vs batch size, curves
     shown = json.loads(runner.invoke(app, ["tune", "show", "search", "--json", *common]).stdout)
@@ -217,14 +223,27 @@ def test_cli_tune_show_and_train_the_best(tmp_path, dogs_mini, mobilenet_weights
     result = runner.invoke(app, ["tune", "best", "search", "--train", "--json", *common])
     assert result.exit_code == 0, result.output
     final = json.loads(result.stdout)
-    record = Job.open(final["job"], tmp_path).read()
+    record = Job.open(final["job"], runs).read()
     assert record["config"]["train"]["lr"] == best["hyperparameters"]["train.lr"]
     assert record["config"]["debugger"]["enabled"] and record["config"]["profiler"]["enabled"]
     assert final["test"]["samples"] == 100 and final["report"]  # the final model is tested, and reported
     assert not math.isnan(final["best"]["valid_accuracy"])
-    assert Job.open("search", tmp_path).read()["final_job"] == final["job"]
+    assert Job.open("search", runs).read()["final_job"] == final["job"]
     bad = runner.invoke(app, ["tune", "--data", str(dogs_mini), "--strategy", "psychic", *common])
     assert bad.exit_code == 2 and "unknown strategy" in bad.output
+
+
+def test_trials_say_when_a_cluster_node_lacks_the_shared_paths(tmp_path, dogs_mini):
+    from imgtune.errors import JobError
+    from imgtune.tuning.job import require_shared_paths, with_absolute_paths
+
+    base = with_absolute_paths({"data": {"path": "s3://bucket/dogs"}, "model": {"weights": "w.pth"}})
+    assert base["data"]["path"] == "s3://bucket/dogs" and base["model"]["weights"] == str(Path.cwd() / "w.pth")
+    context = {"trials_dir": str(tmp_path), "cache": str(tmp_path / "not-mounted"), "features_shared": False}
+    require_shared_paths({**context, "base": {"data": {"path": str(dogs_mini)}}})  # all there
+    with pytest.raises(JobError, match="not-mounted not found") as error:
+        require_shared_paths({**context, "features_shared": True, "base": base})
+    assert "every node mounts" in error.value.hint
 
 
 def test_resume_after_the_driver_is_killed(tmp_path, dogs_mini, mobilenet_weights):

@@ -39,14 +39,14 @@ STATUSES = ("running", "completed", "failed", "stopped", "interrupted")
 
 
 def workspace_dir(workspace: str | Path | None = None) -> Path:
-    """The workspace: the argument, else $IMGTUNE_WORKSPACE, else ./imgtune-runs."""
-    return Path(workspace or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE).expanduser()
+    """The workspace (absolute): the argument, else $IMGTUNE_WORKSPACE, else ./imgtune-runs."""
+    return Path(workspace or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE).expanduser().absolute()
 
 
 def cache_dir() -> Path:
     """Where features, checks and copies of remote datasets are kept: $IMGTUNE_CACHE or ~/.cache/imgtune."""
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imgtune"
-    return Path(os.environ.get(CACHE_ENV) or default).expanduser()
+    return Path(os.environ.get(CACHE_ENV) or default).expanduser().absolute()
 
 
 def _umask() -> int:

@@ -24,7 +24,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
 from imgtune.config import build_config
+from imgtune.data.sources import is_remote
 from imgtune.errors import ConfigError, JobError
 from imgtune.jobs import Job, now_iso
 from imgtune.training.callbacks import Callback, StopTraining
@@ -132,6 +133,42 @@ def _shares_features(space: SearchSpace, base: dict[str, Any]) -> bool:
     return model.get("freeze", "backbone") == "backbone" and base.get("train", {}).get("feature_cache", True)
 
 
+def with_absolute_paths(base: dict[str, Any]) -> dict[str, Any]:
+    """The job config with local paths made absolute: trials run in Ray workers elsewhere (another working
+    directory, or another node that mounts the same paths)."""
+    base = {section: dict(values) if isinstance(values, dict) else values for section, values in base.items()}
+
+    def absolute(path: str) -> str:
+        return path if is_remote(path) else str(Path(path).expanduser().absolute())
+
+    for section, key in (("data", "path"), ("model", "weights")):
+        if isinstance(base.get(section), dict) and base[section].get(key):
+            base[section][key] = absolute(base[section][key])
+    if isinstance(base.get("debugger"), dict) and base["debugger"].get("rule_files"):
+        base["debugger"]["rule_files"] = [absolute(path) for path in base["debugger"]["rule_files"]]
+    return base
+
+
+def require_shared_paths(context: dict[str, Any]) -> None:
+    """A trial on a cluster node writes into the tuning job and reads its data and feature cache: those
+    paths must be mounted on every node. Say so plainly rather than fail somewhere inside training."""
+    needed = [context["trials_dir"]]
+    if context.get("features_shared"):
+        needed.append(context["cache"])
+    data_path = context["base"].get("data", {}).get("path")
+    if data_path and not is_remote(data_path):
+        needed.append(data_path)
+    missing = [path for path in needed if not Path(path).is_dir()]
+    if missing:
+        node = ray.util.get_node_ip_address() if ray.is_initialized() else "this node"
+        raise JobError(
+            f"{', '.join(missing)} not found on {node}",
+            "trials on a Ray cluster use the tuning job's directory, the dataset and the feature cache where the "
+            "driver has them: put the workspace, the data and IMGTUNE_CACHE on a path every node mounts (NFS, a "
+            "shared volume), or the data on s3://",
+        )
+
+
 def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     """One trial: a training job with the trial's hyperparameters, reporting every epoch."""
     import torch
@@ -141,6 +178,7 @@ def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     space = parse_space(context["space"])
     values = space.values(config)
     trial_name = TRIAL_PREFIX + tune.get_context().get_trial_id()
+    require_shared_paths(context)
     trials_dir = Path(context["trials_dir"])
     torch.set_num_threads(max(1, int(context["cpus_per_trial"])))
     if context.get("cache"):
@@ -233,9 +271,28 @@ def _ray_init(address: str | None) -> None:
                 f"call imgtune.tuning.use_ray_address({address!r}) before importing Ray (the CLI does), or set "
                 f"{RAY_CLUSTERS_ENV}=1",
             )
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as exc:
+            raise JobError(
+                f"could not connect to the Ray cluster at {address}: {_connection_failure(exc)}",
+                f"check it is up (`ray status --address {address}`); a cluster with token authentication needs its "
+                "token here too: RAY_AUTH_MODE=token with RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or ~/.ray/auth_token)",
+            ) from exc
     else:
         ray.init(num_cpus=os.cpu_count(), num_gpus=None, **kwargs)
+
+
+def _connection_failure(exc: BaseException) -> str:
+    """Why ray.init could not connect, in a line (Ray wraps the reason, as text, in two other exceptions)."""
+    chain = []
+    while exc is not None and len(chain) < 10:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    text = "\n".join(str(e) for e in chain)
+    if "InvalidAuthToken" in text or "AuthenticationError" in text:
+        return "it refused this driver's authentication token (missing or not the cluster's)"
+    return (str(chain[-1]).strip() or type(chain[-1]).__name__).splitlines()[0]
 
 
 def warm_start_points(jobs: list[str], workspace: str | Path | None, space: SearchSpace, objective: str) -> list:
@@ -272,6 +329,8 @@ def run_tuning_job(
         options = TuneOptions(**record["options"])
     elif options is None:
         raise ConfigError("run_tuning_job needs options or a job to resume")
+    else:
+        options = replace(options, base=with_absolute_paths(options.base))
     space = options.validate()
     if resume is None:
         warm = warm_start_points(options.warm_start, workspace, space, options.objective)
@@ -325,12 +384,13 @@ def _run(
 
     trials_dir = job.path / TRIALS_DIR
     trials_dir.mkdir(exist_ok=True)
-    if _shares_features(space, options.base):
+    _ray_init(options.ray_address)  # first: a wrong address or a missing token fails before any work
+    features_shared = _shares_features(space, options.base)
+    if features_shared:
         started = time.perf_counter()
         warm_feature_cache(build_config(options.base), progress=progress)
         job.update(feature_cache_seconds=time.perf_counter() - started)
         job.log(f"feature cache ready in {time.perf_counter() - started:.1f} s, shared by every trial")
-    _ray_init(options.ray_address)
     nodes = [
         {
             "address": n["NodeManagerAddress"],
@@ -349,6 +409,7 @@ def _run(
         "objective": options.objective,
         "cpus_per_trial": options.cpus_per_trial,
         "cache": str(cache_dir()),
+        "features_shared": features_shared,
     }
     trainable = tune.with_resources(
         tune.with_parameters(_trial, context=context),
