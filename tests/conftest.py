@@ -80,3 +80,56 @@ def mobilenet_weights(shared: Path) -> Path:
     if not path.is_file():
         pytest.fail(f"MobileNetV2 weights not found at {path}; the shared folder is incomplete", pytrace=False)
     return path
+
+
+# -- S3: moto's server mode on 127.0.0.1 -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's S3 server in a subprocess on 127.0.0.1; yields its endpoint URL."""
+    import sys
+
+    from servers import running_server, without_proxies
+
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    command = lambda port: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]  # noqa: E731
+    with running_server(command, "/", log, env=without_proxies()) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def s3_env(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """AWS settings for this module: the moto endpoint, fake credentials, no proxies, no user AWS files.
+
+    Nothing of imgtune, fsspec, s3fs or botocore is mocked: the endpoint comes from AWS_ENDPOINT_URL, as it
+    would for a user's MinIO or S3, and every request goes over HTTP to 127.0.0.1 only.
+    """
+    import s3fs
+
+    from servers import PROXY_VARS
+
+    aws_home = tmp_path_factory.mktemp("aws-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ENDPOINT_URL", s3_server)
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_CONFIG_FILE", str(aws_home / "config"))
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(aws_home / "credentials"))
+        for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", *PROXY_VARS):
+            mp.delenv(name, raising=False)
+        # fsspec keeps S3FileSystem instances (and their endpoint) across calls: start and end clean.
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            yield s3_server
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def s3_client(s3_env: str):
+    """A boto3 S3 client for the moto server."""
+    import boto3
+
+    return boto3.client("s3")  # endpoint and credentials from the environment, as s3fs gets them

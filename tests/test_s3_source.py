@@ -8,13 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,98 +29,6 @@ PER_SPLIT = {"train": 4, "valid": 2, "test": 2}
 BAD_FILE = "train/001.Shih-Tzu/notes.jpg"
 BAD_TEXT = b"These are my notes about the dogs, not a picture.\n" * 4
 SOURCE_RECORD = ".imgtune-source.json"  # written by resolve_source next to the copied files
-PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
-
-
-# --------------------------------------------------------------------------- the S3 server
-
-
-def _free_port() -> int:
-    """A free port on 127.0.0.1 at or above 20000 (10002-19999 is kept for Ray's workers)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port >= 20000:
-            return port
-    raise RuntimeError("no free port >= 20000 on 127.0.0.1")
-
-
-def _answers_http(url: str) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
-    try:
-        opener.open(url, timeout=1).close()
-    except urllib.error.HTTPError:
-        return True  # any HTTP answer means the server is up
-    except OSError:
-        return False
-    return True
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """moto's S3 server in a subprocess on 127.0.0.1; yields its endpoint URL."""
-    log_path = tmp_path_factory.mktemp("moto") / "server.log"
-    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
-    for _attempt in range(3):  # the port is free when picked but could be taken before moto binds it
-        port = _free_port()
-        endpoint = f"http://127.0.0.1:{port}"
-        with log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        deadline = time.monotonic() + 20
-        while proc.poll() is None and time.monotonic() < deadline and not _answers_http(endpoint):
-            time.sleep(0.1)
-        if proc.poll() is None and _answers_http(endpoint):
-            break
-        proc.kill()
-        proc.wait()
-    else:
-        pytest.fail(f"moto server did not start; its log:\n{log_path.read_text()[-3000:]}", pytrace=False)
-    try:
-        yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.fixture(scope="module")
-def s3_env(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """AWS settings for this module: the moto endpoint, fake credentials, no proxies, no user AWS files."""
-    import s3fs
-
-    aws_home = tmp_path_factory.mktemp("aws-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ENDPOINT_URL", s3_server)
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_CONFIG_FILE", str(aws_home / "config"))
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(aws_home / "credentials"))
-        for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", *PROXY_VARS):
-            mp.delenv(name, raising=False)
-        # fsspec keeps S3FileSystem instances (and their endpoint) across calls: start and end clean.
-        s3fs.S3FileSystem.clear_instance_cache()
-        try:
-            yield s3_server
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-
-
-@pytest.fixture(scope="module")
-def s3_client(s3_env: str) -> Any:
-    """A boto3 S3 client for the moto server."""
-    import boto3
-
-    return boto3.client("s3")  # endpoint and credentials from the environment, as s3fs gets them
 
 
 @pytest.fixture(scope="module")

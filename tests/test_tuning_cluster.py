@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,20 +24,9 @@ import psutil
 import pytest
 
 from imgtune.jobs import Job
+from servers import free_port
 
 RAY = Path(sys.executable).with_name("ray")
-
-
-def free_port(low: int = 20000, high: int = 30000) -> int:
-    """A free TCP port on 127.0.0.1 outside Ray's worker port range (10002-19999)."""
-    for port in range(low, high):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port")
 
 
 def kill_tree(pid: int) -> None:

@@ -838,3 +838,147 @@ def tune_best(
     final = run_training_job(build_config(raw), workspace=handle.path.parent, progress=not as_json)
     handle.update(final_job=final.name)
     _print_job_summary(final, as_json)
+
+
+# -- serving ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly_errors
+def deploy(
+    job: Annotated[str, typer.Argument(help="Job name or path (or a model bundle directory).")],
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    backend: Annotated[str, typer.Option(help="torch, or onnx (ONNX Runtime; exported and checked first).")] = "torch",
+    max_batch_size: Annotated[int, typer.Option(help="Most images per forward pass.")] = 32,
+    max_batch_delay_ms: Annotated[float, typer.Option(help="Longest wait for a batch to fill.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Most images waiting; beyond it requests get 503.")] = 256,
+    max_payload_mb: Annotated[float, typer.Option(help="Largest request body (413 beyond it).")] = 6.0,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="IMGTUNE_API_KEY", help="Require this key (X-API-Key or Bearer).")
+    ] = None,
+    allow_url_scheme: Annotated[
+        list[str] | None,
+        typer.Option("--allow-url-scheme", help='Also fetch {"url": ...} images with this scheme (s3 always).'),
+    ] = None,
+    endpoint_name: Annotated[
+        str | None, typer.Option(help="Name in /endpoints/NAME/invocations \\[default: the job's name].")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="Inference threads \\[default: the backend's choice].")] = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Serve a job's model over HTTP (FastAPI on uvicorn), speaking the managed endpoint's protocol:
+    POST /invocations (images, multipart, JSON with base64 or s3:// URLs; boto3's sagemaker-runtime client
+    works), GET /ping, /health/live, /health/ready, /metrics (Prometheus) and a page at / to try a photo."""
+    from imgtune.serving.app import ServeOptions
+    from imgtune.serving.server import serve
+
+    schemes = tuple(dict.fromkeys(["s3", *(s.lower().removesuffix("://") for s in allow_url_scheme or [])]))
+    options = ServeOptions(
+        backend=backend,
+        max_batch_size=max_batch_size,
+        max_batch_delay_ms=max_batch_delay_ms,
+        max_queue=max_queue,
+        max_payload_bytes=int(max_payload_mb * 1024 * 1024),
+        api_key=api_key,
+        allowed_url_schemes=schemes,
+        endpoint_name=endpoint_name,
+        threads=threads,
+    )
+    err.print(f"serving {job} on http://{host}:{port} ({backend}); Ctrl-C stops it", highlight=False)
+    serve(job, options, host=host, port=port, workspace=workspace)
+
+
+def _print_predictions(results: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print_json(results)
+        return
+    for result in results:
+        if "error" in result:
+            out.print(f"[bold]{result['file']}[/]: [red]{result['error']}[/]", highlight=False)
+            continue
+        table = Table(title=result["file"], title_justify="left", show_edge=False)
+        for column in ("class", "probability"):
+            table.add_column(column, justify="right" if column == "probability" else "left")
+        for item in result["classes"]:
+            table.add_row(item["label"], f"{item['probability']:.4f}")
+        out.print(table)
+
+
+@app.command()
+@friendly_errors
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    job: Annotated[str | None, typer.Option(help="Predict in-process with this job's model.")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="Or ask a running endpoint (http://127.0.0.1:8080).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes to show per image.")] = 5,
+    api_key: Annotated[str | None, typer.Option(envvar="IMGTUNE_API_KEY", help="The endpoint's API key.")] = None,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The top-k classes of each image, from a job's model (--job) or a running endpoint (--endpoint).
+    A file that is not a usable image is reported, and the others are still classified (exit code 1)."""
+    from imgtune.data.check import BadImage, decode_image
+
+    if (job is None) == (endpoint is None):
+        raise ImgtuneError("say where the model is", "pass --job JOB or --endpoint URL (one of them)")
+    if top_k < 1:
+        raise ImgtuneError("--top-k must be at least 1")
+    results: list[dict[str, Any]] = []
+    if endpoint is not None:
+        from imgtune.serving.client import EndpointClient
+
+        client = EndpointClient(endpoint, api_key)
+        for path in images:
+            try:
+                results.append({"file": str(path), "classes": client.predict_file(path, top_k)})
+            except OSError as exc:
+                results.append({"file": str(path), "error": f"unreadable: {exc.strerror or exc}"})
+            except ImgtuneError as exc:
+                if "answered 4" not in exc.message:
+                    raise  # the endpoint is down or broken: no point going on
+                results.append({"file": str(path), "error": exc.message})
+    else:
+        from imgtune.serving.predictor import Predictor
+
+        predictor = Predictor.load(job, workspace=workspace)
+        for path in images:
+            try:
+                with decode_image(path.read_bytes(), 64_000_000, path.suffix.lower()) as image:
+                    results.append({"file": str(path), "classes": predictor.predict([image], top_k)[0]})
+            except BadImage as exc:
+                results.append({"file": str(path), "error": str(exc)})
+            except OSError as exc:
+                results.append({"file": str(path), "error": f"unreadable: {exc.strerror or exc}"})
+    _print_predictions(results, as_json)
+    if any("error" in result for result in results):
+        raise typer.Exit(1)
+
+
+@app.command("batch-transform")
+@friendly_errors
+def batch_transform_command(
+    job: Annotated[str, typer.Argument(help="Job name or path (or a model bundle directory).")],
+    source: Annotated[str, typer.Argument(help="Folder of images or s3:// prefix.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="FILE.csv or FILE.jsonl (appended to, resumable).")],
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes per image.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    backend: Annotated[str, typer.Option(help="torch or onnx.")] = "torch",
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Classify every file under a folder or s3:// prefix into a CSV or JSON Lines file. Bad files become rows
+    with the reason; a killed run, started again, skips what is already in the output."""
+    from imgtune.serving.batch_transform import batch_transform, output_format
+    from imgtune.serving.predictor import Predictor
+
+    output_format(output)
+    predictor = Predictor.load(job, backend=backend, workspace=workspace)
+    summary = batch_transform(predictor, source, output, top_k=top_k, batch_size=batch_size, progress=not as_json)
+    if as_json:
+        print_json(summary.to_dict())
+        return
+    out.print(
+        f"{summary.predicted} images classified, {summary.failed} unreadable (rows with the reason), "
+        f"{summary.already_done} already done earlier; {summary.output} in {summary.seconds:.1f} s"
+    )

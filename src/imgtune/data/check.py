@@ -113,6 +113,47 @@ class CheckReport:
         }
 
 
+class BadImage(ValueError):
+    """Bytes that are not a usable image; the message says why (not an image, truncated, too large ...)."""
+
+
+def decode_image(data: bytes, max_pixels: int, suffix: str = "") -> Image.Image:
+    """Fully decode image bytes in a supported format, refusing images over `max_pixels` before decoding them.
+
+    Raises:
+        BadImage: the reason, worded for a person (a data check's problem, an endpoint's 400).
+    """
+    if not data:
+        raise BadImage("zero-byte file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning: we apply our own limit below
+        saved_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if img.format not in SUPPORTED_FORMATS:
+                raise BadImage(f"unsupported format {img.format} (supported: {', '.join(SUPPORTED_FORMATS)})")
+            if width * height > max_pixels:
+                raise BadImage(
+                    f"declared size {width}x{height} exceeds the limit of {max_pixels:,} pixels "
+                    "(possible decompression bomb)"
+                )
+            img.load()
+            return img
+        except BadImage:
+            raise
+        except UnidentifiedImageError:
+            mismatch = f" (content does not match its {suffix} name)" if suffix else ""
+            raise BadImage("not an image" + mismatch) from None
+        except OSError as exc:
+            text = str(exc)
+            raise BadImage(("truncated image: " if "truncated" in text else "corrupt image: ") + text) from None
+        except Exception as exc:  # decoders raise assorted errors on garbage
+            raise BadImage(f"corrupt image: {type(exc).__name__}: {exc}") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved_limit
+
+
 def inspect_file(path: str | Path, max_pixels: int) -> FileInfo:
     """Open and fully decode one file; say what is wrong with it, if anything."""
     path = Path(path)
@@ -121,34 +162,11 @@ def inspect_file(path: str | Path, max_pixels: int) -> FileInfo:
     except OSError as exc:
         return FileInfo(str(path), 0, problem=f"unreadable file: {exc.strerror or exc}")
     info = FileInfo(str(path), len(data), sha1=hashlib.sha1(data).hexdigest())
-    if not data:
-        info.problem = "zero-byte file"
-        return info
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning: we apply our own limit below
-        saved_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                info.format, info.mode, (info.width, info.height) = img.format or "", img.mode, img.size
-                if info.format not in SUPPORTED_FORMATS:
-                    info.problem = f"unsupported format {info.format} (supported: {', '.join(SUPPORTED_FORMATS)})"
-                elif info.width * info.height > max_pixels:
-                    info.problem = (
-                        f"declared size {info.width}x{info.height} exceeds the limit of {max_pixels:,} pixels "
-                        "(possible decompression bomb)"
-                    )
-                else:
-                    img.load()
-        except UnidentifiedImageError:
-            suffix = path.suffix.lower()
-            info.problem = "not an image" + (f" (content does not match its {suffix} name)" if suffix else "")
-        except OSError as exc:
-            text = str(exc)
-            info.problem = ("truncated image: " if "truncated" in text else "corrupt image: ") + text
-        except Exception as exc:  # decoders raise assorted errors on garbage
-            info.problem = f"corrupt image: {type(exc).__name__}: {exc}"
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved_limit
+    try:
+        with decode_image(data, max_pixels, path.suffix.lower()) as img:
+            info.format, info.mode, (info.width, info.height) = img.format or "", img.mode, img.size
+    except BadImage as exc:
+        info.problem = str(exc)
     return info
 
 

@@ -1,0 +1,373 @@
+"""The HTTP endpoint: FastAPI on uvicorn, speaking the managed platform's container contract.
+
+- `GET /ping` (200 once the model is loaded, 503 before), `GET /health/live`, `GET /health/ready`;
+- `POST /invocations` and `POST /endpoints/{name}/invocations` (what boto3's sagemaker-runtime client calls);
+- `GET /metrics` (Prometheus), `GET /` (a page to try a photo).
+
+The model loads in a worker thread after the server starts; concurrent requests' images are batched
+(imgtune.serving.batching). Every error is a JSON body `{"error": {"status": ..., "message": ...}, "message": ...}`
+(the top-level message and an x-amzn-ErrorType header are what boto3 reads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+
+from imgtune.data.check import BadImage, decode_image
+from imgtune.errors import ConfigError
+from imgtune.serving.batching import DynamicBatcher, QueueFull
+from imgtune.serving.inputs import (
+    ACCEPTED_TYPES,
+    CUSTOM_ATTRIBUTES,
+    JSON_TYPE,
+    MULTIPART_TYPE,
+    RAW_IMAGE_TYPES,
+    RequestError,
+    custom_attributes,
+    fetch_url,
+    json_instances,
+    media_type,
+    parse_options,
+)
+from imgtune.serving.predictor import BACKENDS, Predictor
+
+log = logging.getLogger("imgtune.serving")
+TEMPLATES = Path(__file__).parent / "templates"
+DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class ServeOptions:
+    """How an endpoint serves; the defaults follow the managed endpoint where it has one (6 MB payloads)."""
+
+    backend: str = "torch"
+    max_batch_size: int = 32
+    max_batch_delay_ms: float = 5.0
+    max_queue: int = 256  # images waiting for the model; beyond it requests get 503
+    max_payload_bytes: int = 6 * 1024 * 1024
+    max_image_pixels: int = 64_000_000  # larger images are refused as decompression bombs
+    api_key: str | None = None
+    allowed_url_schemes: tuple[str, ...] = ("s3",)
+    endpoint_name: str | None = None  # /endpoints/{name}/invocations answers 404 for other names
+    threads: int | None = None  # inference threads; default: the backend's own choice
+
+    def validate(self) -> ServeOptions:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}", f"use one of {', '.join(BACKENDS)}")
+        if not 1 <= self.max_batch_size <= 1024:
+            raise ConfigError(f"max batch size must be 1 to 1024, not {self.max_batch_size}")
+        if not 0 <= self.max_batch_delay_ms <= 10_000:
+            raise ConfigError(f"max batch delay must be 0 to 10000 ms, not {self.max_batch_delay_ms}")
+        if self.max_queue < self.max_batch_size:
+            raise ConfigError(f"the queue ({self.max_queue}) must hold at least one batch ({self.max_batch_size})")
+        if self.max_payload_bytes < 1024:
+            raise ConfigError(f"max payload must be at least 1 KB, not {self.max_payload_bytes} bytes")
+        if self.api_key is not None and len(self.api_key) < 8:
+            raise ConfigError("the API key must be at least 8 characters")
+        return self
+
+
+class EndpointMetrics:
+    """Prometheus metrics of one endpoint (its own registry, so several apps in a process stay apart)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "imgtune_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "imgtune_request_latency_seconds",
+            "Time from request to response",
+            ["route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.errors = Counter("imgtune_errors", "Error responses by status", ["status"], registry=self.registry)
+        self.batch_size = Histogram(
+            "imgtune_batch_size",
+            "Images per forward pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=self.registry,
+        )
+        self.images = Counter("imgtune_images", "Images classified", registry=self.registry)
+        self.queue_depth = Gauge("imgtune_queue_depth", "Images waiting for the model", registry=self.registry)
+        self.ready = Gauge("imgtune_model_ready", "1 once the model is loaded", registry=self.registry)
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+        if status >= 400:
+            self.errors.labels(str(status)).inc()
+
+
+# SageMaker's error types, so boto3 raises them by name with our message (it reads `message` and this header)
+ERROR_TYPES = {401: "AccessDeniedException", 503: "ServiceUnavailable", 500: "InternalFailure"}
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    error_type = ERROR_TYPES.get(status, "ValidationError" if status < 500 else "InternalFailure")
+    return JSONResponse(
+        {"error": {"status": status, "message": message}, "message": message},
+        status_code=status,
+        headers={"x-amzn-ErrorType": error_type, **(headers or {})},
+    )
+
+
+class Endpoint:
+    """The state behind the routes: the predictor once loaded, its batcher, the metrics."""
+
+    def __init__(self, model: Predictor | Callable[[], Predictor], options: ServeOptions):
+        self.model = model
+        self.options = options.validate()
+        self.metrics = EndpointMetrics()
+        self.predictor: Predictor | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.load_error: str | None = None
+
+    async def load(self) -> None:
+        try:
+            predictor = self.model if isinstance(self.model, Predictor) else await asyncio.to_thread(self.model)
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("the model did not load: %s", self.load_error)
+            return
+        self.batcher = DynamicBatcher(
+            lambda tensors: list(predictor.logits(tensors)),
+            max_batch_size=self.options.max_batch_size,
+            max_delay_s=self.options.max_batch_delay_ms / 1000,
+            max_queue=self.options.max_queue,
+            on_batch=self.metrics.batch_size.observe,
+        )
+        self.batcher.start()
+        self.predictor = predictor
+        self.metrics.ready.set(1)
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.stop()
+
+    def not_ready(self) -> JSONResponse | None:
+        if self.predictor is not None:
+            return None
+        if self.load_error:
+            return error_response(503, f"the model failed to load: {self.load_error}")
+        return error_response(503, "the model is loading")
+
+    def check_key(self, request: Request) -> None:
+        if self.options.api_key is None:
+            return
+        given = request.headers.get("x-api-key") or ""
+        authorization = request.headers.get("authorization") or ""
+        if not given and authorization.lower().startswith("bearer "):
+            given = authorization[7:].strip()
+        if not secrets.compare_digest(given.encode(), self.options.api_key.encode()):
+            raise RequestError(401, "missing or wrong API key (send it as X-API-Key or Authorization: Bearer)")
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.options.max_payload_bytes
+        declared = request.headers.get("content-length")
+        stream = request.stream()
+        if declared and declared.isdigit() and int(declared) > limit:
+            await self._drain(stream)
+            raise RequestError(413, f"the body is {int(declared):,} bytes (at most {limit:,})")
+        chunks, size = [], 0
+        async for chunk in stream:
+            size += len(chunk)
+            if size > limit:
+                await self._drain(stream)
+                raise RequestError(413, f"the body is over {limit:,} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _drain(self, stream: Any) -> None:
+        """Read (and drop) what the client is still sending, up to a bound, so that it reads the 413 we answer
+        instead of a connection reset; past the bound, the connection is simply closed."""
+        drained = 0
+        async for chunk in stream:
+            drained += len(chunk)
+            if drained > DRAIN_LIMIT_BYTES:
+                break
+
+    async def images_and_options(self, request: Request) -> tuple[list[bytes], list[dict[str, Any]]]:
+        kind = media_type(request.headers.get("content-type"))
+        if kind not in RAW_IMAGE_TYPES and kind not in (JSON_TYPE, MULTIPART_TYPE):
+            raise RequestError(
+                415, f"unsupported content type {kind or '(none)'!r}; send one of {', '.join(ACCEPTED_TYPES)}"
+            )
+        body = await self.read_body(request)
+        if kind in RAW_IMAGE_TYPES:
+            return [body], []
+        if kind == JSON_TYPE:
+            instances, options = json_instances(body)
+            images = []
+            for instance in instances:
+                if "url" in instance:
+                    images.append(
+                        await run_in_threadpool(
+                            fetch_url, instance["url"], self.options.allowed_url_schemes, self.options.max_payload_bytes
+                        )
+                    )
+                else:
+                    images.append(instance["image"])
+            return images, [options]
+
+        async def replay() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_part_size=self.options.max_payload_bytes)
+        except MultiPartException as exc:
+            raise RequestError(400, f"bad multipart body: {exc.message}") from None
+        images = [await part.read() for _, part in form.multi_items() if isinstance(part, UploadFile)]
+        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        if not images:
+            raise RequestError(400, "the multipart body has no file part")
+        return images, [fields]
+
+    def decode(self, images: list[bytes]) -> list[Any]:
+        """Decode and preprocess each image (in a worker thread); the first bad one refuses the request."""
+        assert self.predictor is not None
+        tensors = []
+        for number, data in enumerate(images, 1):
+            try:
+                with decode_image(data, self.options.max_image_pixels) as image:
+                    tensors.append(self.predictor.preprocess(image))
+            except BadImage as exc:
+                where = f"image {number}: " if len(images) > 1 else ""
+                raise RequestError(400, f"{where}{exc}") from None
+        return tensors
+
+    async def invoke(self, request: Request) -> Response:
+        self.check_key(request)
+        unavailable = self.not_ready()
+        if unavailable is not None:
+            return unavailable
+        assert self.predictor is not None and self.batcher is not None
+        images, option_sources = await self.images_and_options(request)
+        option_sources += [dict(request.query_params), custom_attributes(request.headers.get(CUSTOM_ATTRIBUTES))]
+        options = parse_options(option_sources, len(self.predictor.labels))
+        tensors = await run_in_threadpool(self.decode, images)
+        try:
+            rows = await self.batcher.submit_many(tensors)
+        except QueueFull as exc:
+            raise RequestError(503, f"the server is busy: {exc}; retry shortly") from None
+        self.metrics.images.inc(len(rows))
+        predictions = []
+        for row in rows:
+            prediction: dict[str, Any] = {"classes": self.predictor.classes(row, options.top_k)}
+            if options.logits:
+                prediction["logits"] = [float(v) for v in row]
+            predictions.append(prediction)
+        return JSONResponse({"predictions": predictions})
+
+
+def create_app(model: Predictor | Callable[[], Predictor], options: ServeOptions | None = None) -> FastAPI:
+    """The endpoint's app; `model` is a loaded Predictor or a function that loads one (called at startup)."""
+    endpoint = Endpoint(model, options or ServeOptions())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loading = asyncio.create_task(endpoint.load())
+        yield
+        loading.cancel()
+        await endpoint.close()
+
+    app = FastAPI(title="imgtune endpoint", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.endpoint = endpoint
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Callable) -> Response:
+        started = time.perf_counter()
+        status = 500  # unless a response comes back
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            endpoint.metrics.observe(route, status, time.perf_counter() - started)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error_response(exc.status, exc.message, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, "; ".join(str(error.get("msg")) for error in exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    @app.get("/ping")
+    async def ping() -> Response:
+        return endpoint.not_ready() or JSONResponse({"status": "ready"})
+
+    @app.get("/health/live")
+    async def live() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/health/ready")
+    async def ready() -> Response:
+        unavailable = endpoint.not_ready()
+        if unavailable is not None:
+            return unavailable
+        assert endpoint.predictor is not None and endpoint.batcher is not None
+        model, queue = endpoint.predictor.describe(), endpoint.batcher.depth
+        return JSONResponse({"status": "ready", "model": model, "queue": queue})
+
+    @app.post("/invocations")
+    async def invocations(request: Request) -> Response:
+        return await endpoint.invoke(request)
+
+    @app.post("/endpoints/{name}/invocations")
+    async def named_invocations(name: str, request: Request) -> Response:
+        if endpoint.options.endpoint_name and name != endpoint.options.endpoint_name:
+            raise RequestError(404, f"no endpoint named {name!r} here (this is {endpoint.options.endpoint_name!r})")
+        return await endpoint.invoke(request)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if endpoint.batcher is not None:
+            endpoint.metrics.queue_depth.set(endpoint.batcher.depth)
+        return Response(generate_latest(endpoint.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    page = _render_page(endpoint.options)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    return app
+
+
+def _render_page(options: ServeOptions) -> str:
+    import jinja2
+
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
+    return environment.get_template("index.html.j2").render(
+        needs_key=options.api_key is not None, max_payload_mb=options.max_payload_bytes / 1024 / 1024
+    )

@@ -1,0 +1,174 @@
+"""Batch transform: classify every file under a folder or an s3:// prefix into a CSV or JSON Lines file.
+
+Each input file gets one output row: its top-k classes, or the reason it could not be read (a bad file is a
+row, not a failure). Rows are appended and flushed batch by batch, so a killed run resumes where it stopped:
+files already in the output are skipped, and a half-written last line is dropped first.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imgtune.data.check import BadImage, decode_image
+from imgtune.data.sources import is_remote
+from imgtune.errors import ConfigError, DataError
+from imgtune.serving.predictor import Predictor
+
+FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
+CSV_COLUMNS = ("file", "status", "label", "probability", "top_k", "error")
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class TransformSummary:
+    output: str
+    files: int
+    predicted: int
+    failed: int
+    already_done: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class InputFiles:
+    """The files under a local folder or a remote prefix, in a stable order, readable as bytes."""
+
+    def __init__(self, source: str):
+        self.source = source.rstrip("/")
+        if is_remote(source):
+            import fsspec
+
+            self.fs, self.root = fsspec.core.url_to_fs(self.source)
+            self.protocol = self.source.split("://", 1)[0]
+        else:
+            self.fs, self.root, self.protocol = None, str(Path(source).expanduser()), ""
+            if not Path(self.root).is_dir():
+                raise DataError(f"input folder not found: {source}", "give a folder of images or an s3:// prefix")
+
+    def names(self) -> list[str]:
+        if self.fs is None:
+            root = Path(self.root)
+            found = (p for p in root.rglob("*") if p.is_file())
+            return sorted(str(p) for p in found if not any(part.startswith(".") for part in p.relative_to(root).parts))
+        self.fs.invalidate_cache()
+        keys = self.fs.find(self.root)
+        return sorted(f"{self.protocol}://{key}" for key in keys if not Path(key).name.startswith("."))
+
+    def read(self, name: str) -> bytes:
+        if self.fs is None:
+            size = os.path.getsize(name)
+            if size > MAX_FILE_BYTES:
+                raise BadImage(f"{size:,} bytes, over the {MAX_FILE_BYTES:,}-byte limit")
+            return Path(name).read_bytes()
+        return self.fs.cat_file(name.split("://", 1)[1])
+
+
+def output_format(output: str | Path) -> str:
+    kind = FORMATS.get(Path(output).suffix.lower())
+    if kind is None:
+        raise ConfigError(f"unknown output format {Path(output).suffix or '(none)'}", "name the output .csv or .jsonl")
+    return kind
+
+
+def completed_rows(output: Path, kind: str) -> set[str]:
+    """Files already in an output from an earlier run; a half-written last line is cut off first."""
+    if not output.exists():
+        return set()
+    data = output.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with output.open("r+b") as handle:
+            handle.truncate(len(complete))
+    text = complete.decode()
+    if kind == "jsonl":
+        return {json.loads(line)["file"] for line in text.splitlines() if line.strip()}
+    return {row["file"] for row in csv.DictReader(io.StringIO(text))}
+
+
+def _row(name: str, kind: str, classes: list[dict] | None, error: str | None) -> str:
+    if kind == "jsonl":
+        record = {"file": name, "status": "ok" if error is None else "error"}
+        record.update({"classes": classes} if error is None else {"error": error})
+        return json.dumps(record) + "\n"
+    buffer = io.StringIO()
+    best = classes[0] if classes else {}
+    csv.writer(buffer, lineterminator="\n").writerow(
+        [name, "ok" if error is None else "error", best.get("label", ""), best.get("probability", ""),
+         json.dumps(classes) if classes else "", error or ""]
+    )  # fmt: skip
+    return buffer.getvalue()
+
+
+def _batches(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def batch_transform(
+    predictor: Predictor,
+    source: str,
+    output: str | Path,
+    *,
+    top_k: int = 5,
+    batch_size: int = 32,
+    max_image_pixels: int = 64_000_000,
+    progress: bool = True,
+) -> TransformSummary:
+    """Classify every file under `source` into `output` (.csv or .jsonl), resuming an earlier run."""
+    if batch_size < 1 or top_k < 1:
+        raise ConfigError("batch size and top-k must be at least 1")
+    output = Path(output)
+    kind = output_format(output)
+    inputs = InputFiles(source)
+    names = inputs.names()
+    done = completed_rows(output, kind)
+    todo = [name for name in names if name not in done]
+    started = time.perf_counter()
+    predicted = failed = 0
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fresh = not output.exists() or output.stat().st_size == 0
+
+    def load(name: str) -> tuple[str, Any, str | None]:
+        try:
+            with decode_image(inputs.read(name), max_image_pixels, Path(name).suffix.lower()) as image:
+                return name, predictor.preprocess(image), None
+        except BadImage as exc:
+            return name, None, str(exc)
+        except OSError as exc:
+            return name, None, f"unreadable: {exc}"
+
+    from imgtune.progress import progress_bar
+
+    with (
+        output.open("a", newline="") as handle,
+        ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool,
+        progress_bar(enabled=progress) as bar,
+    ):
+        if fresh and kind == "csv":
+            handle.write(",".join(CSV_COLUMNS) + "\n")
+        task = bar.add_task("batch transform", total=len(todo), info=f"{len(done)} done earlier")
+        for batch in _batches(todo, batch_size):
+            loaded = list(pool.map(load, batch))
+            good = [(name, tensor) for name, tensor, error in loaded if error is None]
+            rows = predictor.logits([tensor for _, tensor in good]) if good else []
+            classes = {name: predictor.classes(row, top_k) for (name, _), row in zip(good, rows, strict=True)}
+            for name, _, error in loaded:
+                handle.write(_row(name, kind, classes.get(name), error))
+            handle.flush()
+            os.fsync(handle.fileno())
+            predicted += len(good)
+            failed += len(batch) - len(good)
+            bar.update(task, advance=len(batch), info=f"{failed} unreadable")
+    seconds = time.perf_counter() - started
+    return TransformSummary(str(output), len(names), predicted, failed, len(names) - len(todo), seconds)

@@ -1,0 +1,449 @@
+"""The endpoint, predict and batch transform, on a model trained on dogs-mini.
+
+Servers are real: `imgtune deploy` as a subprocess running uvicorn on 127.0.0.1, asked over HTTP (urllib,
+httpx, boto3's sagemaker-runtime client, headless Chromium). S3 is moto's server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from bad_data import make_bad_dataset
+from imgtune.cli import app
+from imgtune.config import build_config
+from imgtune.serving.predictor import Predictor
+from imgtune.training.job import run_training_job
+from servers import running_server
+
+runner = CliRunner()
+JOB = "dogs"
+API_KEY = "s3cret-test-key"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, dogs_mini, mobilenet_weights) -> Path:
+    """A workspace holding one trained job, `dogs` (frozen MobileNetV2, 3 epochs on dogs-mini)."""
+    root = tmp_path_factory.mktemp("serving-workspace")
+    config = build_config(
+        {
+            "name": JOB,
+            "data": {"path": str(dogs_mini), "num_workers": 0},
+            "model": {"backbone": "mobilenet_v2", "weights": str(mobilenet_weights)},
+            "train": {"epochs": 3},
+            "debugger": {"enabled": False},
+            "profiler": {"enabled": False, "report": False},
+        }
+    )
+    run_training_job(config, workspace=root, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def predictor(workspace) -> Predictor:
+    return Predictor.load(JOB, workspace=workspace)
+
+
+@pytest.fixture(scope="module")
+def photos(dogs_mini) -> list[Path]:
+    """One test photo from each of 5 classes."""
+    classes = sorted(p for p in (dogs_mini / "test").iterdir() if p.is_dir())[:5]
+    return [sorted(c.iterdir())[0] for c in classes]
+
+
+def deploy(workspace: Path, log: Path, *options: str):
+    command = lambda port: [  # noqa: E731
+        sys.executable, "-m", "imgtune", "deploy", JOB, "--workspace", str(workspace), "--port", str(port), *options
+    ]  # fmt: skip
+    return running_server(command, "/ping", log, ready_status=200)
+
+
+@pytest.fixture(scope="module")
+def endpoint(workspace, s3_env, tmp_path_factory) -> str:
+    """The default endpoint (PyTorch backend), with the moto S3 settings in its environment."""
+    with deploy(workspace, tmp_path_factory.mktemp("deploy") / "server.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def guarded_endpoint(workspace, tmp_path_factory) -> str:
+    """ONNX Runtime backend, an API key, and a queue of one image (a two-image request cannot fit)."""
+    log = tmp_path_factory.mktemp("deploy-onnx") / "server.log"
+    options = ["--backend", "onnx", "--api-key", API_KEY, "--max-batch-size", "1", "--max-queue", "1"]
+    with deploy(workspace, log, *options) as url:
+        yield url
+
+
+def post(url: str, body: bytes, content_type: str | None, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers or {})
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def as_png(path: Path) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(path).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def probabilities(prediction: dict) -> dict[str, float]:
+    return {c["id"]: c["probability"] for c in prediction["classes"]}
+
+
+# -- predictions -----------------------------------------------------------------------------------------
+
+
+def test_predictions_equal_the_in_process_models(endpoint, predictor, photos):
+    for photo in photos:
+        status, answer = post(f"{endpoint}/invocations?top_k=3", photo.read_bytes(), "image/jpeg")
+        assert status == 200, answer
+        with Image.open(photo) as image:
+            expected = predictor.predict([image], 3)[0]
+        got = answer["predictions"][0]["classes"]
+        assert [c["id"] for c in got] == [c["id"] for c in expected]
+        assert np.allclose([c["probability"] for c in got], [c["probability"] for c in expected], atol=1e-5)
+    assert sum(1 for photo in photos if post(f"{endpoint}/invocations", photo.read_bytes(), "image/jpeg")[1][
+        "predictions"][0]["classes"][0]["id"] == photo.parent.name) >= 3  # fmt: skip  # a trained model
+
+
+def test_every_accepted_body_gives_the_same_answer(endpoint, photos, s3_client):
+    photo = photos[0]
+    jpeg = photo.read_bytes()
+    encoded = base64.b64encode(jpeg).decode()
+    s3_client.create_bucket(Bucket="serving-photos")
+    s3_client.put_object(Bucket="serving-photos", Key="dog.jpg", Body=jpeg)
+    reference = probabilities(post(f"{endpoint}/invocations", jpeg, "image/jpeg")[1]["predictions"][0])
+    bodies = [
+        (jpeg, "application/x-image"),
+        (as_png(photo), "image/png"),
+        (json.dumps({"image": encoded}).encode(), "application/json"),
+        (json.dumps({"image": f"data:image/jpeg;base64,{encoded}"}).encode(), "application/json"),
+        (json.dumps({"url": "s3://serving-photos/dog.jpg"}).encode(), "application/json"),
+    ]
+    for body, content_type in bodies:
+        status, answer = post(f"{endpoint}/invocations", body, content_type)
+        assert status == 200, (content_type, answer)
+        got = probabilities(answer["predictions"][0])
+        assert got.keys() == reference.keys() and len(got) == 5  # the default top-k
+        tolerance = 0.02 if content_type == "image/png" else 1e-5  # PNG of the decoded JPEG: the same pixels
+        assert all(abs(got[k] - reference[k]) < tolerance for k in got), (content_type, got, reference)
+    # several images in one request: JSON instances, or multipart file parts; options from the body
+    instances = {"instances": [encoded, {"b64": encoded}, {"url": "s3://serving-photos/dog.jpg"}], "top_k": 2}
+    status, answer = post(f"{endpoint}/invocations", json.dumps(instances).encode(), "application/json")
+    assert status == 200 and len(answer["predictions"]) == 3
+    assert all(len(p["classes"]) == 2 for p in answer["predictions"])
+    boundary = "imgtune-test-boundary"
+    parts = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file{i}"; filename="{photo.name}"\r\n'
+        f"Content-Type: image/jpeg\r\n\r\n".encode()
+        + jpeg
+        + b"\r\n"
+        for i in range(2)
+    )
+    parts += f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n1\r\n--{boundary}--\r\n'.encode()
+    status, answer = post(f"{endpoint}/invocations", parts, f"multipart/form-data; boundary={boundary}")
+    assert status == 200 and [len(p["classes"]) for p in answer["predictions"]] == [1, 1]
+    # the raw logits, as the original endpoint returned them; options from the query and CustomAttributes
+    status, answer = post(f"{endpoint}/invocations?logits=true", jpeg, "image/jpeg")
+    logits = np.array(answer["predictions"][0]["logits"])
+    assert logits.shape == (10,) and np.exp(logits).argmax() == answer["predictions"][0]["classes"][0]["index"]
+    headers = {"X-Amzn-SageMaker-Custom-Attributes": "top_k=4,logits=false"}
+    status, answer = post(f"{endpoint}/endpoints/{JOB}/invocations", jpeg, "image/jpeg", headers)
+    assert status == 200 and len(answer["predictions"][0]["classes"]) == 4 and "logits" not in answer["predictions"][0]
+
+
+def test_boto3_sagemaker_runtime_client_works_unchanged(endpoint, photos):
+    import boto3
+    from botocore.exceptions import ClientError
+
+    client = boto3.client(
+        "sagemaker-runtime",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    jpeg = photos[1].read_bytes()
+    response = client.invoke_endpoint(
+        EndpointName=JOB, Body=jpeg, ContentType="image/jpeg", Accept="application/json", CustomAttributes="top_k=3"
+    )
+    answer = json.loads(response["Body"].read())
+    assert response["ContentType"] == "application/json" and len(answer["predictions"][0]["classes"]) == 3
+    assert answer == post(f"{endpoint}/invocations?top_k=3", jpeg, "image/jpeg")[1]
+    with pytest.raises(ClientError) as refused:
+        client.invoke_endpoint(EndpointName=JOB, Body=b"not a photo", ContentType="image/jpeg")
+    assert refused.value.response["Error"]["Code"] == "ValidationError"
+    assert "not an image" in refused.value.response["Error"]["Message"]
+    with pytest.raises(ClientError) as unknown:
+        client.invoke_endpoint(EndpointName="cats", Body=jpeg, ContentType="image/jpeg")
+    assert unknown.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+
+
+# -- bad requests ----------------------------------------------------------------------------------------
+
+
+def test_bad_requests_get_clear_json_errors(endpoint, photos, tmp_path, dogs_mini):
+    bad = make_bad_dataset(tmp_path / "bad", dogs_mini, per_class=1)
+    by_kind = {kind: tmp_path / "bad" / path for path, kind in bad.items()}
+    jpeg = photos[0].read_bytes()
+    cases = [
+        (b"\xff" * (6 * 1024 * 1024 + 1), "image/jpeg", 413, "at most 6,291,456"),
+        (jpeg, "text/plain", 415, "unsupported content type 'text/plain'"),
+        (jpeg, None, 415, "unsupported content type"),
+        (by_kind["truncated"].read_bytes(), "image/jpeg", 400, "truncated"),
+        (by_kind["text_as_jpg"].read_bytes(), "image/jpeg", 400, "not an image"),
+        (by_kind["bomb"].read_bytes(), "image/png", 400, "decompression bomb"),
+        (by_kind["gif"].read_bytes(), "image/jpeg", 400, "unsupported format GIF"),
+        (b"", "image/jpeg", 400, "zero-byte"),
+        (b"{not json", "application/json", 400, "not valid JSON"),
+        (b'{"image": "***"}', "application/json", 400, "not valid base64"),
+        (b'{"photo": 1}', "application/json", 400, 'needs "image"'),
+        (b'{"url": "https://example.com/dog.jpg"}', "application/json", 400, "scheme 'https' is not allowed"),
+        (b'{"url": "file:///etc/passwd"}', "application/json", 400, "scheme 'file' is not allowed"),
+        (b'{"url": "s3://serving-photos/missing.jpg"}', "application/json", 400, "not found"),
+        (json.dumps({"instances": [base64.b64encode(jpeg).decode()] * 65}).encode(), "application/json", 413, "65"),
+    ]
+    for body, content_type, status, message in cases:
+        got, answer = post(f"{endpoint}/invocations", body, content_type)
+        assert (got, answer["error"]["status"]) == (status, status), (message, answer)
+        assert message in answer["error"]["message"], (message, answer)
+    for query in ("top_k=0", "top_k=11", "top_k=two", "logits=maybe"):
+        got, answer = post(f"{endpoint}/invocations?{query}", jpeg, "image/jpeg")
+        assert got == 400 and query.split("=")[0] in answer["error"]["message"]
+    assert post(f"{endpoint}/endpoints/cats/invocations", jpeg, "image/jpeg")[0] == 404
+    for url, method in ((f"{endpoint}/nowhere", "GET"), (f"{endpoint}/invocations", "GET")):
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10)
+        except urllib.error.HTTPError as exc:
+            assert exc.code in (404, 405) and json.loads(exc.read())["error"]["status"] == exc.code
+        else:
+            pytest.fail(f"{method} {url} answered 200")
+
+
+def test_api_key_onnx_backend_and_a_bounded_queue(guarded_endpoint, endpoint, photos, workspace):
+    jpeg = photos[2].read_bytes()
+    assert post(f"{guarded_endpoint}/invocations", jpeg, "image/jpeg")[0] == 401
+    assert post(f"{guarded_endpoint}/invocations", jpeg, "image/jpeg", {"X-API-Key": "wrong-key-123"})[0] == 401
+    status, answer = post(f"{guarded_endpoint}/invocations?logits=true", jpeg, "image/jpeg", {"X-API-Key": API_KEY})
+    assert status == 200, answer
+    status, reference = post(f"{endpoint}/invocations?logits=true", jpeg, "image/jpeg")
+    assert np.allclose(answer["predictions"][0]["logits"], reference["predictions"][0]["logits"], atol=1e-4)
+    record = json.loads((workspace / JOB / "model" / "model.onnx.json").read_text())
+    assert record["max_abs_logit_difference"] <= record["tolerance"]  # checked against PyTorch before serving
+    two = json.dumps({"instances": [base64.b64encode(jpeg).decode()] * 2}).encode()
+    status, answer = post(
+        f"{guarded_endpoint}/invocations", two, "application/json", {"Authorization": f"Bearer {API_KEY}"}
+    )
+    assert status == 503 and "busy" in answer["error"]["message"]  # two images never fit a queue of one
+    with urllib.request.urlopen(f"{guarded_endpoint}/health/ready", timeout=10) as response:
+        assert json.loads(response.read())["model"]["backend"] == "onnx"
+
+
+# -- load, metrics, readiness ----------------------------------------------------------------------------
+
+
+def test_a_burst_of_concurrent_requests_is_batched_without_errors(endpoint, photos):
+    import httpx
+
+    def metric(text: str, name: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+    before = httpx.get(f"{endpoint}/metrics").text
+
+    async def burst() -> list[int]:
+        limit = asyncio.Semaphore(16)
+        async with httpx.AsyncClient(timeout=120) as client:
+
+            async def one(i: int) -> int:
+                async with limit:
+                    photo = photos[i % len(photos)]
+                    response = await client.post(
+                        f"{endpoint}/invocations", content=photo.read_bytes(), headers={"Content-Type": "image/jpeg"}
+                    )
+                    return response.status_code
+
+            return await asyncio.gather(*(one(i) for i in range(64)))
+
+    assert asyncio.run(burst()) == [200] * 64
+    after = httpx.get(f"{endpoint}/metrics").text
+    images = metric(after, "imgtune_images_total") - metric(before, "imgtune_images_total")
+    batches = metric(after, "imgtune_batch_size_count") - metric(before, "imgtune_batch_size_count")
+    assert images == 64 and batches < 64  # concurrent requests shared forward passes
+    assert 'imgtune_requests_total{route="/invocations",status="200"}' in after
+    assert "imgtune_request_latency_seconds_bucket" in after and "imgtune_model_ready 1.0" in after
+
+
+def test_ping_answers_200_only_once_the_model_is_loaded(workspace):
+    from fastapi.testclient import TestClient
+
+    from imgtune.serving.app import create_app
+
+    release = threading.Event()
+
+    def load_when_released() -> Predictor:
+        assert release.wait(60)
+        return Predictor.load(JOB, workspace=workspace)
+
+    with TestClient(create_app(load_when_released)) as client:
+        assert client.get("/health/live").status_code == 200
+        loading = client.get("/ping")
+        assert loading.status_code == 503 and loading.json()["error"]["message"] == "the model is loading"
+        assert client.post("/invocations", content=b"x", headers={"Content-Type": "image/jpeg"}).status_code == 503
+        release.set()
+        for _ in range(200):
+            if client.get("/ping").status_code == 200:
+                break
+            threading.Event().wait(0.05)
+        assert client.get("/ping").json() == {"status": "ready"}
+        assert client.get("/health/ready").json()["model"]["classes"] == 10
+
+    def broken() -> Predictor:
+        return Predictor.load("no-such-job", workspace=workspace)
+
+    with TestClient(create_app(broken)) as client:
+        for _ in range(200):
+            failed = client.get("/ping")
+            if "failed" in failed.text:
+                break
+            threading.Event().wait(0.05)
+        assert failed.status_code == 503 and "no job 'no-such-job'" in failed.json()["error"]["message"]
+
+
+# -- the web page ----------------------------------------------------------------------------------------
+
+
+def test_the_web_page_classifies_an_uploaded_photo_in_chromium(endpoint, predictor, photos):
+    from playwright.sync_api import sync_playwright
+
+    from browser import CHROMIUM_ARGS, artifacts_dir, chromium_path
+
+    photo = photos[3]
+    with Image.open(photo) as image:
+        expected = [c["label"] for c in predictor.predict([image], 5)[0]]
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 900})
+            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(endpoint + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
+            page.set_input_files("#file", str(photo))
+            page.wait_for_selector(".result")
+            labels = page.locator(".result .label").all_inner_texts()
+            percentages = page.locator(".result .pct").all_inner_texts()
+            page.screenshot(path=str(artifacts_dir() / "endpoint-page.png"), full_page=True)
+            page.set_input_files("#file", str(Path(__file__)))  # not an image: the page shows the reason
+            page.wait_for_function("document.getElementById('error').textContent.length > 0")
+            error_text = page.locator("#error").inner_text()
+        finally:
+            browser.close()
+    assert len(errors) <= 1 and all("status of 415" in e for e in errors)  # only the refused upload's status
+    assert labels == expected
+    assert len(percentages) == 5 and all(p.endswith("%") for p in percentages)
+    assert "unsupported content type" in error_text or "not an image" in error_text
+
+
+# -- clients ---------------------------------------------------------------------------------------------
+
+
+def test_predict_in_process_and_against_the_endpoint(endpoint, workspace, photos, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(photos[0].read_bytes()[:2000])
+    files = [str(p) for p in photos[:2]] + [str(broken)]
+    local = runner.invoke(
+        app, ["predict", *files, "--job", JOB, "--workspace", str(workspace), "--top-k", "3", "--json"]
+    )
+    remote = runner.invoke(app, ["predict", *files, "--endpoint", endpoint, "--top-k", "3", "--json"])
+    assert local.exit_code == remote.exit_code == 1  # one file was bad: reported, the others classified
+    local_results, remote_results = json.loads(local.stdout), json.loads(remote.stdout)
+    for mine, theirs in zip(local_results[:2], remote_results[:2], strict=True):
+        assert [c["id"] for c in mine["classes"]] == [c["id"] for c in theirs["classes"]]
+        assert np.allclose(
+            [c["probability"] for c in mine["classes"]], [c["probability"] for c in theirs["classes"]], atol=1e-5
+        )
+    assert "truncated" in local_results[2]["error"] and "truncated" in remote_results[2]["error"]
+    table = runner.invoke(app, ["predict", files[0], "--job", JOB, "--workspace", str(workspace)])
+    assert table.exit_code == 0 and "probability" in table.stdout
+    neither = runner.invoke(app, ["predict", files[0]])
+    assert neither.exit_code == 2 and "--job JOB or --endpoint URL" in neither.output
+    down = runner.invoke(app, ["predict", files[0], "--endpoint", "http://127.0.0.1:9"])
+    assert down.exit_code == 2 and "cannot reach" in down.output
+
+
+def test_batch_transform_reports_bad_files_and_resumes(workspace, predictor, tmp_path, dogs_mini):
+    make_bad_dataset(tmp_path / "bad", dogs_mini, per_class=2)
+    source = tmp_path / "bad" / "train"
+    files = sorted(str(p) for p in source.rglob("*") if p.is_file())
+    output = tmp_path / "out" / "predictions.csv"
+    args = ["batch-transform", JOB, str(source), "--output", str(output), "--workspace", str(workspace), "--json"]
+    first = runner.invoke(app, [*args, "--batch-size", "4"])
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout)
+    assert summary["files"] == len(files) and summary["failed"] >= 5  # truncated, gif, text, empty, bomb, ...
+    assert summary["predicted"] + summary["failed"] == len(files)
+    import csv
+
+    rows = list(csv.DictReader(output.open()))
+    assert sorted(r["file"] for r in rows) == files
+    good = next(r for r in rows if r["status"] == "ok")
+    with Image.open(good["file"]) as image:
+        assert json.loads(good["top_k"])[0]["id"] == predictor.predict([image], 1)[0][0]["id"]
+    assert {r["error"].split(":")[0] for r in rows if r["status"] == "error"} >= {"truncated image", "zero-byte file"}
+    # a run killed mid-write: keep 4 rows and half a line; started again, it does only the rest
+    lines = output.read_text().splitlines(keepends=True)
+    output.write_text("".join(lines[:5]) + lines[5][:10])
+    again = json.loads(runner.invoke(app, [*args]).stdout)
+    assert again["already_done"] == 4 and again["predicted"] + again["failed"] == len(files) - 4
+    rows_again = list(csv.DictReader(output.open()))
+    assert sorted(r["file"] for r in rows_again) == files  # every file once: no duplicate, no loss
+    bad_output = runner.invoke(
+        app, ["batch-transform", JOB, str(source), "--output", "x.txt", "--workspace", str(workspace)]
+    )
+    assert bad_output.exit_code == 2 and ".csv or .jsonl" in bad_output.output
+
+
+def test_batch_transform_from_s3_to_json_lines(workspace, s3_client, photos, tmp_path):
+    s3_client.create_bucket(Bucket="serving-batch")
+    for photo in photos:
+        s3_client.put_object(Bucket="serving-batch", Key=f"incoming/{photo.name}", Body=photo.read_bytes())
+    s3_client.put_object(Bucket="serving-batch", Key="incoming/readme.txt", Body=b"not a photo")
+    output = tmp_path / "predictions.jsonl"
+    result = runner.invoke(
+        app,
+        [
+            "batch-transform",
+            JOB,
+            "s3://serving-batch/incoming",
+            "-o",
+            str(output),
+            "--workspace",
+            str(workspace),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(records) == len(photos) + 1
+    assert {r["file"] for r in records} == {f"s3://serving-batch/incoming/{p.name}" for p in photos} | {
+        "s3://serving-batch/incoming/readme.txt"
+    }
+    assert next(r for r in records if r["file"].endswith("readme.txt"))["error"].startswith("not an image")
+    assert all(len(r["classes"]) == 5 for r in records if r["status"] == "ok")
