@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from imgtune import __version__
+from imgtune.data.check import MAX_IMAGE_PIXELS
 from imgtune.errors import ImgtuneError
 
 app = typer.Typer(
@@ -443,7 +444,7 @@ def evaluate(
 @friendly_errors
 def data_check(
     path: Annotated[str, typer.Argument(help="Dataset folder or s3:// prefix.")],
-    max_pixels: Annotated[int, typer.Option(help="Pixel count above which an image is refused.")] = 64_000_000,
+    max_pixels: Annotated[int, typer.Option(help="Pixel count above which an image is refused.")] = MAX_IMAGE_PIXELS,
     as_json: JsonOption = False,
 ) -> None:
     """Check every image: counts per class and split, sizes, modes and each problem file with its reason.
@@ -944,7 +945,7 @@ def predict(
         predictor = Predictor.load(job, workspace=workspace)
         for path in images:
             try:
-                with decode_image(path.read_bytes(), 64_000_000, path.suffix.lower()) as image:
+                with decode_image(path.read_bytes(), MAX_IMAGE_PIXELS, path.suffix.lower()) as image:
                     results.append({"file": str(path), "classes": predictor.predict([image], top_k)[0]})
             except BadImage as exc:
                 results.append({"file": str(path), "error": str(exc)})

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from imgtune.data.check import MAX_IMAGE_PIXELS
 from imgtune.errors import ConfigError
 
 
@@ -35,7 +36,7 @@ class DataConfig(_Section):
     split_seed: int = Field(0, description="Seed of the split and carve shuffles.")
     num_workers: int = Field(-1, ge=-1, le=64, description="Data loader worker processes; -1 = one per core.")
     max_image_pixels: int = Field(
-        64_000_000, ge=1, description="Images with more pixels than this are refused as decompression bombs."
+        MAX_IMAGE_PIXELS, ge=1, description="Images with more pixels than this are refused as decompression bombs."
     )
 
     @field_validator("split_ratios")

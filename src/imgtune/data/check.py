@@ -24,6 +24,7 @@ from imgtune.data.folders import ALL, SPLITS, ClassInfo, FolderLayout, discover
 from imgtune.jobs import atomic_write_json
 from imgtune.resources import default_workers
 
+MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
 SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "WEBP", "TIFF")  # MPO: phone JPEGs with extra frames
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".jfif"}
 _CHECK_VERSION = 1
@@ -214,7 +215,7 @@ class _CheckCache:
 def check_layout(
     layout: FolderLayout,
     *,
-    max_pixels: int = 64_000_000,
+    max_pixels: int = MAX_IMAGE_PIXELS,
     workers: int | None = None,
     cache_dir: Path | None = None,
     progress: bool = False,
@@ -317,7 +318,7 @@ def _judge(layout: FolderLayout, report: CheckReport) -> None:
 def check_dataset(
     root: str | Path,
     *,
-    max_pixels: int = 64_000_000,
+    max_pixels: int = MAX_IMAGE_PIXELS,
     workers: int | None = None,
     cache_dir: Path | None = None,
     progress: bool = False,

@@ -30,7 +30,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from imgtune.data.check import BadImage, decode_image
+from imgtune.data.check import MAX_IMAGE_PIXELS, BadImage, decode_image
 from imgtune.errors import ConfigError
 from imgtune.serving.batching import DynamicBatcher, QueueFull
 from imgtune.serving.inputs import (
@@ -62,7 +62,7 @@ class ServeOptions:
     max_batch_delay_ms: float = 5.0
     max_queue: int = 256  # images waiting for the model; beyond it requests get 503
     max_payload_bytes: int = 6 * 1024 * 1024
-    max_image_pixels: int = 64_000_000  # larger images are refused as decompression bombs
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are refused as decompression bombs
     api_key: str | None = None
     allowed_url_schemes: tuple[str, ...] = ("s3",)
     endpoint_name: str | None = None  # /endpoints/{name}/invocations answers 404 for other names

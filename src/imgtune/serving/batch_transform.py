@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgtune.data.check import BadImage, decode_image
+from imgtune.data.check import MAX_IMAGE_PIXELS, BadImage, decode_image
 from imgtune.data.sources import is_remote
 from imgtune.errors import ConfigError, DataError
 from imgtune.serving.predictor import Predictor
@@ -122,7 +122,7 @@ def batch_transform(
     *,
     top_k: int = 5,
     batch_size: int = 32,
-    max_image_pixels: int = 64_000_000,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
     progress: bool = True,
 ) -> TransformSummary:
     """Classify every file under `source` into `output` (.csv or .jsonl), resuming an earlier run."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from imgtune.config import DataConfig
-from imgtune.data.check import check_layout
+from imgtune.data.check import MAX_IMAGE_PIXELS, check_layout
 from imgtune.data.dataset import ImageFileDataset, Sample, make_loader, prepare_data
 from imgtune.data.folders import discover
 from imgtune.data.sources import resolve_source
@@ -39,7 +39,7 @@ def _labelled_files(job_data: dict[str, Any], data_path: str, split: str, progre
     root = resolve_source(data_path, progress=progress)
     report = check_layout(
         discover(root),
-        max_pixels=job_data.get("max_image_pixels", 64_000_000),
+        max_pixels=job_data.get("max_image_pixels", MAX_IMAGE_PIXELS),
         cache_dir=cache_dir(),
         progress=progress,
     )
