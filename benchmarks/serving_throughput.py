@@ -1,12 +1,12 @@
-"""Endpoint throughput and latency, in one run: imgtune's endpoint (dynamic batching; PyTorch and ONNX Runtime
-backends) vs a naive endpoint doing what the original inference script did (benchmarks/naive_endpoint.py: one
-PyTorch forward per request, no batching), serving the same ResNet-50 bundle (133 classes, the dog-breed
-task's size; weights from a fixed seed, since no ImageNet ResNet-50 weights are reachable here: speed does
-not depend on the values).
+"""Endpoint throughput and latency, in one run: imgtune's endpoint (dynamic batching; the torch, onnx and bf16
+backends, and auto, which picks the fastest that agrees with fp32 eager) vs a naive endpoint doing what the
+original inference script did (benchmarks/naive_endpoint.py: one PyTorch forward per request, no batching),
+serving the same ResNet-50 bundle (133 classes, the dog-breed task's size; weights from a fixed seed, since no
+ImageNet ResNet-50 weights are reachable here: speed does not depend on the values).
 
-Each server runs alone as a subprocess on 127.0.0.1; a bounded number of requests, real dogs-mini photos
-(JPEG bodies), is sent at concurrency 1, 8 and 32 after a warm-up. Prints requests/s and p50/p99 latency per
-server and level, and the ratios at concurrency 8 (target: at least 3x the throughput, a lower p99).
+Each server runs alone as a subprocess on 127.0.0.1; a bounded number of requests, real dogs-mini photos (JPEG
+bodies), is sent at concurrency 1, 8 and 32 after a warm-up. Prints requests/s and p50/p99 latency per server
+and level, and the ratios at concurrency 8 (target: at least 3x the throughput, a lower p99).
 
     python benchmarks/serving_throughput.py | tee benchmarks/results/serving_throughput.txt
 """
@@ -123,6 +123,8 @@ def main() -> None:
             "naive (one forward per request)": [sys.executable, str(HERE / "naive_endpoint.py"), str(bundle)],
             "imgtune, torch backend": [sys.executable, "-m", "imgtune", "deploy", str(bundle), "--backend", "torch"],
             "imgtune, onnx backend": [sys.executable, "-m", "imgtune", "deploy", str(bundle), "--backend", "onnx"],
+            "imgtune, bf16 backend": [sys.executable, "-m", "imgtune", "deploy", str(bundle), "--backend", "bf16"],
+            "imgtune, auto backend": [sys.executable, "-m", "imgtune", "deploy", str(bundle)],
         }
         results = {}
         for name, command in servers.items():

@@ -244,15 +244,16 @@ def test_api_key_onnx_backend_and_a_bounded_queue(guarded_endpoint, endpoint, ph
     assert status == 200, answer
     status, reference = post(f"{endpoint}/invocations?logits=true", jpeg, "image/jpeg")
     assert np.allclose(answer["predictions"][0]["logits"], reference["predictions"][0]["logits"], atol=1e-4)
-    record = json.loads((workspace / JOB / "model" / "model.onnx.json").read_text())
-    assert record["max_abs_logit_difference"] <= record["tolerance"]  # checked against PyTorch before serving
+    with urllib.request.urlopen(f"{guarded_endpoint}/health/ready", timeout=10) as response:
+        model = json.loads(response.read())["model"]
+    assert model["backend"] == "onnx" and (workspace / JOB / "model" / "model.onnx").is_file()
+    checked = model["checked_against_fp32_eager"]  # before serving, on the job's own photos
+    assert checked["mean_cosine"] > 0.9999 and checked["top1_agreement"] == 1.0
     two = json.dumps({"instances": [base64.b64encode(jpeg).decode()] * 2}).encode()
     status, answer = post(
         f"{guarded_endpoint}/invocations", two, "application/json", {"Authorization": f"Bearer {API_KEY}"}
     )
     assert status == 503 and "busy" in answer["error"]["message"]  # two images never fit a queue of one
-    with urllib.request.urlopen(f"{guarded_endpoint}/health/ready", timeout=10) as response:
-        assert json.loads(response.read())["model"]["backend"] == "onnx"
 
 
 # -- load, metrics, readiness ----------------------------------------------------------------------------

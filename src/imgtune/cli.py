@@ -850,7 +850,10 @@ def deploy(
     job: Annotated[str, typer.Argument(help="Job name or path (or a model bundle directory).")],
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
-    backend: Annotated[str, typer.Option(help="torch, or onnx (ONNX Runtime; exported and checked first).")] = "torch",
+    backend: Annotated[
+        str,
+        typer.Option(help="auto (the fastest path that agrees with fp32), torch, onnx, bf16, eager or compile."),
+    ] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Most images per forward pass.")] = 32,
     max_batch_delay_ms: Annotated[float, typer.Option(help="Longest wait for a batch to fill.")] = 5.0,
     max_queue: Annotated[int, typer.Option(help="Most images waiting; beyond it requests get 503.")] = 256,
@@ -964,7 +967,7 @@ def batch_transform_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="FILE.csv or FILE.jsonl (appended to, resumable).")],
     top_k: Annotated[int, typer.Option("--top-k", help="Classes per image.")] = 5,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    backend: Annotated[str, typer.Option(help="torch or onnx.")] = "torch",
+    backend: Annotated[str, typer.Option(help="auto, torch, onnx, bf16, eager or compile.")] = "auto",
     workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -64,6 +64,11 @@ class ModelConfig(_Section):
     freeze: Literal["backbone", "all_but_last", "none"] = Field(
         "backbone", description="What is frozen: the whole backbone, all but its last stage, or nothing."
     )
+    inference: Literal["auto", "eager", "channels_last", "bf16", "onnx", "compile"] = Field(
+        "auto",
+        description="How the frozen backbone computes features and evaluation runs the model: 'auto' takes the "
+        "fastest path on this device whose outputs agree with fp32 eager (measured once, remembered).",
+    )
 
 
 class EarlyStoppingConfig(_Section):

@@ -57,7 +57,7 @@ DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
 class ServeOptions:
     """How an endpoint serves; the defaults follow the managed endpoint where it has one (6 MB payloads)."""
 
-    backend: str = "torch"
+    backend: str = "auto"
     max_batch_size: int = 32
     max_batch_delay_ms: float = 5.0
     max_queue: int = 256  # images waiting for the model; beyond it requests get 503

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from imgtune.data.dataset import ImageFileDataset, Sample, make_loader
-from imgtune.data.transforms import Preprocessing
+from imgtune.data.transforms import Preprocessing, load_image
+from imgtune.models.inference import InferencePath, choose_path
 from imgtune.progress import progress_bar
 
 _CACHE_VERSION = 1
@@ -36,9 +37,25 @@ def module_fingerprint(module: nn.Module, name: str = "") -> str:
     return digest.hexdigest()
 
 
-@torch.inference_mode()
+def example_images(samples: list[Sample], transform, count: int = 16) -> torch.Tensor:
+    """A batch of the first usable images (spread over the list), for choosing and checking inference paths."""
+    step = max(1, len(samples) // count)
+    images = []
+    for sample in samples[::step][:count]:
+        images.append(transform(load_image(sample.path)))
+    return torch.stack(images)
+
+
+def backbone_path(
+    backbone: nn.Module, samples: list[Sample], transform, device: torch.device, choice: str, cache_root: Path
+) -> tuple[InferencePath, dict]:
+    """The inference path the backbone's features are computed with (imgtune.models.inference)."""
+    onnx_file = cache_root / "inference" / f"{module_fingerprint(backbone)[:24]}.onnx"
+    return choose_path(backbone, example_images(samples, transform), device, choice, onnx_file=onnx_file)
+
+
 def extract_features(
-    backbone: nn.Module,
+    path: InferencePath,
     samples: list[Sample],
     transform,
     *,
@@ -50,8 +67,7 @@ def extract_features(
     progress: bool = True,
     description: str = "features",
 ) -> torch.Tensor:
-    """Run `backbone` over the samples' images; returns float32 features [N, D] on the CPU."""
-    backbone.eval()
+    """Run the backbone's inference path over the samples' images; returns float32 features [N, D] on the CPU."""
     loader = make_loader(
         ImageFileDataset(samples, transform, max_pixels),
         batch_size=batch_size,
@@ -63,10 +79,9 @@ def extract_features(
     torch.manual_seed(seed)
     chunks = []
     with progress_bar(enabled=progress, transient=True) as bar:
-        task = bar.add_task(description, total=len(samples), info="")
+        task = bar.add_task(description, total=len(samples), info=path.name)
         for images, _ in loader:
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            chunks.append(backbone(images).float().cpu())
+            chunks.append(path(images))
             bar.advance(task, images.shape[0])
     return torch.cat(chunks) if chunks else torch.empty(0)
 
@@ -77,11 +92,12 @@ class FeatureCache:
     def __init__(self, root: Path):
         self.root = root
 
-    def key(self, backbone_fp: str, preprocessing: Preprocessing, split_fp: str, view: str) -> str:
+    def key(self, backbone_fp: str, preprocessing: Preprocessing, split_fp: str, view: str, path: str) -> str:
+        """`path`: the inference path's name (bf16 features are not fp32 features)."""
         import torchvision
 
         versions = [torch.__version__, torchvision.__version__, _CACHE_VERSION]
-        text = json.dumps([backbone_fp, preprocessing.to_dict(), split_fp, view, versions], sort_keys=True)
+        text = json.dumps([backbone_fp, preprocessing.to_dict(), split_fp, view, path, versions], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def path(self, key: str) -> Path:

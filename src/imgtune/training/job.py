@@ -28,10 +28,17 @@ from imgtune.debugger.runner import RuleCallback, RuleRunner
 from imgtune.errors import ConfigError, DataError, JobError
 from imgtune.jobs import Job, cache_dir, now_iso
 from imgtune.models.factory import ImageClassifier, create_model
+from imgtune.models.inference import known_path_name
 from imgtune.profiler import ProfilerSession
 from imgtune.serving.bundle import save_bundle
 from imgtune.training.callbacks import Callback
-from imgtune.training.feature_cache import FeatureCache, FeatureLoader, extract_features, module_fingerprint
+from imgtune.training.feature_cache import (
+    FeatureCache,
+    FeatureLoader,
+    backbone_path,
+    extract_features,
+    module_fingerprint,
+)
 from imgtune.training.standard_callbacks import (
     Checkpointer,
     EarlyStopping,
@@ -117,6 +124,7 @@ class TrainingSetup:
     loaders: dict[str, Any]
     mode: str  # "features" | "images"
     cache_seconds: float = 0.0
+    inference_path: str | None = None  # how the backbone's features were computed (imgtune.models.inference)
 
 
 def build_model(config: JobConfig, num_classes: int) -> ImageClassifier:
@@ -151,7 +159,15 @@ def setup_training(
         started = time.perf_counter()
         cache = FeatureCache((cache_root or cache_dir()) / "features")
         backbone_fp = module_fingerprint(model.backbone, model.spec.backbone)
-        model.backbone.to(device)
+        size = preprocessing.image_size
+        path: Any = None  # built on the first cache miss
+        path_name = known_path_name(model.backbone, config.model.inference, device, (3, size, size))
+        if path_name is None:  # auto, never measured on this device: measure now
+            path, _ = backbone_path(
+                model.backbone, data.splits["train"], preprocessing.eval_transform(), device,
+                config.model.inference, cache_root or cache_dir(),
+            )  # fmt: skip
+            path_name = path.name
         loaders: dict[str, Any] = {}
         for split, samples in data.splits.items():
             views = [0] + (list(range(1, cfg.augment_views + 1)) if split == "train" else [])
@@ -159,12 +175,17 @@ def setup_training(
             for view in views:
                 # An augmented view's random stream depends on the seed and on how samples meet workers.
                 view_id = "eval" if view == 0 else f"augment-{view}-seed-{cfg.seed}-workers-{workers}"
-                key = cache.key(backbone_fp, preprocessing, data.fingerprint(split), view_id)
+                key = cache.key(backbone_fp, preprocessing, data.fingerprint(split), view_id, path_name)
                 features = cache.load(key)
                 if features is None or features.shape[0] != len(samples):
                     transform = preprocessing.eval_transform() if view == 0 else preprocessing.train_transform()
+                    if path is None:
+                        path, _ = backbone_path(
+                            model.backbone, samples, preprocessing.eval_transform(), device,
+                            path_name, cache_root or cache_dir(),
+                        )  # fmt: skip
                     features = extract_features(
-                        model.backbone,
+                        path,
                         samples,
                         transform,
                         device=device,
@@ -181,7 +202,7 @@ def setup_training(
                 torch.stack(tensors), labels[split], cfg.batch_size, shuffle=split == "train"
             )
         model.backbone.cpu()
-        return TrainingSetup(model.head, loaders, "features", time.perf_counter() - started)
+        return TrainingSetup(model.head, loaders, "features", time.perf_counter() - started, path_name)
     loaders = {}
     for split, samples in data.splits.items():
         transform = preprocessing.train_transform() if split == "train" else preprocessing.eval_transform()
@@ -395,7 +416,11 @@ def _run(
         job.truncate_metrics(0)
         if debugger is not None:
             debugger.writer.truncate_after(-1)
-    job.update(training_mode=setup.mode, resumed_from_epoch=start_epoch - 1 if resuming else None)
+    job.update(
+        training_mode=setup.mode,
+        feature_path=setup.inference_path,
+        resumed_from_epoch=start_epoch - 1 if resuming else None,
+    )
     loop_started = time.perf_counter()
     try:
         trainer.fit(start_epoch)

@@ -1,0 +1,146 @@
+"""Backbone feature extraction, images/s end to end from JPEG files, in one run: the naive baseline (what the
+original scripts did: torchvision ImageFolder, PIL, fp32 NCHW eager, batch 32) vs imgtune's path (its loader,
+and the inference path `auto` chooses on this device: the fastest whose outputs agree with fp32 eager), for
+resnet50 and mobilenet_v2 at 224 px. Both use the same DataLoader worker count and batch size.
+
+Also the model step alone (a preloaded batch) on every inference path, against the measured GEMM bound as the
+issue defines it: this machine's fp32 matrix multiply GFLOP/s (2n^3 per n x n product) divided by the model's
+usual GFLOP figure per image (ResNet-50 4.1, MobileNetV2 0.3; these count multiply-adds). ResNet-50 uses a
+fixed seed's weights (no ImageNet ResNet-50 weights are reachable here; speed does not depend on the values);
+MobileNetV2 the shared ImageNet weights.
+
+    python benchmarks/backbone.py | tee benchmarks/results/backbone.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from overhead import MOBILENET_WEIGHTS, SHARED, machine
+from torch.utils.data import DataLoader
+from torchvision import transforms as v1
+
+from imgtune.data.dataset import ImageFileDataset, Sample, make_loader
+from imgtune.models.factory import create_model
+from imgtune.models.inference import PATHS, agreement, choose_path, make_path
+from imgtune.resources import default_workers
+
+GFLOP_PER_IMAGE = {"resnet50": 4.1, "mobilenet_v2": 0.3}
+BATCH = 32
+
+
+def gemm_gflops(size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def photo_folder(source: Path, target: Path, count: int) -> list[Path]:
+    """An ImageFolder-shaped folder of `count` photos (symlinks), spread over the source's classes."""
+    classes = sorted(p for p in source.iterdir() if p.is_dir())
+    per_class = -(-count // len(classes))
+    photos = []
+    for class_dir in classes:
+        (target / class_dir.name).mkdir(parents=True)
+        for photo in sorted(class_dir.iterdir())[:per_class]:
+            (target / class_dir.name / photo.name).symlink_to(photo)
+            photos.append(target / class_dir.name / photo.name)
+    return photos[:count]
+
+
+def naive(backbone: torch.nn.Module, folder: Path, workers: int) -> float:
+    transform = v1.Compose(
+        [v1.Resize(256), v1.CenterCrop(224), v1.ToTensor(), v1.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
+    )
+    loader = DataLoader(torchvision.datasets.ImageFolder(folder, transform), batch_size=BATCH, num_workers=workers)
+    backbone = backbone.eval()
+    started, seen = time.perf_counter(), 0
+    with torch.no_grad():
+        for images, _ in loader:
+            backbone(images)
+            seen += images.shape[0]
+    return seen / (time.perf_counter() - started)
+
+
+def imgtune_path(backbone: torch.nn.Module, photos: list[Path], preprocessing, workers: int, onnx: Path):
+    samples = [Sample(str(p), 0, "") for p in photos]
+    transform = preprocessing.eval_transform()
+    example = torch.stack([ImageFileDataset(samples[:16], transform)[i][0] for i in range(16)])
+    started = time.perf_counter()
+    path, choice = choose_path(backbone, example, torch.device("cpu"), "auto", onnx_file=onnx)
+    choosing = time.perf_counter() - started
+    loader = make_loader(ImageFileDataset(samples, transform), batch_size=BATCH, shuffle=False, num_workers=workers)
+    started, seen = time.perf_counter(), 0
+    for images, _ in loader:
+        path(images)
+        seen += images.shape[0]
+    return seen / (time.perf_counter() - started), path.name, choosing, choice
+
+
+def model_step(backbone: torch.nn.Module, example: torch.Tensor, onnx: Path) -> dict[str, tuple[float, float]]:
+    """images/s of each path on a preloaded batch, and its mean cosine agreement with fp32 eager."""
+    reference = make_path("eager", backbone, torch.device("cpu"))(example)
+    results = {}
+    for name in PATHS:
+        try:
+            started = time.perf_counter()
+            path = make_path(name, backbone, torch.device("cpu"), onnx_file=onnx)
+            outputs = path(example)  # warm-up (and, for compile, the compilation)
+            setup = time.perf_counter() - started
+            started = time.perf_counter()
+            for _ in range(3):
+                path(example)
+            rate = 3 * example.shape[0] / (time.perf_counter() - started)
+            results[name] = (rate, agreement(outputs, reference)["mean_cosine"], setup)
+        except Exception as exc:
+            print(f"    {name}: cannot run here ({type(exc).__name__}: {exc})")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--photos", type=int, default=512, help="imagewoof train photos per model")
+    args = parser.parse_args()
+    workers = default_workers()
+    print(machine())
+    gflops = gemm_gflops()
+    print(f"fp32 GEMM (2048x2048): {gflops:.0f} GFLOP/s")
+    print(f"{args.photos} imagewoof train photos, batch {BATCH}, {workers} DataLoader workers on both sides\n")
+    with tempfile.TemporaryDirectory(prefix="imgtune-backbone-") as tmp:
+        folder = Path(tmp) / "photos"
+        photos = photo_folder(SHARED / "data/imagewoof/train", folder, args.photos)
+        for name in ("resnet50", "mobilenet_v2"):
+            torch.manual_seed(0)
+            weights = str(MOBILENET_WEIGHTS) if name == "mobilenet_v2" else None
+            model = create_model(name, 10, pretrained="none", weights=weights)
+            backbone, preprocessing = model.backbone, model.preprocessing(224)
+            onnx = Path(tmp) / f"{name}.onnx"
+            print(f"{name}:")
+            baseline = naive(backbone, folder, workers)
+            fast, chosen, choosing, choice = imgtune_path(backbone, photos, preprocessing, workers, onnx)
+            print(f"  end to end: naive {baseline:.1f} images/s, imgtune ({chosen}) {fast:.1f} images/s: "
+                  f"{fast / baseline:.2f}x (choosing the path took {choosing:.1f} s, once per device)")  # fmt: skip
+            for trial in choice.get("trials", []):
+                status = "ok" if trial["accepted"] else f"rejected: {trial['reason']}"
+                print(f"    auto measured {trial['name']}: {trial['ms_per_image'] or 0:.1f} ms/image, {status}")
+            bound = gflops / GFLOP_PER_IMAGE[name]
+            example = torch.stack([ImageFileDataset([Sample(str(p), 0, "")], preprocessing.eval_transform())[0][0]
+                                   for p in photos[:BATCH]])  # fmt: skip
+            print(f"  model step on a preloaded batch of {BATCH} (GEMM bound {bound:.1f} images/s):")
+            for path_name, (rate, cosine, setup) in model_step(backbone, example, onnx).items():
+                print(f"    {path_name:>13}: {rate:6.1f} images/s = {100 * rate / bound:5.1f}% of the bound, "
+                      f"mean cosine vs fp32 eager {cosine:.5f}, setup {setup:.1f} s")  # fmt: skip
+            print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Inference paths (imgtune.models.inference): measured, checked against fp32 eager on the shared photos,
+remembered, and used by the feature cache, evaluation and the endpoint's Predictor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from imgtune.config import build_config
+from imgtune.data.transforms import load_image
+from imgtune.errors import ConfigError
+from imgtune.jobs import Job
+from imgtune.models.inference import (
+    AUTO_CANDIDATES,
+    FEATURE_AGREEMENT,
+    TorchPath,
+    agreement,
+    bf16_supported,
+    choose_path,
+    measure_paths,
+)
+from imgtune.serving.predictor import Predictor
+from imgtune.training.job import run_training_job
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def dogs_job(tmp_path_factory, dogs_mini, mobilenet_weights) -> Path:
+    workspace = tmp_path_factory.mktemp("inference-workspace")
+    config = {
+        "name": "dogs",
+        "data": {"path": str(dogs_mini), "num_workers": 0},
+        "model": {"backbone": "mobilenet_v2", "weights": str(mobilenet_weights)},
+        "train": {"epochs": 3},
+        "debugger": {"enabled": False},
+        "profiler": {"enabled": False, "report": False},
+    }
+    return run_training_job(build_config(config), workspace=workspace, progress=False).path
+
+
+@pytest.fixture(scope="module")
+def all_photos(dogs_mini) -> list[Path]:
+    """Every dogs-mini photo (500)."""
+    return sorted(Path(dogs_mini).rglob("*.jpg"))
+
+
+class LayoutBug(torch.nn.Module):
+    """The model, but wrong whenever its input is channels-last: how a broken kernel for one memory format
+    would look. Its own fp32 eager path is right, so the check against eager must catch the other one."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(x)
+        if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last):
+            return logits.flip(1)
+        return logits
+
+
+def batches(path, images: torch.Tensor, size: int = 50) -> torch.Tensor:
+    return torch.cat([path(images[i : i + size]) for i in range(0, len(images), size)])
+
+
+def test_the_chosen_path_agrees_with_fp32_eager_on_every_shared_photo(dogs_job, all_photos, imgtune_cache):
+    predictor = Predictor.load(dogs_job)  # auto: measured on this CPU
+    choice = predictor.choice
+    assert choice["chosen_by"] == "measurement" and choice["path"] in AUTO_CANDIDATES
+    names = [t["name"] for t in choice["trials"]]
+    assert names == list(AUTO_CANDIDATES)  # every candidate was timed or said why it could not run
+    chosen = next(t for t in choice["trials"] if t["name"] == choice["path"])
+    accepted = [t for t in choice["trials"] if t["accepted"]]
+    assert chosen["ms_per_image"] == min(t["ms_per_image"] for t in accepted)  # the fastest that agrees
+    images = torch.stack([predictor.transform(load_image(p)) for p in all_photos])
+    assert len(images) == 500
+    reference = batches(TorchPath("eager", predictor.bundle.model, CPU), images)
+    logits = batches(predictor.path, images)
+    measured = agreement(logits, reference)
+    assert measured["top1_agreement"] >= 0.995, measured  # the issue's bound, on all 500 shared photos
+    assert measured["mean_cosine"] >= FEATURE_AGREEMENT["mean_cosine"], measured
+    # the backbone's features too: the path the feature cache used for this job
+    record = Job(dogs_job).read()
+    assert record["feature_path"] in AUTO_CANDIDATES
+    again = Predictor.load(dogs_job)
+    assert again.choice["chosen_by"] == "remembered measurement" and again.path.name == choice["path"]
+
+
+def test_every_path_is_timed_and_checked_and_bad_agreement_is_refused(dogs_job, all_photos, tmp_path):
+    predictor = Predictor.load(dogs_job, backend="eager")
+    model = predictor.bundle.model
+    example = torch.stack([predictor.transform(load_image(p)) for p in all_photos[::25]])
+    trials, built = measure_paths(
+        model, example, CPU, ("eager", "channels_last", "bf16", "onnx"), onnx_file=tmp_path / "m.onnx"
+    )
+    by_name = {t.name: t for t in trials}
+    for name in ("eager", "channels_last", "onnx"):
+        assert by_name[name].accepted and by_name[name].ms_per_image > 0 and name in built
+        assert by_name[name].mean_cosine > 0.99999  # fp32 everywhere: the same numbers up to summation order
+    bf16 = by_name["bf16"]
+    if bf16_supported(CPU):
+        assert bf16.ms_per_image > 0 and bf16.mean_cosine < 0.99999  # bfloat16 is measurably coarser
+        assert bf16.accepted == (
+            bf16.mean_cosine >= FEATURE_AGREEMENT["mean_cosine"] and bf16.min_cosine >= FEATURE_AGREEMENT["min_cosine"]
+        )
+    else:
+        assert not bf16.accepted and "no bfloat16 support" in bf16.reason
+    # a path that does not agree with fp32 eager is left out by auto, and refused when named
+    broken = LayoutBug(model)
+    trials, built = measure_paths(broken, example, CPU, ("channels_last", "onnx"), onnx_file=tmp_path / "b.onnx")
+    assert not trials[0].accepted and "differ from fp32 eager" in trials[0].reason and trials[1].accepted
+    path, summary = choose_path(
+        broken, example, CPU, "auto", onnx_file=tmp_path / "b.onnx", record_file=tmp_path / "c.json"
+    )
+    assert path.name != "channels_last"
+    with pytest.raises(ConfigError, match="differ from fp32 eager"):
+        choose_path(broken, example, CPU, "channels_last")
+    path, summary = choose_path(model, example, CPU, "onnx", onnx_file=tmp_path / "m.onnx")
+    assert path.name == "onnx" and summary["chosen_by"] == "configuration" and summary["trials"][0]["accepted"]
+    with pytest.raises(ConfigError, match="unknown inference path"):
+        choose_path(model, example, CPU, "fp8")
+
+
+def test_the_inference_path_is_part_of_the_feature_cache_key(dogs_job, dogs_mini, mobilenet_weights, tmp_path):
+    base = json.loads((dogs_job / "job.json").read_text())["config"]
+    base["model"]["inference"] = "eager"
+    base["name"] = "eager-features"
+    job = run_training_job(build_config(base), workspace=tmp_path, progress=False)
+    record = job.read()
+    assert record["feature_path"] == "eager" and record["timings"]["feature_cache"] > 0
+    assert record["status"] == "completed"
