@@ -6,11 +6,14 @@ and PDFs are kept as test artifacts in `test-artifacts/` (or `$IMGTUNE_TEST_ARTI
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,34 +59,42 @@ class RenderedReport:
         return len(re.findall(rb"/Type\s*/Page[^s]", self.pdf))
 
 
-def render_report(report: Path, artifact: str) -> RenderedReport:
-    """Open `report` in Chromium, wait for every plot, screenshot it and print it to PDF (as artifacts)."""
+@contextlib.contextmanager
+def chromium_page(width: int, height: int) -> Iterator[tuple[Any, list[str], list[str]]]:
+    """A page in headless Chromium, with the console errors and page exceptions it collects, and every URL
+    it requests."""
     from playwright.sync_api import sync_playwright
 
-    figures = int(re.search(r"(\d+) interactive figures", report.read_text()).group(1))
     errors: list[str] = []
     requests: list[str] = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page = browser.new_page(viewport={"width": width, "height": height})
             page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.on("request", lambda request: requests.append(request.url))
-            page.goto(report.as_uri())
-            page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length === {figures}")
-            points = page.evaluate(
-                """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(gd =>
-                    gd._fullData.reduce((n, trace) =>
-                        n + ((trace.z || trace.x || trace.y || trace.dimensions || []).length || 0), 0))"""
-            )
-            svg_paths = page.evaluate("document.querySelectorAll('.js-plotly-plot .main-svg path').length")
-            title = page.title()
-            screenshot = artifacts_dir() / f"{artifact}.png"
-            page.screenshot(path=str(screenshot), full_page=True)
-            pdf = page.pdf(format="A4", print_background=True)  # what "print to PDF" gives a user
+            yield page, errors, requests
         finally:
             browser.close()
+
+
+def render_report(report: Path, artifact: str) -> RenderedReport:
+    """Open `report` in Chromium, wait for every plot, screenshot it and print it to PDF (as artifacts)."""
+    figures = int(re.search(r"(\d+) interactive figures", report.read_text()).group(1))
+    with chromium_page(1280, 900) as (page, errors, requests):
+        page.goto(report.as_uri())
+        page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length === {figures}")
+        points = page.evaluate(
+            """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(gd =>
+                gd._fullData.reduce((n, trace) =>
+                    n + ((trace.z || trace.x || trace.y || trace.dimensions || []).length || 0), 0))"""
+        )
+        svg_paths = page.evaluate("document.querySelectorAll('.js-plotly-plot .main-svg path').length")
+        title = page.title()
+        screenshot = artifacts_dir() / f"{artifact}.png"
+        page.screenshot(path=str(screenshot), full_page=True)
+        pdf = page.pdf(format="A4", print_background=True)  # what "print to PDF" gives a user
     (artifacts_dir() / f"{artifact}.pdf").write_bytes(pdf)
     return RenderedReport(figures, errors, requests, points, svg_paths, title, screenshot, pdf)
 

@@ -330,33 +330,24 @@ def test_ping_answers_200_only_once_the_model_is_loaded(workspace):
 
 
 def test_the_web_page_classifies_an_uploaded_photo_in_chromium(endpoint, predictor, photos):
-    from playwright.sync_api import sync_playwright
-
-    from browser import CHROMIUM_ARGS, artifacts_dir, chromium_path
+    from browser import artifacts_dir, chromium_page
 
     photo = photos[3]
     with Image.open(photo) as image:
         expected = [c["label"] for c in predictor.predict([image], 5)[0]]
-    errors: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 900, "height": 900})
-            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(endpoint + "/")
-            page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
-            page.set_input_files("#file", str(photo))
-            page.wait_for_selector(".result")
-            labels = page.locator(".result .label").all_inner_texts()
-            percentages = page.locator(".result .pct").all_inner_texts()
-            page.screenshot(path=str(artifacts_dir() / "endpoint-page.png"), full_page=True)
-            page.set_input_files("#file", str(Path(__file__)))  # not an image: the page shows the reason
-            page.wait_for_function("document.getElementById('error').textContent.length > 0")
-            error_text = page.locator("#error").inner_text()
-        finally:
-            browser.close()
+    with chromium_page(900, 900) as (page, errors, requests):
+        page.goto(endpoint + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector(".result")
+        labels = page.locator(".result .label").all_inner_texts()
+        percentages = page.locator(".result .pct").all_inner_texts()
+        page.screenshot(path=str(artifacts_dir() / "endpoint-page.png"), full_page=True)
+        page.set_input_files("#file", str(Path(__file__)))  # not an image: the page shows the reason
+        page.wait_for_function("document.getElementById('error').textContent.length > 0")
+        error_text = page.locator("#error").inner_text()
     assert len(errors) <= 1 and all("status of 415" in e for e in errors)  # only the refused upload's status
+    assert all(url.startswith(endpoint) or url.startswith(("blob:", "data:")) for url in requests)  # offline
     assert labels == expected
     assert len(percentages) == 5 and all(p.endswith("%") for p in percentages)
     assert "unsupported content type" in error_text or "not an image" in error_text
