@@ -25,10 +25,12 @@ from overhead import MOBILENET_WEIGHTS, SHARED, machine
 from torch.utils.data import DataLoader
 from torchvision import transforms as v1
 
-from imgtune.data.dataset import ImageFileDataset, Sample, make_loader
+from imgtune.data.dataset import Sample
+from imgtune.data.transforms import load_image
 from imgtune.models.factory import create_model
 from imgtune.models.inference import PATHS, agreement, choose_path, make_path
 from imgtune.resources import default_workers
+from imgtune.training.feature_cache import example_images, extract_features
 
 GFLOP_PER_IMAGE = {"resnet50": 4.1, "mobilenet_v2": 0.3}
 BATCH = 32
@@ -74,16 +76,45 @@ def naive(backbone: torch.nn.Module, folder: Path, workers: int) -> float:
 def imgtune_path(backbone: torch.nn.Module, photos: list[Path], preprocessing, workers: int, onnx: Path):
     samples = [Sample(str(p), 0, "") for p in photos]
     transform = preprocessing.eval_transform()
-    example = torch.stack([ImageFileDataset(samples[:16], transform)[i][0] for i in range(16)])
     started = time.perf_counter()
-    path, choice = choose_path(backbone, example, torch.device("cpu"), "auto", onnx_file=onnx)
+    path, choice = choose_path(
+        backbone, example_images(samples, transform), torch.device("cpu"), "auto", onnx_file=onnx
+    )
     choosing = time.perf_counter() - started
-    loader = make_loader(ImageFileDataset(samples, transform), batch_size=BATCH, shuffle=False, num_workers=workers)
-    started, seen = time.perf_counter(), 0
-    for images, _ in loader:
-        path(images)
-        seen += images.shape[0]
-    return seen / (time.perf_counter() - started), path.name, choosing, choice
+    stats: dict[str, float] = {}
+    started = time.perf_counter()
+    extract_features(
+        path, samples, transform, device=torch.device("cpu"), batch_size=BATCH, num_workers=workers,
+        progress=False, stats=stats,
+    )  # fmt: skip
+    rate = len(samples) / (time.perf_counter() - started)
+    wait = stats["data_wait_seconds"] / (stats["data_wait_seconds"] + stats["backbone_seconds"])
+    return rate, path.name, choosing, choice, wait
+
+
+def decode_rates(photos: list[Path], preprocessing) -> dict[str, float]:
+    """images/s of one process turning JPEG files into normalised 224 px tensors, two ways."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    from torchvision.transforms import v2
+
+    pil = preprocessing.eval_transform()
+    on_tensors = v2.Compose(
+        [v2.Resize(preprocessing.resize_size, antialias=True), v2.CenterCrop(preprocessing.image_size),
+         v2.ToDtype(torch.float32, scale=True), v2.Normalize(preprocessing.mean, preprocessing.std)]
+    )  # fmt: skip
+    ways = {
+        "PIL decode + resize (imgtune's loader)": lambda p: pil(load_image(p)),
+        "torchvision.io.decode_jpeg + resize on uint8 tensors": lambda p: on_tensors(
+            decode_jpeg(read_file(str(p)), mode=ImageReadMode.RGB)
+        ),
+    }
+    rates = {}
+    for name, convert in ways.items():
+        started = time.perf_counter()
+        for photo in photos:
+            convert(photo)
+        rates[name] = len(photos) / (time.perf_counter() - started)
+    return rates
 
 
 def model_step(backbone: torch.nn.Module, example: torch.Tensor, onnx: Path) -> dict[str, tuple[float, float]]:
@@ -118,6 +149,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="imgtune-backbone-") as tmp:
         folder = Path(tmp) / "photos"
         photos = photo_folder(SHARED / "data/imagewoof/train", folder, args.photos)
+        print("data path, one process, JPEG file to normalised 224 px tensor:")
+        for way, rate in decode_rates(
+            photos[:128], create_model("mobilenet_v2", 2, pretrained="none").preprocessing(224)
+        ).items():
+            print(f"  {way}: {rate:.0f} images/s")
+        print()
         for name in ("resnet50", "mobilenet_v2"):
             torch.manual_seed(0)
             weights = str(MOBILENET_WEIGHTS) if name == "mobilenet_v2" else None
@@ -126,15 +163,15 @@ def main() -> None:
             onnx = Path(tmp) / f"{name}.onnx"
             print(f"{name}:")
             baseline = naive(backbone, folder, workers)
-            fast, chosen, choosing, choice = imgtune_path(backbone, photos, preprocessing, workers, onnx)
+            fast, chosen, choosing, choice, wait = imgtune_path(backbone, photos, preprocessing, workers, onnx)
             print(f"  end to end: naive {baseline:.1f} images/s, imgtune ({chosen}) {fast:.1f} images/s: "
-                  f"{fast / baseline:.2f}x (choosing the path took {choosing:.1f} s, once per device)")  # fmt: skip
+                  f"{fast / baseline:.2f}x (choosing the path took {choosing:.1f} s, once per device); the backbone "
+                  f"waited for data {100 * wait:.0f}% of the time")  # fmt: skip
             for trial in choice.get("trials", []):
                 status = "ok" if trial["accepted"] else f"rejected: {trial['reason']}"
                 print(f"    auto measured {trial['name']}: {trial['ms_per_image'] or 0:.1f} ms/image, {status}")
             bound = gflops / GFLOP_PER_IMAGE[name]
-            example = torch.stack([ImageFileDataset([Sample(str(p), 0, "")], preprocessing.eval_transform())[0][0]
-                                   for p in photos[:BATCH]])  # fmt: skip
+            example = torch.stack([preprocessing.eval_transform()(load_image(p)) for p in photos[:BATCH]])
             print(f"  model step on a preloaded batch of {BATCH} (GEMM bound {bound:.1f} images/s):")
             for path_name, (rate, cosine, setup) in model_step(backbone, example, onnx).items():
                 print(f"    {path_name:>13}: {rate:6.1f} images/s = {100 * rate / bound:5.1f}% of the bound, "

@@ -132,4 +132,7 @@ def test_the_inference_path_is_part_of_the_feature_cache_key(dogs_job, dogs_mini
     job = run_training_job(build_config(base), workspace=tmp_path, progress=False)
     record = job.read()
     assert record["feature_path"] == "eager" and record["timings"]["feature_cache"] > 0
+    extraction = record["feature_extraction"]  # computed, not found: a new key for the eager path
+    assert extraction["images"] == 500 and 0 <= extraction["data_wait_fraction"] < 1
+    assert extraction["backbone_seconds"] > 0 and extraction["images_per_second"] > 0
     assert record["status"] == "completed"

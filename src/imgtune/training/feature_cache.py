@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,8 +67,13 @@ def extract_features(
     seed: int = 0,
     progress: bool = True,
     description: str = "features",
+    stats: dict[str, float] | None = None,
 ) -> torch.Tensor:
-    """Run the backbone's inference path over the samples' images; returns float32 features [N, D] on the CPU."""
+    """Run the backbone's inference path over the samples' images; returns float32 features [N, D] on the CPU.
+
+    `stats`, when given, receives the seconds spent waiting for the loader and running the backbone, so that a
+    job can say whether its backbone waited for data.
+    """
     loader = make_loader(
         ImageFileDataset(samples, transform, max_pixels),
         batch_size=batch_size,
@@ -78,11 +84,24 @@ def extract_features(
     )
     torch.manual_seed(seed)
     chunks = []
+    waited = computed = 0.0
     with progress_bar(enabled=progress, transient=True) as bar:
         task = bar.add_task(description, total=len(samples), info=path.name)
-        for images, _ in loader:
+        batches = iter(loader)
+        while True:
+            started = time.perf_counter()
+            try:
+                images, _ = next(batches)
+            except StopIteration:
+                break
+            ready = time.perf_counter()
             chunks.append(path(images))
+            waited, computed = waited + ready - started, computed + time.perf_counter() - ready
             bar.advance(task, images.shape[0])
+    if stats is not None:
+        stats["data_wait_seconds"] = stats.get("data_wait_seconds", 0.0) + waited
+        stats["backbone_seconds"] = stats.get("backbone_seconds", 0.0) + computed
+        stats["images"] = stats.get("images", 0) + len(samples)
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 

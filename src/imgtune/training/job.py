@@ -125,6 +125,7 @@ class TrainingSetup:
     mode: str  # "features" | "images"
     cache_seconds: float = 0.0
     inference_path: str | None = None  # how the backbone's features were computed (imgtune.models.inference)
+    extraction: dict[str, float] | None = None  # data wait vs backbone seconds, when features were computed
 
 
 def build_model(config: JobConfig, num_classes: int) -> ImageClassifier:
@@ -169,6 +170,7 @@ def setup_training(
             )  # fmt: skip
             path_name = path.name
         loaders: dict[str, Any] = {}
+        extraction: dict[str, float] = {}
         for split, samples in data.splits.items():
             views = [0] + (list(range(1, cfg.augment_views + 1)) if split == "train" else [])
             tensors = []
@@ -195,6 +197,7 @@ def setup_training(
                         seed=cfg.seed * 1000 + view,
                         progress=progress,
                         description=f"features {split}" + (f" view {view}" if view else ""),
+                        stats=extraction,
                     )
                     cache.store(key, features, {"backbone": model.spec.backbone, "split": split, "view": str(view)})
                 tensors.append(features)
@@ -202,7 +205,12 @@ def setup_training(
                 torch.stack(tensors), labels[split], cfg.batch_size, shuffle=split == "train"
             )
         model.backbone.cpu()
-        return TrainingSetup(model.head, loaders, "features", time.perf_counter() - started, path_name)
+        if extraction:
+            busy = extraction["data_wait_seconds"] + extraction["backbone_seconds"]
+            extraction["data_wait_fraction"] = extraction["data_wait_seconds"] / busy if busy else 0.0
+            extraction["images_per_second"] = extraction["images"] / busy if busy else 0.0
+        seconds = time.perf_counter() - started
+        return TrainingSetup(model.head, loaders, "features", seconds, path_name, extraction or None)
     loaders = {}
     for split, samples in data.splits.items():
         transform = preprocessing.train_transform() if split == "train" else preprocessing.eval_transform()
@@ -419,6 +427,7 @@ def _run(
     job.update(
         training_mode=setup.mode,
         feature_path=setup.inference_path,
+        feature_extraction=setup.extraction,  # did the backbone wait for data? (None: features from the cache)
         resumed_from_epoch=start_epoch - 1 if resuming else None,
     )
     loop_started = time.perf_counter()
