@@ -96,6 +96,21 @@ def post(url: str, body: bytes, content_type: str | None, headers: dict | None =
         return exc.code, json.loads(exc.read())
 
 
+def burst(url: str, body: bytes, count: int, headers: dict) -> tuple[list[int], list[str]]:
+    """`count` requests at once (httpx, one event loop); their statuses and error messages."""
+    import httpx
+
+    async def send() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(
+                *(client.post(f"{url}/invocations", content=body, headers={**headers, "Content-Type": "image/jpeg"})
+                  for _ in range(count))
+            )  # fmt: skip
+
+    responses = asyncio.run(send())
+    return [r.status_code for r in responses], [r.json().get("error", {}).get("message", "") for r in responses]
+
+
 def as_png(path: Path) -> bytes:
     buffer = io.BytesIO()
     Image.open(path).save(buffer, format="PNG")
@@ -223,6 +238,18 @@ def test_bad_requests_get_clear_json_errors(endpoint, photos, tmp_path, dogs_min
         got, answer = post(f"{endpoint}/invocations", body, content_type)
         assert (got, answer["error"]["status"]) == (status, status), (message, answer)
         assert message in answer["error"]["message"], (message, answer)
+    body = json.dumps({"image": base64.b64encode(jpeg).decode(), "top_k": 1.5}).encode()
+    got, answer = post(f"{endpoint}/invocations", body, "application/json")
+    assert got == 400 and "whole number" in answer["error"]["message"]
+    boundary = "many-parts"
+    parts = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="f{i}"; filename="d.jpg"\r\n\r\n'.encode() + b"x\r\n"
+        for i in range(65)
+    )
+    got, answer = post(
+        f"{endpoint}/invocations", parts + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+    )
+    assert got == 413 and "files" in answer["error"]["message"]  # at most 64 images a request, as with JSON
     for query in ("top_k=0", "top_k=11", "top_k=two", "logits=maybe"):
         got, answer = post(f"{endpoint}/invocations?{query}", jpeg, "image/jpeg")
         assert got == 400 and query.split("=")[0] in answer["error"]["message"]
@@ -246,14 +273,17 @@ def test_api_key_onnx_backend_and_a_bounded_queue(guarded_endpoint, endpoint, ph
     assert np.allclose(answer["predictions"][0]["logits"], reference["predictions"][0]["logits"], atol=1e-4)
     with urllib.request.urlopen(f"{guarded_endpoint}/health/ready", timeout=10) as response:
         model = json.loads(response.read())["model"]
-    assert model["backend"] == "onnx" and (workspace / JOB / "model" / "model.onnx").is_file()
+    assert model["backend"] == "onnx" and not list((workspace / JOB / "model").glob("*.onnx"))  # in the cache
     checked = model["checked_against_fp32_eager"]  # before serving, on the job's own photos
     assert checked["mean_cosine"] > 0.9999 and checked["top1_agreement"] == 1.0
     two = json.dumps({"instances": [base64.b64encode(jpeg).decode()] * 2}).encode()
     status, answer = post(
         f"{guarded_endpoint}/invocations", two, "application/json", {"Authorization": f"Bearer {API_KEY}"}
     )
-    assert status == 503 and "busy" in answer["error"]["message"]  # two images never fit a queue of one
+    assert status == 413 and "queues at most 1" in answer["error"]["message"]  # two images can never fit
+    statuses, messages = burst(guarded_endpoint, jpeg, 24, {"X-API-Key": API_KEY})  # a queue of one image
+    assert set(statuses) == {200, 503}, statuses  # some served, the rest refused at once, nothing else
+    assert all("busy" in m for s, m in zip(statuses, messages, strict=True) if s == 503)
 
 
 # -- load, metrics, readiness ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import statistics
+import threading
 import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +26,7 @@ from imgtune.jobs import atomic_write_json
 from imgtune.resources import default_workers
 
 MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # we refuse those ourselves
 SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "WEBP", "TIFF")  # MPO: phone JPEGs with extra frames
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".jfif"}
 _CHECK_VERSION = 1
@@ -121,38 +123,51 @@ class BadImage(ValueError):
 def decode_image(data: bytes, max_pixels: int, suffix: str = "") -> Image.Image:
     """Fully decode image bytes in a supported format, refusing images over `max_pixels` before decoding them.
 
+    Safe to call from many threads at once (the endpoint does): PIL's process-wide limit is only lifted, under
+    a lock, when `max_pixels` is above it.
+
     Raises:
         BadImage: the reason, worded for a person (a data check's problem, an endpoint's 400).
     """
     if not data:
         raise BadImage("zero-byte file")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning: we apply our own limit below
-        saved_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    too_large = f"exceeds the limit of {max_pixels:,} pixels (possible decompression bomb)"
+    try:
+        img = _open_within(data, max_pixels)
+        width, height = img.size
+        if img.format not in SUPPORTED_FORMATS:
+            raise BadImage(f"unsupported format {img.format} (supported: {', '.join(SUPPORTED_FORMATS)})")
+        if width * height > max_pixels:
+            raise BadImage(f"declared size {width}x{height} {too_large}")
+        img.load()
+        return img
+    except BadImage:
+        raise
+    except Image.DecompressionBombError:
+        raise BadImage(f"declared size {too_large}") from None
+    except UnidentifiedImageError:
+        mismatch = f" (content does not match its {suffix} name)" if suffix else ""
+        raise BadImage("not an image" + mismatch) from None
+    except OSError as exc:
+        text = str(exc)
+        raise BadImage(("truncated image: " if "truncated" in text else "corrupt image: ") + text) from None
+    except Exception as exc:  # decoders raise assorted errors on garbage
+        raise BadImage(f"corrupt image: {type(exc).__name__}: {exc}") from None
+
+
+_PIL_LIMIT = threading.Lock()
+
+
+def _open_within(data: bytes, max_pixels: int) -> Image.Image:
+    """Image.open, with PIL's own pixel limit lifted only when ours is higher (PIL's limit is a global)."""
+    if Image.MAX_IMAGE_PIXELS is None or max_pixels <= Image.MAX_IMAGE_PIXELS:
+        return Image.open(io.BytesIO(data))  # PIL refuses (or warns about) only sizes we refuse anyway
+    with _PIL_LIMIT:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if img.format not in SUPPORTED_FORMATS:
-                raise BadImage(f"unsupported format {img.format} (supported: {', '.join(SUPPORTED_FORMATS)})")
-            if width * height > max_pixels:
-                raise BadImage(
-                    f"declared size {width}x{height} exceeds the limit of {max_pixels:,} pixels "
-                    "(possible decompression bomb)"
-                )
-            img.load()
-            return img
-        except BadImage:
-            raise
-        except UnidentifiedImageError:
-            mismatch = f" (content does not match its {suffix} name)" if suffix else ""
-            raise BadImage("not an image" + mismatch) from None
-        except OSError as exc:
-            text = str(exc)
-            raise BadImage(("truncated image: " if "truncated" in text else "corrupt image: ") + text) from None
-        except Exception as exc:  # decoders raise assorted errors on garbage
-            raise BadImage(f"corrupt image: {type(exc).__name__}: {exc}") from None
+            return Image.open(io.BytesIO(data))
         finally:
-            Image.MAX_IMAGE_PIXELS = saved_limit
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def inspect_file(path: str | Path, max_pixels: int) -> FileInfo:

@@ -11,12 +11,14 @@ Paths (each takes a float32 NCHW batch and returns float32 outputs on the CPU):
 
 `choose_path` times each candidate on an example batch of real inputs, keeps those whose outputs agree with
 fp32 eager within FEATURE_AGREEMENT (cosine similarity per sample), and takes the fastest. The choice is
-remembered per device, torch version, architecture and input shape in the cache, so it is measured once.
+remembered per device, torch version, architecture, weights and input shape in the cache, so it is measured
+once per model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -126,7 +128,7 @@ def export_onnx(module: nn.Module, image_size: int, onnx_file: Path) -> Path:
     """Export `module` (fp32, CPU) with a dynamic batch dimension; written atomically."""
     onnx_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = onnx_file.with_name(f".{onnx_file.name}.{os.getpid()}.tmp")
-    module = module.eval().cpu()
+    module = copy.deepcopy(module).eval().cpu()  # the caller's module stays where it is (a GPU, say)
     example = torch.randn(2, 3, image_size, image_size)
     with warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         warnings.simplefilter("ignore")
@@ -241,6 +243,7 @@ def measure_paths(
     *,
     onnx_file: Path | None = None,
     repeats: int = 3,
+    threads: int | None = None,
 ) -> tuple[list[PathTrial], dict[str, InferencePath]]:
     """Time each candidate on `example` and check its outputs against fp32 eager."""
     reference = TorchPath("eager", module, device)(example)
@@ -248,7 +251,7 @@ def measure_paths(
     for name in candidates:
         trial = PathTrial(name)
         try:
-            path = make_path(name, module, device, image_size=example.shape[-1], onnx_file=onnx_file)
+            path = make_path(name, module, device, image_size=example.shape[-1], onnx_file=onnx_file, threads=threads)
             outputs = path(example)
             measured = agreement(outputs, reference)
             trial.mean_cosine, trial.min_cosine = measured["mean_cosine"], measured["min_cosine"]
@@ -298,6 +301,8 @@ def choose_path(
     onnx_file: Path | None = None,
     record_file: Path | None = None,
     candidates: tuple[str, ...] = AUTO_CANDIDATES,
+    threads: int | None = None,
+    remember: bool = True,
 ) -> tuple[InferencePath, dict[str, Any]]:
     """The path to run `module` with: `choice` itself, or for `auto` the fastest that agrees with fp32 eager.
 
@@ -306,7 +311,9 @@ def choose_path(
     if choice not in CHOICES:
         raise ConfigError(f"unknown inference path {choice!r}", f"use one of {', '.join(CHOICES)}")
     if choice != "auto":
-        trials, built = measure_paths(module, example, device, (choice,), onnx_file=onnx_file, repeats=0)
+        trials, built = measure_paths(
+            module, example, device, (choice,), onnx_file=onnx_file, repeats=0, threads=threads
+        )
         if choice not in built:
             raise ConfigError(f"inference path {choice} cannot be used here: {trials[0].reason}", "use auto")
         return built[choice], {"path": choice, "chosen_by": "configuration", "trials": [asdict(trials[0])]}
@@ -315,20 +322,35 @@ def choose_path(
     remembered = record.get(key)
     if remembered and remembered.get("path") in candidates:
         with contextlib.suppress(PathUnavailable):
-            path = make_path(remembered["path"], module, device, image_size=example.shape[-1], onnx_file=onnx_file)
+            size = example.shape[-1]
+            path = make_path(remembered["path"], module, device, image_size=size, onnx_file=onnx_file, threads=threads)
             return path, {**remembered, "chosen_by": "remembered measurement"}
-    trials, built = measure_paths(module, example, device, candidates, onnx_file=onnx_file)
+    trials, built = measure_paths(module, example, device, candidates, onnx_file=onnx_file, threads=threads)
     timed = [t for t in trials if t.accepted and t.ms_per_image is not None]  # (eager is always possible)
     if not timed:
         return TorchPath("eager", module, device), {"path": "eager", "chosen_by": "fallback", "trials": []}
     best = min(timed, key=lambda t: t.ms_per_image)
     summary = {"path": best.name, "chosen_by": "measurement", "trials": [asdict(t) for t in trials]}
-    record.put(key, summary)
+    if remember:
+        record.put(key, summary)
     return built[best.name], summary
 
 
 def choice_key(module: nn.Module, device: torch.device, input_shape: tuple[int, ...]) -> str:
-    return "|".join([device_description(device), torch.__version__, architecture_signature(module), str(input_shape)])
+    """Device, torch, the module's architecture and weights, and the input shape: a remembered choice was
+    measured and checked on exactly this."""
+    network = [architecture_signature(module), weights_fingerprint(module)[:20]]
+    return "|".join([device_description(device), torch.__version__, *network, str(input_shape)])
+
+
+def weights_fingerprint(module: nn.Module, salt: str = "") -> str:
+    """sha256 of a module's tensors (names, shapes, dtypes, bytes)."""
+    digest = hashlib.sha256(salt.encode())
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def known_path_name(

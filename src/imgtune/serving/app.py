@@ -37,6 +37,7 @@ from imgtune.serving.inputs import (
     ACCEPTED_TYPES,
     CUSTOM_ATTRIBUTES,
     JSON_TYPE,
+    MAX_INSTANCES,
     MULTIPART_TYPE,
     RAW_IMAGE_TYPES,
     RequestError,
@@ -208,6 +209,7 @@ class Endpoint:
     async def images_and_options(self, request: Request) -> tuple[list[bytes], list[dict[str, Any]]]:
         kind = media_type(request.headers.get("content-type"))
         if kind not in RAW_IMAGE_TYPES and kind not in (JSON_TYPE, MULTIPART_TYPE):
+            await self._drain(request.stream())
             raise RequestError(
                 415, f"unsupported content type {kind or '(none)'!r}; send one of {', '.join(ACCEPTED_TYPES)}"
             )
@@ -216,14 +218,15 @@ class Endpoint:
             return [body], []
         if kind == JSON_TYPE:
             instances, options = json_instances(body)
+            self.check_room(len(instances))
             images = []
+            budget = self.options.max_payload_bytes - len(body)  # what the URLs fetch counts against the payload
             for instance in instances:
                 if "url" in instance:
-                    images.append(
-                        await run_in_threadpool(
-                            fetch_url, instance["url"], self.options.allowed_url_schemes, self.options.max_payload_bytes
-                        )
-                    )
+                    schemes = self.options.allowed_url_schemes
+                    data = await run_in_threadpool(fetch_url, instance["url"], schemes, max(budget, 0))
+                    budget -= len(data)
+                    images.append(data)
                 else:
                     images.append(instance["image"])
             return images, [options]
@@ -232,14 +235,32 @@ class Endpoint:
             return {"type": "http.request", "body": body, "more_body": False}
 
         try:
-            form = await Request(request.scope, replay).form(max_part_size=self.options.max_payload_bytes)
-        except MultiPartException as exc:
-            raise RequestError(400, f"bad multipart body: {exc.message}") from None
-        images = [await part.read() for _, part in form.multi_items() if isinstance(part, UploadFile)]
-        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+            form = await Request(request.scope, replay).form(
+                max_files=MAX_INSTANCES, max_part_size=self.options.max_payload_bytes
+            )
+        except (MultiPartException, StarletteHTTPException) as exc:  # (Starlette turns the first into the second)
+            message = str(getattr(exc, "message", None) or getattr(exc, "detail", exc))
+            too_many = "too many files" in message.lower()
+            raise RequestError(413 if too_many else 400, f"bad multipart body: {message}") from None
+        try:
+            parts = [part for _, part in form.multi_items() if isinstance(part, UploadFile)]
+            self.check_room(len(parts))
+            images = [await part.read() for part in parts]
+            fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        finally:
+            await form.close()
         if not images:
             raise RequestError(400, "the multipart body has no file part")
         return images, [fields]
+
+    def check_room(self, count: int) -> None:
+        """Refuse a request whose images could never fit (413) or do not fit now (503), before any work."""
+        if count > self.options.max_queue:
+            raise RequestError(
+                413, f"{count} images in one request; this endpoint queues at most {self.options.max_queue}"
+            )
+        if self.batcher is not None and self.batcher.depth + count > self.options.max_queue:
+            raise RequestError(503, f"the server is busy: {self.batcher.depth} images are waiting; retry shortly")
 
     def decode(self, images: list[bytes]) -> list[Any]:
         """Decode and preprocess each image (in a worker thread); the first bad one refuses the request."""
@@ -255,12 +276,18 @@ class Endpoint:
         return tensors
 
     async def invoke(self, request: Request) -> Response:
-        self.check_key(request)
+        try:
+            self.check_key(request)
+        except RequestError:
+            await self._drain(request.stream())  # so that the client reads our 401, not a reset connection
+            raise
         unavailable = self.not_ready()
         if unavailable is not None:
+            await self._drain(request.stream())
             return unavailable
         assert self.predictor is not None and self.batcher is not None
         images, option_sources = await self.images_and_options(request)
+        self.check_room(len(images))  # (JSON and multipart bodies were checked before fetching and reading)
         option_sources += [dict(request.query_params), custom_attributes(request.headers.get(CUSTOM_ATTRIBUTES))]
         options = parse_options(option_sources, len(self.predictor.labels))
         tensors = await run_in_threadpool(self.decode, images)
@@ -345,6 +372,7 @@ def create_app(model: Predictor | Callable[[], Predictor], options: ServeOptions
 
     @app.post("/endpoints/{name}/invocations")
     async def named_invocations(name: str, request: Request) -> Response:
+        endpoint.check_key(request)  # before saying which endpoint this is
         if endpoint.options.endpoint_name and name != endpoint.options.endpoint_name:
             raise RequestError(404, f"no endpoint named {name!r} here (this is {endpoint.options.endpoint_name!r})")
         return await endpoint.invoke(request)

@@ -52,7 +52,8 @@ class InputFiles:
             self.fs, self.root = fsspec.core.url_to_fs(self.source)
             self.protocol = self.source.split("://", 1)[0]
         else:
-            self.fs, self.root, self.protocol = None, str(Path(source).expanduser()), ""
+            # absolute: a resumed run finds its files however the folder is spelled the second time
+            self.fs, self.root, self.protocol = None, str(Path(source).expanduser().absolute()), ""
             if not Path(self.root).is_dir():
                 raise DataError(f"input folder not found: {source}", "give a folder of images or an s3:// prefix")
 
@@ -71,7 +72,11 @@ class InputFiles:
             if size > MAX_FILE_BYTES:
                 raise BadImage(f"{size:,} bytes, over the {MAX_FILE_BYTES:,}-byte limit")
             return Path(name).read_bytes()
-        return self.fs.cat_file(name.split("://", 1)[1])
+        key = name.split("://", 1)[1]
+        size = self.fs.size(key)
+        if size is not None and size > MAX_FILE_BYTES:
+            raise BadImage(f"{size:,} bytes, over the {MAX_FILE_BYTES:,}-byte limit")
+        return self.fs.cat_file(key)
 
 
 def output_format(output: str | Path) -> str:

@@ -84,20 +84,31 @@ class DynamicBatcher:
         return [(item, future) for item, future in batch if not future.cancelled()]  # clients that gave up
 
     async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
-            if not batch:
-                continue
-            if self.on_batch is not None:
-                self.on_batch(len(batch))
             try:
-                results = await loop.run_in_executor(self.executor, self.run_batch, [item for item, _ in batch])
-            except Exception as exc:  # the whole batch fails alike; the server goes on
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+                await self._run(batch)
+            except asyncio.CancelledError:
+                self._fail(batch, QueueFull("the server is shutting down"))
+                raise
+            except Exception as exc:  # this batch's requests get the error; the next batch runs as usual
+                self._fail(batch, exc)
+
+    async def _run(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        if not batch:
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self.executor, self.run_batch, [item for item, _ in batch])
+        if len(results) != len(batch):
+            raise RuntimeError(f"the model answered {len(results)} results for a batch of {len(batch)}")
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    @staticmethod
+    def _fail(batch: list[tuple[Any, asyncio.Future]], exc: BaseException) -> None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(exc)

@@ -57,6 +57,8 @@ def parse_options(sources: list[dict[str, Any]], num_classes: int) -> Options:
         if key == "top_k":
             try:
                 top = int(value)
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
             except (TypeError, ValueError):
                 raise RequestError(400, f"top_k must be a whole number, not {value!r}") from None
             if not 1 <= top <= num_classes:
@@ -136,6 +138,8 @@ def fetch_url(url: str, allowed_schemes: tuple[str, ...], max_bytes: int) -> byt
     if scheme not in allowed_schemes:
         allowed = ", ".join(f"{s}://" for s in allowed_schemes) or "none"
         raise RequestError(400, f"URL scheme {scheme or '(none)'!r} is not allowed (allowed: {allowed})")
+    if max_bytes <= 0:
+        raise RequestError(413, f"the request's images reach the payload limit before {url} is fetched")
     import fsspec
 
     try:

@@ -2,7 +2,7 @@
 
 The logits come from an inference path (imgtune.models.inference): `auto` (the default) measures the paths
 this device offers on a few of the job's own photos and keeps the fastest whose outputs agree with fp32
-eager; `torch` (fp32 channels-last), `onnx` (ONNX Runtime on `model/model.onnx`, exported once per bundle),
+eager; `torch` (fp32 channels-last), `onnx` (ONNX Runtime on an export made once per bundle, kept in the cache),
 `bf16`, `eager` or `compile` name one, which is still checked against fp32 eager before it serves.
 """
 
@@ -20,15 +20,12 @@ from PIL import Image
 
 from imgtune.data.transforms import load_image, to_rgb
 from imgtune.errors import ConfigError, JobError
-from imgtune.jobs import Job, atomic_write_json
+from imgtune.jobs import Job, cache_dir
 from imgtune.models.inference import CHOICES, InferencePath, choose_path
-from imgtune.models.weights import sha256_file
-from imgtune.serving.bundle import WEIGHTS_FILE, Bundle, load_bundle
+from imgtune.serving.bundle import MANIFEST_FILE, WEIGHTS_FILE, Bundle, load_bundle
 
 BACKENDS = ("auto", "torch", *(c for c in CHOICES if c != "auto"))
 ALIASES = {"torch": "channels_last"}
-ONNX_FILE = "model.onnx"
-ONNX_RECORD = "model.onnx.json"  # which weights the export was made from
 EXAMPLE_IMAGES = 16  # photos the paths are timed and checked on
 
 
@@ -52,21 +49,15 @@ def top_k(logits: np.ndarray, labels: list[tuple[str, str]], k: int) -> list[Cla
 
 
 def onnx_file_for(model_dir: Path) -> Path:
-    """model/model.onnx, removed first when it was exported from other weights than the bundle's now."""
-    path, record = model_dir / ONNX_FILE, model_dir / ONNX_RECORD
-    weights_sha = sha256_file(model_dir / WEIGHTS_FILE)
-    try:
-        current = json.loads(record.read_text())
-    except (OSError, ValueError):
-        current = {}
-    if current.get("weights_sha256") != weights_sha:
-        path.unlink(missing_ok=True)
-        atomic_write_json(record, {"weights_sha256": weights_sha, "torch_version": torch.__version__})
-    return path
+    """Where the bundle's ONNX export is kept: in the cache, named by the weights' checksum (the bundle's own
+    directory stays as training wrote it, and may be read-only)."""
+    manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
+    return cache_dir() / "inference" / f"bundle-{manifest['files'][WEIGHTS_FILE]['sha256'][:24]}.onnx"
 
 
-def example_batch(bundle: Bundle, model_dir: Path) -> torch.Tensor:
-    """Up to EXAMPLE_IMAGES of the job's own photos, preprocessed (noise when the data is not at hand)."""
+def example_batch(bundle: Bundle, model_dir: Path) -> tuple[torch.Tensor, bool]:
+    """Up to EXAMPLE_IMAGES of the job's own photos, preprocessed, and True; or noise and False when the data
+    is not at hand (a choice measured on noise is used, but not remembered)."""
     transform = bundle.preprocessing.eval_transform()
     job_file = model_dir.parent / "job.json"
     images: list[torch.Tensor] = []
@@ -83,8 +74,8 @@ def example_batch(bundle: Bundle, model_dir: Path) -> torch.Tensor:
                     break
     if len(images) < 4:
         size = bundle.preprocessing.image_size
-        return torch.randn(EXAMPLE_IMAGES, 3, size, size, generator=torch.Generator().manual_seed(0))
-    return torch.stack(images)
+        return torch.randn(EXAMPLE_IMAGES, 3, size, size, generator=torch.Generator().manual_seed(0)), False
+    return torch.stack(images), True
 
 
 class Predictor:
@@ -109,12 +100,15 @@ class Predictor:
             torch.set_num_threads(threads)
         model_dir = resolve_model_dir(source, workspace)
         bundle = load_bundle(model_dir)
+        example, real_photos = example_batch(bundle, model_dir)
         path, choice = choose_path(
             bundle.model,
-            example_batch(bundle, model_dir),
+            example,
             torch.device("cpu"),
             ALIASES.get(backend, backend),
             onnx_file=onnx_file_for(model_dir),
+            threads=threads,
+            remember=real_photos,
         )
         return cls(bundle, path, model_dir, choice)
 

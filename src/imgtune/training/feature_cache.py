@@ -22,20 +22,15 @@ from torch import nn
 
 from imgtune.data.dataset import ImageFileDataset, Sample, make_loader
 from imgtune.data.transforms import Preprocessing, load_image
-from imgtune.models.inference import InferencePath, choose_path
+from imgtune.models.inference import InferencePath, choose_path, weights_fingerprint
 from imgtune.progress import progress_bar
 
 _CACHE_VERSION = 1
 
 
 def module_fingerprint(module: nn.Module, name: str = "") -> str:
-    """sha256 of a module's tensors (names, shapes, dtypes, bytes)."""
-    digest = hashlib.sha256(f"{name}|{_CACHE_VERSION}".encode())
-    for key, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{key}|{tuple(t.shape)}|{t.dtype}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+    """sha256 of a module's tensors (names, shapes, dtypes, bytes), salted with its name and the cache version."""
+    return weights_fingerprint(module, f"{name}|{_CACHE_VERSION}")
 
 
 def example_images(samples: list[Sample], transform, count: int = 16) -> torch.Tensor:
