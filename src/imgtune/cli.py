@@ -815,8 +815,6 @@ def tune_best(
     as_json: JsonOption = False,
 ) -> None:
     """The best hyperparameters of a tuning job (with their real types); --train trains the final model."""
-    from imgtune.config import build_config
-
     handle = _open_tuning_job(job, workspace)
     record = handle.read()
     best = record.get("best")
@@ -828,16 +826,9 @@ def tune_best(
         else:
             out.print(", ".join(f"{k}={v!r}" for k, v in best["hyperparameters"].items()))
         return
-    from imgtune.training.job import run_training_job
-    from imgtune.tuning.space import apply_values
+    from imgtune.tuning.job import train_best
 
-    raw = apply_values(record["options"]["base"], best["hyperparameters"])
-    raw["name"] = name or f"{handle.name}-best"
-    raw["debugger"] = {k: v for k, v in raw.get("debugger", {}).items() if k != "enabled"}
-    raw["profiler"] = {k: v for k, v in raw.get("profiler", {}).items() if k not in ("enabled", "report")}
-    raw.setdefault("train", {})["evaluate_test"] = True
-    final = run_training_job(build_config(raw), workspace=handle.path.parent, progress=not as_json)
-    handle.update(final_job=final.name)
+    final = train_best(handle, name=name, progress=not as_json)
     _print_job_summary(final, as_json)
 
 
@@ -986,3 +977,74 @@ def batch_transform_command(
         f"{summary.predicted} images classified, {summary.failed} unreadable (rows with the reason), "
         f"{summary.already_done} already done earlier; {summary.output} in {summary.seconds:.1f} s"
     )
+
+
+# -- the whole workflow ----------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly_errors
+def pipeline(
+    data: Annotated[str, typer.Option(help="Dataset folder or s3://bucket/prefix.")],
+    backbone: Annotated[str, typer.Option(help="torchvision or timm model.")] = "resnet50",
+    weights: Annotated[str | None, typer.Option(help="Local state dict for the backbone.")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs per trial and for the final model.")] = 10,
+    max_trials: Annotated[int, typer.Option(help="Tuning trials.")] = 8,
+    max_parallel: Annotated[int, typer.Option(help="Trials running at once.")] = 2,
+    port: Annotated[int, typer.Option(help="Endpoint port on 127.0.0.1 \\[default: any free one].")] = 0,
+    keep_serving: Annotated[
+        bool, typer.Option("--keep-serving", help="Leave the endpoint up at the end until Ctrl-C.")
+    ] = False,
+    name: Annotated[str | None, typer.Option(help="Pipeline name \\[default: pipeline-TIME].")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key of every job's config.")] = None,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The original notebook end to end: check the data, tune learning rate x batch size, train the final
+    model with the best (debugger and profiler on), serve it, send one test photo per class through the
+    endpoint, and summarise. The endpoint stops at the end unless --keep-serving."""
+    import time
+
+    from imgtune.config import apply_overrides
+    from imgtune.pipeline import PipelineOptions, run_pipeline
+
+    def wait(url: str) -> None:
+        err.print(f"the endpoint stays up on {url} (its page: {url}/); Ctrl-C stops it", highlight=False)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+    options = PipelineOptions(
+        data=data, backbone=backbone, weights=weights, epochs=epochs, max_trials=max_trials,
+        max_parallel=max_parallel, name=name, port=port, overrides=apply_overrides({}, set_ or []),
+    )  # fmt: skip
+    say = (lambda message: None) if as_json else (lambda message: err.print(f"[bold]{message}[/]"))
+    job = run_pipeline(
+        options, workspace=workspace, progress=not as_json, say=say, keep_serving=wait if keep_serving else None
+    )
+    record = job.read()
+    summary = {
+        "job": job.name,
+        "status": record["status"],
+        "seconds": record.get("seconds"),
+        "test_accuracy": (record.get("test") or {}).get("accuracy"),
+        "best_hyperparameters": (record.get("best_hyperparameters") or {}).get("hyperparameters"),
+        "tuning_job": record.get("tuning_job"),
+        "final_job": record.get("final_job"),
+        "endpoint": record.get("endpoint"),
+        "sample_predictions": record.get("sample_predictions", []),
+        "artifacts": record.get("artifacts", {}),
+        "step_seconds": record.get("step_seconds", {}),
+    }
+    if as_json:
+        print_json(summary)
+        return
+    correct = sum(p["correct"] for p in summary["sample_predictions"])
+    out.print(f"pipeline {job.name} completed in {summary['seconds']:.0f} s")
+    out.print(f"  test accuracy {summary['test_accuracy']:.4f} with {summary['best_hyperparameters']}")
+    out.print(f"  endpoint {summary['endpoint']} (stopped): {correct} of {len(summary['sample_predictions'])} "
+              "sample photos, one per class, classified correctly")  # fmt: skip
+    for label, path in summary["artifacts"].items():
+        out.print(f"  {label.replace('_', ' ')}: {path}")

@@ -1,7 +1,13 @@
-"""`imgtune deploy`: a job's model behind the HTTP endpoint, on uvicorn."""
+"""`imgtune deploy`: a job's model behind the HTTP endpoint, on uvicorn (in the foreground, or in a thread for
+the pipeline)."""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from imgtune.serving.app import ServeOptions, create_app
@@ -34,3 +40,71 @@ def serve(
         app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5
     )
     uvicorn.Server(config).run()
+
+
+class BackgroundEndpoint:
+    """An endpoint served from a thread of this process (the pipeline's); `url` once it answers /ping.
+
+    Use as a context manager; leaving it stops the server gracefully.
+    """
+
+    def __init__(self, source: str | Path, options: ServeOptions, *, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.host = host
+        self.port = port or _free_port(host)
+        app = build_app(source, options)
+        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 300.0) -> BackgroundEndpoint:
+        from imgtune.errors import JobError
+
+        self.thread = threading.Thread(target=self.server.run, name="imgtune-endpoint", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.thread.is_alive():
+                raise JobError(f"the endpoint on {self.url} stopped while starting", "is the port in use?")
+            if _status(self.url + "/ping") == 200:
+                return self
+            time.sleep(0.1)
+        raise JobError(f"the endpoint on {self.url} did not become ready in {timeout:.0f} s")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+
+    def __enter__(self) -> BackgroundEndpoint:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _free_port(host: str) -> int:
+    """A free port at or above 20000 (Ray's workers use 10002-19999)."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port >= 20000:
+            return port
+    raise OSError("no free port at or above 20000")
+
+
+def _status(url: str) -> int | None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never through a proxy
+    try:
+        with opener.open(url, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None

@@ -567,3 +567,22 @@ class TrialProgress(tune.Callback):
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def train_best(job: Job, *, name: str | None = None, progress: bool = True) -> Job:
+    """Train the final model with a tuning job's best hyperparameters, debugger and profiler on, evaluated on
+    the test split (as the original notebook did next); the tuning job records it as `final_job`."""
+    from imgtune.training.job import run_training_job
+
+    record = job.read()
+    best = record.get("best")
+    if not best:
+        raise JobError(f"tuning job {job.name} has no finished trial", "see `imgtune tune show`")
+    raw = apply_values(record["options"]["base"], best["hyperparameters"])
+    raw["name"] = name or f"{job.name}-best"
+    raw["debugger"] = {k: v for k, v in raw.get("debugger", {}).items() if k != "enabled"}
+    raw["profiler"] = {k: v for k, v in raw.get("profiler", {}).items() if k not in ("enabled", "report")}
+    raw.setdefault("train", {})["evaluate_test"] = True
+    final = run_training_job(build_config(raw), workspace=job.path.parent, progress=progress)
+    job.update(final_job=final.name)
+    return final

@@ -1,0 +1,54 @@
+"""`imgtune pipeline`: the original notebook end to end on dogs-mini (check, tune, final training, endpoint,
+one prediction per class through it, summary), and a dataset it refuses."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from imgtune.cli import app
+from imgtune.jobs import Job
+from servers import http_status
+
+runner = CliRunner()
+
+
+def test_the_pipeline_runs_the_notebook_end_to_end(tmp_path, dogs_mini, mobilenet_weights):
+    result = runner.invoke(
+        app,
+        ["pipeline", "--data", str(dogs_mini), "--backbone", "mobilenet_v2", "--weights", str(mobilenet_weights),
+         "--epochs", "2", "--max-trials", "2", "--name", "notebook", "--workspace", str(tmp_path), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "completed" and summary["job"] == "notebook"
+    assert summary["best_hyperparameters"].keys() == {"train.lr", "train.batch_size"}
+    final = Job.open(summary["final_job"], tmp_path).read()
+    assert final["test"]["accuracy"] == summary["test_accuracy"] and final["test"]["samples"] == 100
+    assert final["config"]["debugger"]["enabled"] and final["config"]["profiler"]["enabled"]
+    tuning = Job.open(summary["tuning_job"], tmp_path).read()
+    assert tuning["kind"] == "tuning" and len(tuning["trials"]) == 2 and tuning["final_job"] == summary["final_job"]
+    # one test photo per class went through the endpoint, which is stopped now
+    predictions = summary["sample_predictions"]
+    classes = sorted(p.name for p in (dogs_mini / "test").iterdir() if p.is_dir())
+    assert [p["class"] for p in predictions] == classes
+    assert all(Path(p["file"]).parent.name == p["class"] and p["predicted"] in classes for p in predictions)
+    assert sum(p["correct"] for p in predictions) >= 5  # a trained model, not chance (1 in 10)
+    assert summary["endpoint"].startswith("http://127.0.0.1:") and http_status(summary["endpoint"] + "/ping") is None
+    for path in summary["artifacts"].values():
+        assert Path(path).exists()
+    assert Job.open("notebook", tmp_path).read()["kind"] == "pipeline"
+    assert set(summary["step_seconds"]) == {"data_check", "tuning", "final_training", "endpoint_start",
+                                            "sample_predictions"}  # fmt: skip
+
+
+def test_a_dataset_that_cannot_be_trained_on_stops_the_pipeline_first(tmp_path, dogs_mini):
+    only_class = tmp_path / "data" / "train" / "003.beagle"
+    shutil.copytree(dogs_mini / "train" / "003.beagle", only_class)
+    result = runner.invoke(app, ["pipeline", "--data", str(tmp_path / "data"), "--workspace", str(tmp_path / "ws")])
+    assert result.exit_code == 2 and "cannot be trained on" in result.output
+    record = Job.open(next((tmp_path / "ws").iterdir()), tmp_path / "ws").read()
+    assert record["status"] == "failed" and "tuning_job" not in record
