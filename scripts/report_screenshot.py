@@ -1,7 +1,8 @@
-"""Train a job on dogs-mini with default settings (a first run: features not cached yet) and screenshot its
-report in headless Chromium (for the README).
+"""Train a job on dogs-mini with default settings (a first run: features not cached yet), screenshot its report
+in headless Chromium, then serve it and screenshot the endpoint's page with a test photo classified (for the
+README).
 
-python scripts/report_screenshot.py [--out docs/job-report.png]
+python scripts/report_screenshot.py [--out docs/job-report.png] [--endpoint-out docs/endpoint-page.png]
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 from imgtune.config import build_config
+from imgtune.serving.app import ServeOptions
+from imgtune.serving.server import BackgroundEndpoint
 from imgtune.training.job import run_training_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,9 +27,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs/job-report.png")
+    parser.add_argument("--endpoint-out", type=Path, default=ROOT / "docs/endpoint-page.png")
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     args = parser.parse_args()
-    from PIL import Image
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,11 +53,29 @@ def main() -> None:
             page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length > 5")
             page.screenshot(path=str(shot), full_page=True)
             browser.close()
-        image = Image.open(shot).convert("RGB")
-        image = image.resize((image.width // 2, image.height // 2), Image.LANCZOS)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        image.quantize(colors=128).save(args.out, optimize=True)
-        print(f"wrote {args.out} ({args.out.stat().st_size / 1e3:.0f} kB, {image.width}x{image.height})")
+        save(shot, args.out, scale=2)
+        page_shot = Path(tmp) / "page.png"
+        photo = sorted((SHARED / "data/dogs-mini/test/003.beagle").iterdir())[0]
+        with BackgroundEndpoint(job.path, ServeOptions()) as endpoint, sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 900, "height": 760})
+            page.goto(endpoint.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('classes')")
+            page.set_input_files("#file", str(photo))
+            page.wait_for_selector(".result")
+            page.screenshot(path=str(page_shot))
+            browser.close()
+        save(page_shot, args.endpoint_out, scale=1)
+
+
+def save(shot: Path, out: Path, scale: int) -> None:
+    from PIL import Image
+
+    image = Image.open(shot).convert("RGB")
+    image = image.resize((image.width // scale, image.height // scale), Image.LANCZOS)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.quantize(colors=128).save(out, optimize=True)
+    print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB, {image.width}x{image.height})")
 
 
 if __name__ == "__main__":
