@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from imgtune.cli import app
@@ -52,3 +53,37 @@ def test_a_dataset_that_cannot_be_trained_on_stops_the_pipeline_first(tmp_path, 
     assert result.exit_code == 2 and "cannot be trained on" in result.output
     record = Job.open(next((tmp_path / "ws").iterdir()), tmp_path / "ws").read()
     assert record["status"] == "failed" and "tuning_job" not in record
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_shut_down_afterwards():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def test_the_pipeline_reads_its_data_from_s3(tmp_path, dogs_mini, mobilenet_weights, s3_client):
+    """Data under s3:// (moto on 127.0.0.1) for every step: check, the trials, the final job, the samples."""
+    import ray
+
+    ray.shutdown()  # trials' workers must start with this test's AWS settings in their environment
+    s3_client.create_bucket(Bucket="pipeline-data")
+    classes = sorted(p.name for p in (dogs_mini / "train").iterdir() if p.is_dir())[:3]
+    for split, count in (("train", 8), ("valid", 4), ("test", 3)):
+        for class_id in classes:
+            for photo in sorted((dogs_mini / split / class_id).iterdir())[:count]:
+                key = f"dogs/{split}/{class_id}/{photo.name}"
+                s3_client.put_object(Bucket="pipeline-data", Key=key, Body=photo.read_bytes())
+    result = runner.invoke(
+        app,
+        ["pipeline", "--data", "s3://pipeline-data/dogs", "--backbone", "mobilenet_v2", "--weights",
+         str(mobilenet_weights), "--epochs", "2", "--max-trials", "2", "--workspace", str(tmp_path), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "completed" and [p["class"] for p in summary["sample_predictions"]] == classes
+    tuning = Job.open(summary["tuning_job"], tmp_path).read()
+    assert [t["status"] for t in tuning["trials"]] == ["completed", "completed"]
+    final = Job.open(summary["final_job"], tmp_path).read()
+    assert final["config"]["data"]["path"] == "s3://pipeline-data/dogs" and final["test"]["samples"] == 9
