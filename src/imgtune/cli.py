@@ -909,8 +909,6 @@ def predict(
 ) -> None:
     """The top-k classes of each image, from a job's model (--job) or a running endpoint (--endpoint).
     A file that is not a usable image is reported, and the others are still classified (exit code 1)."""
-    from imgtune.data.check import BadImage, decode_image
-
     if (job is None) == (endpoint is None):
         raise ImgtuneError("say where the model is", "pass --job JOB or --endpoint URL (one of them)")
     if top_k < 1:
@@ -933,14 +931,14 @@ def predict(
         from imgtune.serving.predictor import Predictor
 
         predictor = Predictor.load(job, workspace=workspace)
-        for path in images:
-            try:
-                with decode_image(path.read_bytes(), MAX_IMAGE_PIXELS, path.suffix.lower()) as image:
-                    results.append({"file": str(path), "classes": predictor.predict([image], top_k)[0]})
-            except BadImage as exc:
-                results.append({"file": str(path), "error": str(exc)})
-            except OSError as exc:
-                results.append({"file": str(path), "error": f"unreadable: {exc.strerror or exc}"})
+        loaded = [(path, *predictor.tensor_from(path.read_bytes, path.suffix.lower())) for path in images]
+        good = [tensor for _, tensor, _ in loaded if tensor is not None]
+        rows = iter(predictor.logits(good) if good else [])  # one forward pass for all the usable images
+        for path, tensor, error in loaded:
+            if tensor is None:
+                results.append({"file": str(path), "error": error})
+            else:
+                results.append({"file": str(path), "classes": predictor.classes(next(rows), top_k)})
     _print_predictions(results, as_json)
     if any("error" in result for result in results):
         raise typer.Exit(1)

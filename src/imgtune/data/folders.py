@@ -84,7 +84,8 @@ def _subdirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and _visible(p.name))
 
 
-def _files_below(path: Path) -> list[Path]:
+def files_below(path: Path) -> list[Path]:
+    """Every visible file under `path` (no dot files, no macOS metadata), sorted."""
     return sorted(p for p in path.rglob("*") if p.is_file() and all(map(_visible, p.relative_to(path).parts)))
 
 
@@ -125,11 +126,11 @@ def discover(root: str | Path) -> FolderLayout:
     if _is_split_layout(root, split_dirs):
         kind = "splits"
         for split, split_dir in split_dirs.items():
-            files[split] = {d.name: _files_below(d) for d in _subdirs(split_dir)}
+            files[split] = {d.name: files_below(d) for d in _subdirs(split_dir)}
             stray += [p for p in split_dir.iterdir() if p.is_file() and _visible(p.name)]
     else:
         kind = "classes"
-        files[ALL] = {d.name: _files_below(d) for d in _subdirs(root)}
+        files[ALL] = {d.name: files_below(d) for d in _subdirs(root)}
     class_ids = sorted({cid for per_class in files.values() for cid in per_class})
     if not class_ids:
         raise DataError(

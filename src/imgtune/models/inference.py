@@ -224,9 +224,9 @@ class PathTrial:
 
 
 def _time_per_image(path: InferencePath, batch: torch.Tensor, repeats: int) -> float | None:
+    """Median time per image; the caller has run `path` on `batch` once already (the warm-up)."""
     if repeats < 1:
         return None
-    path(batch)  # warm-up: allocations, oneDNN primitive creation, ONNX Runtime's first run
     timings = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -303,9 +303,11 @@ def choose_path(
     candidates: tuple[str, ...] = AUTO_CANDIDATES,
     threads: int | None = None,
     remember: bool = True,
+    fingerprint: str | None = None,
 ) -> tuple[InferencePath, dict[str, Any]]:
     """The path to run `module` with: `choice` itself, or for `auto` the fastest that agrees with fp32 eager.
 
+    `fingerprint`: of the module's weights, when the caller has one already (else they are hashed here).
     Returns the path and a summary (its name, and for `auto` every candidate's timing and agreement).
     """
     if choice not in CHOICES:
@@ -317,14 +319,14 @@ def choose_path(
         if choice not in built:
             raise ConfigError(f"inference path {choice} cannot be used here: {trials[0].reason}", "use auto")
         return built[choice], {"path": choice, "chosen_by": "configuration", "trials": [asdict(trials[0])]}
-    record = ChoiceRecord(record_file or default_record_file())
-    key = choice_key(module, device, tuple(example.shape[1:]))
-    remembered = record.get(key)
-    if remembered and remembered.get("path") in candidates:
-        with contextlib.suppress(PathUnavailable):
-            size = example.shape[-1]
-            path = make_path(remembered["path"], module, device, image_size=size, onnx_file=onnx_file, threads=threads)
-            return path, {**remembered, "chosen_by": "remembered measurement"}
+    fingerprint = fingerprint or weights_fingerprint(module)
+    input_shape = tuple(example.shape[1:])
+    hit = remembered_path(
+        module, device, input_shape, candidates=candidates, onnx_file=onnx_file, threads=threads,
+        fingerprint=fingerprint, record_file=record_file,
+    )  # fmt: skip
+    if hit is not None:
+        return hit
     trials, built = measure_paths(module, example, device, candidates, onnx_file=onnx_file, threads=threads)
     timed = [t for t in trials if t.accepted and t.ms_per_image is not None]  # (eager is always possible)
     if not timed:
@@ -332,14 +334,52 @@ def choose_path(
     best = min(timed, key=lambda t: t.ms_per_image)
     summary = {"path": best.name, "chosen_by": "measurement", "trials": [asdict(t) for t in trials]}
     if remember:
-        record.put(key, summary)
+        key = choice_key(module, device, input_shape, fingerprint)
+        ChoiceRecord(record_file or default_record_file()).put(key, summary)
     return built[best.name], summary
 
 
-def choice_key(module: nn.Module, device: torch.device, input_shape: tuple[int, ...]) -> str:
+def remembered_path(
+    module: nn.Module,
+    device: torch.device,
+    input_shape: tuple[int, ...],
+    *,
+    candidates: tuple[str, ...] = AUTO_CANDIDATES,
+    onnx_file: Path | None = None,
+    threads: int | None = None,
+    fingerprint: str | None = None,
+    record_file: Path | None = None,
+) -> tuple[InferencePath, dict[str, Any]] | None:
+    """auto's remembered choice for this module on this device, built (no example needed); None when nothing
+    is remembered, or the remembered path cannot run now."""
+    remembered = _remembered(module, device, input_shape, fingerprint, record_file)
+    if not remembered or remembered.get("path") not in candidates:
+        return None
+    try:
+        size = input_shape[-1]
+        path = make_path(remembered["path"], module, device, image_size=size, onnx_file=onnx_file, threads=threads)
+    except PathUnavailable:
+        return None
+    return path, {**remembered, "chosen_by": "remembered measurement"}
+
+
+def _remembered(
+    module: nn.Module,
+    device: torch.device,
+    input_shape: tuple[int, ...],
+    fingerprint: str | None,
+    record_file: Path | None,
+) -> dict[str, Any] | None:
+    key = choice_key(module, device, input_shape, fingerprint)
+    return ChoiceRecord(record_file or default_record_file()).get(key)
+
+
+def choice_key(
+    module: nn.Module, device: torch.device, input_shape: tuple[int, ...], fingerprint: str | None = None
+) -> str:
     """Device, torch, the module's architecture and weights, and the input shape: a remembered choice was
     measured and checked on exactly this."""
-    network = [architecture_signature(module), weights_fingerprint(module)[:20]]
+    network = [architecture_signature(module), (fingerprint or weights_fingerprint(module))[:20]]
     return "|".join([device_description(device), torch.__version__, *network, str(input_shape)])
 
 
@@ -354,12 +394,18 @@ def weights_fingerprint(module: nn.Module, salt: str = "") -> str:
 
 
 def known_path_name(
-    module: nn.Module, choice: str, device: torch.device, input_shape: tuple[int, ...], record_file: Path | None = None
+    module: nn.Module,
+    choice: str,
+    device: torch.device,
+    input_shape: tuple[int, ...],
+    *,
+    fingerprint: str | None = None,
+    record_file: Path | None = None,
 ) -> str | None:
     """The path `choice` resolves to without measuring: itself, or auto's remembered choice (None if none yet)."""
     if choice != "auto":
         return choice
-    remembered = ChoiceRecord(record_file or default_record_file()).get(choice_key(module, device, input_shape))
+    remembered = _remembered(module, device, input_shape, fingerprint, record_file)
     return remembered.get("path") if remembered else None
 
 

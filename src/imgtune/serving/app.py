@@ -275,9 +275,10 @@ class Endpoint:
                 raise RequestError(400, f"{where}{exc}") from None
         return tensors
 
-    async def invoke(self, request: Request) -> Response:
+    async def invoke(self, request: Request, key_checked: bool = False) -> Response:
         try:
-            self.check_key(request)
+            if not key_checked:
+                self.check_key(request)
         except RequestError:
             await self._drain(request.stream())  # so that the client reads our 401, not a reset connection
             raise
@@ -375,7 +376,7 @@ def create_app(model: Predictor | Callable[[], Predictor], options: ServeOptions
         endpoint.check_key(request)  # before saying which endpoint this is
         if endpoint.options.endpoint_name and name != endpoint.options.endpoint_name:
             raise RequestError(404, f"no endpoint named {name!r} here (this is {endpoint.options.endpoint_name!r})")
-        return await endpoint.invoke(request)
+        return await endpoint.invoke(request, key_checked=True)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgtune.data.check import MAX_IMAGE_PIXELS, BadImage, decode_image
+from imgtune.data.check import MAX_IMAGE_PIXELS, BadImage
+from imgtune.data.folders import files_below
 from imgtune.data.sources import is_remote
 from imgtune.errors import ConfigError, DataError
 from imgtune.serving.predictor import Predictor
@@ -59,9 +60,7 @@ class InputFiles:
 
     def names(self) -> list[str]:
         if self.fs is None:
-            root = Path(self.root)
-            found = (p for p in root.rglob("*") if p.is_file())
-            return sorted(str(p) for p in found if not any(part.startswith(".") for part in p.relative_to(root).parts))
+            return [str(p) for p in files_below(Path(self.root))]
         self.fs.invalidate_cache()
         keys = self.fs.find(self.root)
         return sorted(f"{self.protocol}://{key}" for key in keys if not Path(key).name.startswith("."))
@@ -145,13 +144,8 @@ def batch_transform(
     fresh = not output.exists() or output.stat().st_size == 0
 
     def load(name: str) -> tuple[str, Any, str | None]:
-        try:
-            with decode_image(inputs.read(name), max_image_pixels, Path(name).suffix.lower()) as image:
-                return name, predictor.preprocess(image), None
-        except BadImage as exc:
-            return name, None, str(exc)
-        except OSError as exc:
-            return name, None, f"unreadable: {exc}"
+        read = lambda: inputs.read(name)  # noqa: E731
+        return name, *predictor.tensor_from(read, Path(name).suffix.lower(), max_image_pixels)
 
     from imgtune.progress import progress_bar
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imgtune.data.check import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, BadImage, decode_image
 from imgtune.data.transforms import load_image, to_rgb
 from imgtune.errors import ConfigError, JobError
 from imgtune.jobs import Job, cache_dir
-from imgtune.models.inference import CHOICES, InferencePath, choose_path
-from imgtune.serving.bundle import MANIFEST_FILE, WEIGHTS_FILE, Bundle, load_bundle
+from imgtune.models.inference import CHOICES, InferencePath, choose_path, remembered_path
+from imgtune.serving.bundle import WEIGHTS_FILE, Bundle, load_bundle
 
 BACKENDS = ("auto", "torch", *(c for c in CHOICES if c != "auto"))
 ALIASES = {"torch": "channels_last"}
@@ -48,11 +50,14 @@ def top_k(logits: np.ndarray, labels: list[tuple[str, str]], k: int) -> list[Cla
     return [ClassScore(int(i), labels[i][0], labels[i][1], float(probabilities[i])) for i in order]
 
 
-def onnx_file_for(model_dir: Path) -> Path:
+def weights_sha256(bundle: Bundle) -> str:
+    return bundle.manifest["files"][WEIGHTS_FILE]["sha256"]  # checked against the file when the bundle loaded
+
+
+def onnx_file_for(bundle: Bundle) -> Path:
     """Where the bundle's ONNX export is kept: in the cache, named by the weights' checksum (the bundle's own
     directory stays as training wrote it, and may be read-only)."""
-    manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
-    return cache_dir() / "inference" / f"bundle-{manifest['files'][WEIGHTS_FILE]['sha256'][:24]}.onnx"
+    return cache_dir() / "inference" / f"bundle-{weights_sha256(bundle)[:24]}.onnx"
 
 
 def example_batch(bundle: Bundle, model_dir: Path) -> tuple[torch.Tensor, bool]:
@@ -64,7 +69,7 @@ def example_batch(bundle: Bundle, model_dir: Path) -> tuple[torch.Tensor, bool]:
     if job_file.is_file():
         data_path = Path(json.loads(job_file.read_text()).get("config", {}).get("data", {}).get("path", ""))
         if data_path.is_dir():
-            files = (p for p in sorted(data_path.rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+            files = (p for p in sorted(data_path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
             for file in itertools.islice(files, 0, None, 7):  # spread over classes
                 try:
                     images.append(transform(load_image(file)))
@@ -81,7 +86,7 @@ def example_batch(bundle: Bundle, model_dir: Path) -> tuple[torch.Tensor, bool]:
 class Predictor:
     """Preprocesses images as the model was trained and evaluated, and computes logits on one inference path."""
 
-    def __init__(self, bundle: Bundle, path: InferencePath, model_dir: Path | None = None, choice: dict | None = None):
+    def __init__(self, bundle: Bundle, path: InferencePath, choice: dict | None = None, model_dir: Path | None = None):
         self.bundle = bundle
         self.path = path
         self.model_dir = model_dir
@@ -100,17 +105,14 @@ class Predictor:
             torch.set_num_threads(threads)
         model_dir = resolve_model_dir(source, workspace)
         bundle = load_bundle(model_dir)
-        example, real_photos = example_batch(bundle, model_dir)
-        path, choice = choose_path(
-            bundle.model,
-            example,
-            torch.device("cpu"),
-            ALIASES.get(backend, backend),
-            onnx_file=onnx_file_for(model_dir),
-            threads=threads,
-            remember=real_photos,
-        )
-        return cls(bundle, path, model_dir, choice)
+        choice, cpu = ALIASES.get(backend, backend), torch.device("cpu")
+        common = {"onnx_file": onnx_file_for(bundle), "threads": threads, "fingerprint": weights_sha256(bundle)}
+        size = bundle.preprocessing.image_size
+        hit = remembered_path(bundle.model, cpu, (3, size, size), **common) if choice == "auto" else None
+        if hit is None:  # measure (auto) or check (a named path) on the job's own photos
+            example, real_photos = example_batch(bundle, model_dir)
+            hit = choose_path(bundle.model, example, cpu, choice, remember=real_photos, **common)
+        return cls(bundle, *hit, model_dir=model_dir)
 
     @property
     def image_size(self) -> int:
@@ -118,6 +120,18 @@ class Predictor:
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.transform(to_rgb(image))
+
+    def tensor_from(
+        self, read: Callable[[], bytes], suffix: str = "", max_pixels: int = MAX_IMAGE_PIXELS
+    ) -> tuple[torch.Tensor | None, str | None]:
+        """One file's preprocessed image, or why it is not usable (the reason, not an exception)."""
+        try:
+            with decode_image(read(), max_pixels, suffix) as image:
+                return self.preprocess(image), None
+        except BadImage as exc:
+            return None, str(exc)
+        except OSError as exc:
+            return None, f"unreadable: {exc.strerror or exc}"
 
     def logits(self, tensors: list[torch.Tensor]) -> np.ndarray:
         return self.path(torch.stack(tensors)).numpy()

@@ -16,7 +16,6 @@ from imgtune.serving.predictor import Predictor, resolve_model_dir
 
 def build_app(source: str | Path, options: ServeOptions, workspace: str | Path | None = None):
     """The endpoint's app for a job (or bundle directory); a missing job or model fails here, not later."""
-    options.validate()
     model_dir = resolve_model_dir(source, workspace)
     if options.endpoint_name is None:
         options.endpoint_name = model_dir.parent.name if model_dir.name == "model" else model_dir.name

@@ -43,11 +43,19 @@ def example_images(samples: list[Sample], transform, count: int = 16) -> torch.T
 
 
 def backbone_path(
-    backbone: nn.Module, samples: list[Sample], transform, device: torch.device, choice: str, cache_root: Path
+    backbone: nn.Module,
+    backbone_fp: str,
+    samples: list[Sample],
+    transform,
+    device: torch.device,
+    choice: str,
+    cache_root: Path,
 ) -> tuple[InferencePath, dict]:
-    """The inference path the backbone's features are computed with (imgtune.models.inference)."""
-    onnx_file = cache_root / "inference" / f"{module_fingerprint(backbone)[:24]}.onnx"
-    return choose_path(backbone, example_images(samples, transform), device, choice, onnx_file=onnx_file)
+    """The inference path the backbone's features are computed with (imgtune.models.inference);
+    `backbone_fp` is its module_fingerprint."""
+    onnx_file = cache_root / "inference" / f"{backbone_fp[:24]}.onnx"
+    example = example_images(samples, transform)
+    return choose_path(backbone, example, device, choice, onnx_file=onnx_file, fingerprint=backbone_fp)
 
 
 def extract_features(

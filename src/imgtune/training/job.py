@@ -162,11 +162,12 @@ def setup_training(
         backbone_fp = module_fingerprint(model.backbone, model.spec.backbone)
         size = preprocessing.image_size
         path: Any = None  # built on the first cache miss
-        path_name = known_path_name(model.backbone, config.model.inference, device, (3, size, size))
+        choice = config.model.inference
+        path_name = known_path_name(model.backbone, choice, device, (3, size, size), fingerprint=backbone_fp)
         if path_name is None:  # auto, never measured on this device: measure now
             path, _ = backbone_path(
-                model.backbone, data.splits["train"], preprocessing.eval_transform(), device,
-                config.model.inference, cache_root or cache_dir(),
+                model.backbone, backbone_fp, data.splits["train"], preprocessing.eval_transform(), device,
+                choice, cache_root or cache_dir(),
             )  # fmt: skip
             path_name = path.name
         loaders: dict[str, Any] = {}
@@ -183,7 +184,7 @@ def setup_training(
                     transform = preprocessing.eval_transform() if view == 0 else preprocessing.train_transform()
                     if path is None:
                         path, _ = backbone_path(
-                            model.backbone, samples, preprocessing.eval_transform(), device,
+                            model.backbone, backbone_fp, samples, preprocessing.eval_transform(), device,
                             path_name, cache_root or cache_dir(),
                         )  # fmt: skip
                     features = extract_features(

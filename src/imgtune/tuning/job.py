@@ -101,6 +101,12 @@ class TuneOptions:
         return OBJECTIVES[self.objective]
 
 
+def reported_metrics(epoch_record: dict[str, Any], trial_name: str) -> dict[str, Any]:
+    """What a trial reports to Ray Tune for one epoch."""
+    metrics: dict[str, Any] = {k: float(epoch_record[k]) for k in REPORTED if k in epoch_record}
+    return {**metrics, "epoch": int(epoch_record["epoch"]), "job": trial_name}
+
+
 class TuneReporter(Callback):
     """Reports a trial's epoch metrics to Ray Tune; a stop from the tuner's scheduler ends training cleanly."""
 
@@ -114,10 +120,8 @@ class TuneReporter(Callback):
         record = trainer.epoch_record
         if self.objective not in record:
             raise JobError(f"the objective {self.objective} was not measured", "tuning needs a validation split")
-        metrics = {k: float(record[k]) for k in REPORTED if k in record}
-        metrics.update(epoch=int(record["epoch"]), job=self.trial_name)
         try:
-            tune.report(metrics)
+            tune.report(reported_metrics(record, self.trial_name))
         except SystemExit:  # Ray ends a trial its scheduler stopped by raising SystemExit in report()
             if trainer.epoch < trainer.epochs:
                 raise StopTraining(TUNER_STOP) from None
@@ -191,8 +195,7 @@ def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
             run_training_job(resume=existing, workspace=trials_dir, callbacks=[reporter], progress=False)
             return
         for record in job.read_metrics():  # finished before the kill: tell Ray again what it reported
-            metrics = {k: float(record[k]) for k in REPORTED if k in record}
-            tune.report({**metrics, "epoch": int(record["epoch"]), "job": trial_name})
+            tune.report(reported_metrics(record, trial_name))
         return
     raw = apply_values(context["base"], values)
     raw["name"] = trial_name
@@ -454,8 +457,7 @@ def _run(
     with contextlib.redirect_stdout(sys.stderr):  # Ray's own tables would spoil --json on stdout
         grid_results = tuner.fit()
     trials = collect_trials(job, options, space, grid_results)
-    job.update(trials=trials, best=best_of(trials))
-    return {"trials_count": len(trials), "best": best_of(trials)}
+    return {"trials": trials, "trials_count": len(trials), "best": best_of(trials)}
 
 
 def collect_trials(job: Job, options: TuneOptions, space: SearchSpace, results: Any) -> list[dict[str, Any]]:
