@@ -63,12 +63,16 @@ def _ray_shut_down_afterwards():
     ray.shutdown()
 
 
-def test_the_pipeline_reads_its_data_from_s3(tmp_path, dogs_mini, mobilenet_weights, s3_client):
-    """Data under s3:// (moto on 127.0.0.1) for every step: check, the trials, the final job, the samples."""
+def test_the_pipeline_reads_its_data_from_s3_and_keeps_its_jobs_there(
+    tmp_path, dogs_mini, mobilenet_weights, s3_client, monkeypatch
+):
+    """Data under s3:// (moto on 127.0.0.1) for every step (check, the trials, the final job, the samples), and
+    the workspace in a bucket: the pipeline, tuning (with its trials) and final jobs all end up there."""
     import ray
 
     ray.shutdown()  # trials' workers must start with this test's AWS settings in their environment
     s3_client.create_bucket(Bucket="pipeline-data")
+    s3_client.create_bucket(Bucket="pipeline-runs")
     classes = sorted(p.name for p in (dogs_mini / "train").iterdir() if p.is_dir())[:3]
     for split, count in (("train", 8), ("valid", 4), ("test", 3)):
         for class_id in classes:
@@ -78,12 +82,28 @@ def test_the_pipeline_reads_its_data_from_s3(tmp_path, dogs_mini, mobilenet_weig
     result = runner.invoke(
         app,
         ["pipeline", "--data", "s3://pipeline-data/dogs", "--backbone", "mobilenet_v2", "--weights",
-         str(mobilenet_weights), "--epochs", "2", "--max-trials", "2", "--workspace", str(tmp_path), "--json"],
+         str(mobilenet_weights), "--epochs", "2", "--max-trials", "2", "--workspace", "s3://pipeline-runs/ws",
+         "--json"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["status"] == "completed" and [p["class"] for p in summary["sample_predictions"]] == classes
-    tuning = Job.open(summary["tuning_job"], tmp_path).read()
-    assert [t["status"] for t in tuning["trials"]] == ["completed", "completed"]
-    final = Job.open(summary["final_job"], tmp_path).read()
+    assert summary["artifacts"]["kept_in"] == "s3://pipeline-runs/ws"
+
+    def stored(key: str) -> bytes:
+        return s3_client.get_object(Bucket="pipeline-runs", Key=f"ws/{key}")["Body"].read()
+
+    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket="pipeline-runs")["Contents"]}
+    pipeline, tuning_name, final_name = summary["job"], summary["tuning_job"], summary["final_job"]
+    assert json.loads(stored(f"{pipeline}/job.json"))["final_job"] == final_name
+    tuning = json.loads(stored(f"{tuning_name}/job.json"))
+    assert tuning["status"] == "completed" and [t["status"] for t in tuning["trials"]] == ["completed", "completed"]
+    for trial in tuning["trials"]:
+        assert json.loads(stored(f"{tuning_name}/{trial['job']}/job.json"))["status"] == "completed"
+    assert {f"ws/{tuning_name}/report.html", f"ws/{final_name}/report.html",
+            f"ws/{final_name}/model/model.safetensors"} <= keys  # fmt: skip
+
+    # From a machine with none of it (another IMGTUNE_CACHE), the final job opens from the bucket.
+    monkeypatch.setenv("IMGTUNE_CACHE", str(tmp_path / "elsewhere"))
+    final = Job.open(final_name, "s3://pipeline-runs/ws").read()
     assert final["config"]["data"]["path"] == "s3://pipeline-data/dogs" and final["test"]["samples"] == 9

@@ -45,8 +45,12 @@ err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 WorkspaceOption = Annotated[
-    Path | None,
-    typer.Option("--workspace", envvar="IMGTUNE_WORKSPACE", help="Where jobs live \\[default: ./imgtune-runs]."),
+    str | None,
+    typer.Option(
+        "--workspace",
+        envvar="IMGTUNE_WORKSPACE",
+        help="Where jobs live: a folder, or s3://bucket/prefix to keep them in a bucket \\[default: ./imgtune-runs].",
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
@@ -219,6 +223,7 @@ def _print_job_summary(job: Any, as_json: bool) -> None:
     summary = {
         "job": job.name,
         "path": str(job.path),
+        "remote": job.remote,
         "status": record.get("status"),
         "epochs_run": record.get("epochs_run"),
         "stop_reason": record.get("stop_reason"),
@@ -266,6 +271,8 @@ def _print_job_summary(job: Any, as_json: bool) -> None:
     if issues:
         table.add_row("profiler issues", ", ".join(issues) + " (see the report)")
     table.add_row("job directory", str(job.path))
+    if job.remote:
+        table.add_row("kept in", job.remote)
     out.print(table)
 
 
@@ -279,7 +286,7 @@ def jobs_list(ctx: typer.Context, workspace: WorkspaceOption = None, as_json: Js
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"workspace": workspace}
         return
-    from imgtune.jobs import list_jobs, workspace_dir
+    from imgtune.jobs import list_jobs, workspace_label
 
     rows = []
     for job in list_jobs(workspace):
@@ -302,15 +309,16 @@ def jobs_list(ctx: typer.Context, workspace: WorkspaceOption = None, as_json: Js
                 "test_accuracy": (record.get("test") or {}).get("accuracy"),
                 "created": record.get("created"),
                 "path": str(job.path),
+                "remote": job.remote,
             }
         )
     if as_json:
         print_json(rows)
         return
     if not rows:
-        out.print(f"no jobs in {workspace_dir(workspace)}")
+        out.print(f"no jobs in {workspace_label(workspace)}")
         return
-    table = Table(title=f"jobs in {workspace_dir(workspace)}", title_justify="left")
+    table = Table(title=f"jobs in {workspace_label(workspace)}", title_justify="left")
     for column in ("name", "status", "backbone", "epochs", "best valid acc", "test acc", "created"):
         table.add_column(column)
     for r in rows:
@@ -399,6 +407,7 @@ def report(
     if rules and (handle.path / "profiler").exists():
         handle.update(profiler=analyze_job(handle))
     path = write_report(handle, out_file)
+    handle.push()  # a job of an s3:// workspace: its report goes to the bucket too
     seconds = time.perf_counter() - started
     if as_json:
         print_json({"job": handle.name, "report": str(path), "seconds": seconds})
@@ -790,7 +799,7 @@ def tune_show(
     _print_tuning(_open_tuning_job(job, workspace), as_json)
 
 
-def _open_tuning_job(name: str, workspace: Path | None) -> Any:
+def _open_tuning_job(name: str, workspace: str | None) -> Any:
     from imgtune.jobs import Job
 
     handle = Job.open(name, workspace)

@@ -10,6 +10,11 @@ A job is a directory in a workspace (``./imgtune-runs`` by default)::
       logs.txt          the job's log
 
 Every file is written atomically (temp file + rename), so a killed job leaves whole files behind.
+
+A workspace may be remote (`s3://bucket/prefix`): jobs then run in a local mirror,
+IMGTUNE_CACHE/workspaces/s3/bucket/prefix/JOB, and are pushed to the bucket on every status change, every
+$IMGTUNE_PUSH_INTERVAL seconds (30) of training and at their end; opening or listing jobs pulls what changed. So the
+bucket holds every job, and any machine with access can list, report, serve, evaluate or resume it.
 """
 
 from __future__ import annotations
@@ -36,11 +41,57 @@ JOB_FILE = "job.json"
 METRICS_FILE = "metrics.jsonl"
 
 STATUSES = ("running", "completed", "failed", "stopped", "interrupted")
+MIRRORS_DIR = "workspaces"  # in the cache: local mirrors of remote workspaces
+SYNC_RECORD = ".imgtune-sync.json"  # in a mirrored job: what was pushed or pulled (see imgtune.remote)
+PUSH_INTERVAL_ENV = "IMGTUNE_PUSH_INTERVAL"
+PUSH_INTERVAL = 30.0  # default seconds between pushes of a running job's files (status changes push at once)
+
+
+def push_interval() -> float:
+    """Seconds between pushes of a running job to its remote workspace: $IMGTUNE_PUSH_INTERVAL or 30."""
+    value = os.environ.get(PUSH_INTERVAL_ENV, "")
+    try:
+        seconds = float(value) if value else PUSH_INTERVAL
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise JobError(f"{PUSH_INTERVAL_ENV}={value!r} is not a number of seconds", "give 0 or more, or unset it")
+    return seconds
+
+
+def _workspace_spec(workspace: str | Path | None) -> str:
+    return str(workspace or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE)
 
 
 def workspace_dir(workspace: str | Path | None = None) -> Path:
-    """The workspace (absolute): the argument, else $IMGTUNE_WORKSPACE, else ./imgtune-runs."""
-    return Path(workspace or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE).expanduser().absolute()
+    """The workspace (absolute): the argument, else $IMGTUNE_WORKSPACE, else ./imgtune-runs; for a remote
+    workspace (s3://...), its local mirror."""
+    from imgtune.remote import is_remote
+
+    spec = _workspace_spec(workspace)
+    if is_remote(spec):
+        protocol, _, rest = spec.partition("://")
+        parts = [part for part in rest.split("/") if part]
+        if not parts or any(part in (".", "..") for part in parts):
+            raise JobError(f"bad workspace address {spec!r}", "give it as s3://bucket or s3://bucket/prefix")
+        return cache_dir().joinpath(MIRRORS_DIR, protocol, *parts)
+    return Path(spec).expanduser().absolute()
+
+
+def remote_url(path: Path) -> str | None:
+    """The remote address a local path mirrors (a path in a remote workspace's mirror), else None."""
+    mirrors = cache_dir() / MIRRORS_DIR
+    path = path.absolute()
+    if not path.is_relative_to(mirrors) or len(path.relative_to(mirrors).parts) < 2:
+        return None
+    protocol, *rest = path.relative_to(mirrors).parts
+    return f"{protocol}://{'/'.join(rest)}"
+
+
+def workspace_label(workspace: str | Path | None = None) -> str:
+    """How to show the workspace to a user: its remote address, or its path."""
+    root = workspace_dir(workspace)
+    return remote_url(root) or str(root)
 
 
 def cache_dir() -> Path:
@@ -160,6 +211,52 @@ class Job:
     def log_file(self) -> Path:
         return self.path / "logs.txt"
 
+    @property
+    def remote(self) -> str | None:
+        """Where the job is kept remotely (a job of an s3:// workspace), else None."""
+        return remote_url(self.path)
+
+    # -- remote workspaces ---------------------------------------------------------------------------
+
+    def _synced(self) -> Any:
+        from imgtune.remote import SyncedFolder
+
+        return SyncedFolder(self.remote or "", self.path, SYNC_RECORD, keep_local_changes=True)
+
+    def push(self, min_interval: float = 0.0, strict: bool = True) -> None:
+        """Upload what changed in the job to its remote workspace (nothing for a local job).
+
+        The job's subfolders that are jobs themselves (a tuning job's trials) push themselves. With
+        `min_interval`, skip the push if the last one was more recent. A failure raises a JobError when
+        `strict`, else it is written to the job's log and the next push tries again.
+        """
+        if self.remote is None or time.monotonic() - _last_push.get(self.path, -math.inf) < min_interval:
+            return
+        from imgtune.remote import RemoteError
+
+        try:
+            self._synced().push(skip_dirs=lambda folder: (folder / JOB_FILE).is_file())
+        except RemoteError as exc:
+            if strict:
+                raise JobError(
+                    f"job {self.name} could not be saved to {self.remote}: {exc}",
+                    f"it is whole in {self.path}; any later command on it with this workspace pushes it again",
+                ) from None
+            self.log(f"push to {self.remote} failed (tried again later): {exc}")
+            return
+        _last_push[self.path] = time.monotonic()
+
+    def pull(self) -> None:
+        """Download what changed in the job's remote copy (files this machine changed since are kept)."""
+        from imgtune.remote import RemoteError
+
+        if self.remote is None:
+            return
+        try:
+            self._synced().pull()
+        except RemoteError as exc:
+            raise JobError(str(exc), "check the workspace address, credentials and AWS_ENDPOINT_URL") from None
+
     # -- creation and lookup -------------------------------------------------------------------------
 
     @classmethod
@@ -167,9 +264,10 @@ class Job:
         """Create a new job directory; a generated name is `PREFIX-YYYYmmdd-HHMMSS[-n]`."""
         root = workspace_dir(workspace)
         root.mkdir(parents=True, exist_ok=True)
+        taken_remotely = _remote_job_names(root)
         if name:
             path = root / _slug(name)
-            if path.exists():
+            if path.exists() or path.name in taken_remotely:
                 raise JobError(
                     f"a job named {path.name!r} already exists in {root}",
                     "pick another --name, or continue it with --resume",
@@ -180,6 +278,8 @@ class Job:
             base = f"{_slug(prefix)}-{stamp}"
             for n in range(1000):
                 path = root / (base if n == 0 else f"{base}-{n}")
+                if path.name in taken_remotely:
+                    continue
                 try:
                     path.mkdir()
                     break
@@ -192,7 +292,10 @@ class Job:
         """Find a job by path or by name in the workspace."""
         candidates = [Path(job).expanduser()]
         if not Path(job).is_absolute():
-            candidates += [workspace_dir(workspace) / str(job), workspace_dir(workspace) / _slug(str(job))]
+            root = workspace_dir(workspace)
+            candidates += [root / str(job), root / _slug(str(job))]
+            if remote_url(root) is not None and _slug(str(job)) in _remote_job_names(root):
+                cls(root / _slug(str(job))).pull()
         for path in candidates:
             if (path / JOB_FILE).is_file():
                 return cls(path.resolve())
@@ -215,10 +318,12 @@ class Job:
         atomic_write_json(self.job_file, data)
 
     def update(self, **fields: Any) -> dict[str, Any]:
+        """Merge `fields` into job.json; a status change is pushed at once to a remote workspace."""
         data = self.read() if self.job_file.exists() else {}
         data.update(fields)
         data["updated"] = now_iso()
         self.write(data)
+        self.push(min_interval=0.0 if "status" in fields else push_interval(), strict=False)
         return data
 
     def mark_running(self) -> None:
@@ -255,9 +360,28 @@ class Job:
             f.write(f"{now_iso()} {message}\n")
 
 
+_last_push: dict[Path, float] = {}  # job directory -> time.monotonic() of its last push, in this process
+
+
+def _remote_job_names(root: Path) -> set[str]:
+    """The jobs a remote workspace holds (empty for a local workspace), after pulling their job.json files
+    into the mirror `root`."""
+    url = remote_url(root)
+    if url is None:
+        return set()
+    from imgtune.remote import RemoteError, SyncedFolder
+
+    try:
+        listed = SyncedFolder(url, root, SYNC_RECORD, keep_local_changes=True).pull(pattern=f"*/{JOB_FILE}")
+    except RemoteError as exc:
+        raise JobError(str(exc), "check the workspace address, credentials and AWS_ENDPOINT_URL") from None
+    return {rel.split("/")[0] for rel in listed}
+
+
 def list_jobs(workspace: str | Path | None = None) -> Iterator[Job]:
-    """Jobs in the workspace, newest first."""
+    """Jobs in the workspace, newest first (a remote workspace's job.json files are pulled first)."""
     root = workspace_dir(workspace)
+    _remote_job_names(root)
     if not root.is_dir():
         return iter(())
     jobs = [Job(p) for p in root.iterdir() if (p / JOB_FILE).is_file()]

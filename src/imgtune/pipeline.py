@@ -141,5 +141,7 @@ def run_pipeline(
         "final_report": str(final.path / "report.html"),
         "model": str(final.model_dir),
     }
+    if job.remote:  # an s3:// workspace: every job is in the bucket too
+        artifacts["kept_in"] = job.remote.rsplit("/", 1)[0]
     job.update(status="completed", finished=now_iso(), seconds=time.perf_counter() - started, artifacts=artifacts)
     return job

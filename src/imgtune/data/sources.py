@@ -7,17 +7,15 @@ the usual AWS settings (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, profiles), as with 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from imgtune.errors import DataError
-from imgtune.jobs import atomic_write_json, cache_dir
+from imgtune.jobs import cache_dir
+from imgtune.remote import RemoteError, SyncedFolder, is_remote, list_remote
+
+__all__ = ["MARKER", "is_remote", "resolve_source"]
 
 MARKER = ".imgtune-source.json"
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
 
 
 def resolve_source(path: str, *, cache: Path | None = None, progress: bool = True) -> Path:
@@ -28,48 +26,22 @@ def resolve_source(path: str, *, cache: Path | None = None, progress: bool = Tru
     """
     if not is_remote(path):
         return Path(path.removeprefix("file://")).expanduser()
-    import fsspec
-
     from imgtune.progress import progress_bar
 
     url = path.rstrip("/")
     local = (cache or cache_dir()) / "sources" / hashlib.sha1(url.encode()).hexdigest()[:16]
+    copy = SyncedFolder(url, local, MARKER)
     try:
-        fs, root = fsspec.core.url_to_fs(url)
-        fs.invalidate_cache()  # fsspec keeps listings per process: always ask the store itself
-        listing = fs.find(root, detail=True)
-    except Exception as exc:  # fsspec backends raise their own errors (botocore, aiohttp, ...)
-        raise DataError(f"cannot list {url}: {exc}", "check the address, credentials and AWS_ENDPOINT_URL") from None
-    files = {name: info for name, info in listing.items() if info.get("type", "file") == "file"}
-    if not files:
-        raise DataError(f"no files under {url}", "check the bucket and prefix")
-    marker = local / MARKER
-    copied = json.loads(marker.read_text()).get("files", {}) if marker.exists() else {}
-    wanted: dict[str, dict] = {}
-    todo = []
-    for name, info in files.items():
-        rel = name[len(root) :].lstrip("/")
-        target = (local / rel).resolve()
-        if not target.is_relative_to(local.resolve()):
-            raise DataError(f"refusing {name}: its key leads outside the local copy", "rename the object")
-        stamp = {"size": info.get("size"), "etag": str(info.get("ETag") or info.get("etag") or "")}
-        wanted[rel] = stamp
-        if not target.is_file() or target.stat().st_size != stamp["size"] or copied.get(rel) != stamp:
-            todo.append((name, target))
-    if todo:
+        if not list_remote(url):
+            raise DataError(f"no files under {url}", "check the bucket and prefix")
         with progress_bar(enabled=progress) as bar:
-            task = bar.add_task(f"Copying {url}", total=len(todo), info="")
-            for name, target in todo:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.part")
-                try:
-                    fs.get_file(name, str(tmp))
-                except Exception as exc:
-                    raise DataError(f"cannot copy {name}: {exc}", "run the command again to resume") from None
-                tmp.replace(target)
-                bar.advance(task)
-    for path in local.rglob("*"):
-        if path.is_file() and path != marker and path.relative_to(local).as_posix() not in wanted:
-            path.unlink()  # deleted from the source: must not be trained on
-    atomic_write_json(marker, {"url": url, "files": wanted})
+            task = None
+
+            def start(total: int) -> None:
+                nonlocal task
+                task = bar.add_task(f"Copying {url}", total=total, info="") if total else None
+
+            copy.pull(delete_missing=True, on_start=start, on_file=lambda: bar.advance(task))
+    except RemoteError as exc:
+        raise DataError(str(exc), "check the address, credentials and AWS_ENDPOINT_URL; run again to resume") from None
     return local

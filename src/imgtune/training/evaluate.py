@@ -104,4 +104,5 @@ def evaluate_job(
     }
     record = handle.read()
     handle.update(evaluations=[*record.get("evaluations", []), result])
+    handle.push()
     return result

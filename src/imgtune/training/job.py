@@ -44,6 +44,7 @@ from imgtune.training.standard_callbacks import (
     EarlyStopping,
     MetricsWriter,
     ProgressBar,
+    RemotePush,
     restore_checkpoint,
 )
 from imgtune.training.trainer import Trainer
@@ -294,22 +295,23 @@ def run_training_job(
     except KeyboardInterrupt:
         job.update(status="stopped", error="interrupted by the user", timings=timings)
         job.log("stopped by the user")
-        _end(job, config, profiler)
+        _end(job, config, profiler, succeeded=False)
         raise
     except Exception as exc:
         job.update(status="failed", error=f"{type(exc).__name__}: {exc}", timings=timings)
         job.log(f"failed: {type(exc).__name__}: {exc}")
-        _end(job, config, profiler)
+        _end(job, config, profiler, succeeded=False)
         raise
     job.update(status="completed", finished=now_iso(), timings=timings, **summary)
     job.log("completed")
-    _end(job, config, profiler)
+    _end(job, config, profiler, succeeded=True)
     return job
 
 
-def _end(job: Job, config: JobConfig, profiler: ProfilerSession | None) -> None:
-    """Whatever way the job ended: stop the profiler, evaluate its rules, write the report (never raises over
-    the job's own outcome: a failure here is logged)."""
+def _end(job: Job, config: JobConfig, profiler: ProfilerSession | None, succeeded: bool) -> None:
+    """Whatever way the job ended: stop the profiler, evaluate its rules, write the report, push the job to its
+    remote workspace. Only a failed push of a job that succeeded raises: a failure in the rest is logged, and
+    never hides the job's own outcome."""
     try:
         if profiler is not None:
             job.update(profiler=profiler.finish())
@@ -323,6 +325,7 @@ def _end(job: Job, config: JobConfig, profiler: ProfilerSession | None) -> None:
             job.log(f"report written to {path} in {seconds:.2f} s")
     except Exception as exc:  # the job's result stands; the report can be made again with `imgtune report`
         job.log(f"profiler/report failed: {type(exc).__name__}: {exc}")
+    job.push(strict=succeeded)
 
 
 def _run(
@@ -401,6 +404,8 @@ def _run(
         ProgressBar(progress),
         *extra,
     ]
+    if job.remote is not None:
+        callbacks.append(RemotePush(job))
     trainer = Trainer(
         module,
         optimizer,

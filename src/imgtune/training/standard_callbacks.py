@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from imgtune.errors import JobError
-from imgtune.jobs import Job
+from imgtune.jobs import Job, push_interval
 from imgtune.progress import progress_bar
 from imgtune.training.callbacks import Callback
 
@@ -140,6 +140,19 @@ class Checkpointer(Callback):
             },
             self.path,
         )
+
+
+class RemotePush(Callback):
+    """Pushes a job of a remote workspace after an epoch (at most every $IMGTUNE_PUSH_INTERVAL seconds), so that
+    a job killed here can be resumed on another machine from a recent checkpoint."""
+
+    order = 40  # after the Checkpointer
+
+    def __init__(self, job: Job):
+        self.job = job
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        self.job.push(min_interval=push_interval(), strict=False)
 
 
 def restore_checkpoint(trainer: Trainer, path: Path, class_ids: list[str]) -> int:

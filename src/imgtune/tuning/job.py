@@ -370,6 +370,7 @@ def run_tuning_job(
         job.log(f"report written to {write_tuning_report(job)}")
     except Exception as exc:  # the results stand; `imgtune report JOB` can make it again
         job.log(f"report failed: {type(exc).__name__}: {exc}")
+    job.push()
     return job
 
 

@@ -1,0 +1,170 @@
+"""Workspaces in a bucket (`--workspace s3://...`) against a real S3 API: moto's server mode on 127.0.0.1.
+
+A job runs in a local mirror and is pushed to the bucket; "another machine" is a process with another
+IMGTUNE_CACHE (so no mirror of its own) that lists, shows, evaluates, serves and resumes the job from the
+bucket alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from cli_helpers import SLOW_IMAGE_TRAINING, resume_command, train_command
+from imgtune.cli import app
+from imgtune.jobs import workspace_dir
+
+BUCKET = "imgtune-runs"
+WORKSPACE = f"s3://{BUCKET}/team"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_client: Any) -> Any:
+    s3_client.create_bucket(Bucket=BUCKET)
+    return s3_client
+
+
+def objects(s3: Any, prefix: str) -> dict[str, bytes]:
+    """Every object under `prefix` in the bucket, by key relative to it."""
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+            for o in page.get("Contents", [])]  # fmt: skip
+    return {key[len(prefix) :]: s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() for key in keys}
+
+
+def on_another_machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str) -> Path:
+    """A fresh IMGTUNE_CACHE: no mirror of any job, nothing but the bucket."""
+    cache = tmp_path / name
+    monkeypatch.setenv("IMGTUNE_CACHE", str(cache))
+    return cache
+
+
+def test_a_job_is_kept_in_the_bucket_and_used_from_another_machine(
+    bucket, tmp_path, dogs_mini, mobilenet_weights, monkeypatch
+):
+    on_another_machine(monkeypatch, tmp_path, "machine-a")
+    result = runner.invoke(
+        app,
+        ["train", "--data", str(dogs_mini), "--backbone", "mobilenet_v2", "--weights", str(mobilenet_weights),
+         "--epochs", "3", "--image-size", "96", "--name", "shared", "--workspace", WORKSPACE, "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["remote"] == f"{WORKSPACE}/shared" and summary["status"] == "completed"
+    local = Path(summary["path"])
+    assert local == workspace_dir(WORKSPACE) / "shared"
+
+    # The bucket holds the whole job, byte for byte as the machine that ran it has it.
+    stored = objects(bucket, "team/shared/")
+    local_files = {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*")
+                   if p.is_file() and p.name != ".imgtune-sync.json"}  # fmt: skip
+    assert stored == local_files
+    assert {"job.json", "metrics.jsonl", "model/model.safetensors", "model/manifest.json", "report.html",
+            "checkpoints/last.pt", "debugger/rules.json", "profiler/rules.json"} <= stored.keys()  # fmt: skip
+    assert json.loads(stored["job.json"])["status"] == "completed"
+    photo = next((dogs_mini / "test" / "003.beagle").glob("*.jpg"))
+    predict = ["predict", "--job", "shared", "--workspace", WORKSPACE, str(photo), "--json"]
+    here = json.loads(runner.invoke(app, predict).stdout)
+
+    # Another machine lists it, evaluates it (the result reaches the bucket) and classifies a photo with it.
+    on_another_machine(monkeypatch, tmp_path, "machine-b")
+    listed = json.loads(runner.invoke(app, ["jobs", "--workspace", WORKSPACE, "--json"]).stdout)
+    assert [(j["name"], j["status"], j["remote"]) for j in listed] == [("shared", "completed", f"{WORKSPACE}/shared")]
+    evaluated = runner.invoke(
+        app, ["evaluate", "shared", "--data", str(dogs_mini), "--split", "valid", "--workspace", WORKSPACE, "--json"]
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    evaluations = json.loads(objects(bucket, "team/shared/")["job.json"])["evaluations"]
+    assert [e["split"] for e in evaluations] == ["valid"]
+    predicted = runner.invoke(app, predict)
+    assert predicted.exit_code == 0, predicted.output
+    there = json.loads(predicted.stdout)
+    # (each machine times the inference paths itself and may pick another: equal up to float error)
+    assert [c["id"] for c in there[0]["classes"]] == [c["id"] for c in here[0]["classes"]]
+    assert [c["probability"] for c in there[0]["classes"]] == pytest.approx(
+        [c["probability"] for c in here[0]["classes"]], abs=1e-3
+    )
+
+    # A name the bucket already holds is refused, though this machine never saw the job.
+    again = runner.invoke(app, ["train", "--data", str(dogs_mini), "--name", "shared", "--workspace", WORKSPACE])
+    assert again.exit_code == 2 and "a job named 'shared' already exists" in again.output
+
+
+def test_a_killed_job_resumes_on_another_machine_from_the_bucket(bucket, tmp_path, dogs_mini, mobilenet_weights):
+    env = {**os.environ, "IMGTUNE_WORKSPACE": WORKSPACE, "IMGTUNE_PUSH_INTERVAL": "0",
+           "IMGTUNE_CACHE": str(tmp_path / "machine-a")}  # fmt: skip
+    cmd = train_command(dogs_mini, mobilenet_weights, "killed", "--epochs", "4", *SLOW_IMAGE_TRAINING)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:  # until an epoch and its checkpoint are pushed
+        stored = objects(bucket, "team/killed/")
+        if stored.get("metrics.jsonl", b"").count(b"\n") >= 1 and "checkpoints/last.pt" in stored:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    pushed_epochs = objects(bucket, "team/killed/")["metrics.jsonl"].count(b"\n")
+    assert 1 <= pushed_epochs < 4
+
+    env["IMGTUNE_CACHE"] = str(tmp_path / "machine-b")
+    result = subprocess.run(resume_command("killed", "--json"), env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    stored = objects(bucket, "team/killed/")
+    record = json.loads(stored["job.json"])
+    assert record["status"] == "completed" and 1 <= record["resumed_from_epoch"] <= pushed_epochs
+    assert [json.loads(line)["epoch"] for line in stored["metrics.jsonl"].splitlines()] == [1, 2, 3, 4]
+    assert "resuming" in stored["logs.txt"].decode()
+
+
+def test_a_missing_bucket_is_one_clear_error(s3_env, dogs_mini):
+    result = runner.invoke(app, ["train", "--data", str(dogs_mini), "--workspace", "s3://imgtune-no-such-bucket/x"])
+    assert result.exit_code == 2
+    assert "there is no bucket 'imgtune-no-such-bucket'" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["jobs", "--workspace", "s3://bucket/../x"])
+    assert result.exit_code == 2 and "bad workspace address 's3://bucket/../x'" in result.output
+
+
+def test_a_mirror_pull_keeps_what_a_job_here_changed_and_a_push_deletes_what_it_removed(bucket, tmp_path):
+    from imgtune.remote import SyncedFolder
+
+    url = f"s3://{BUCKET}/sync-test"
+    local = tmp_path / "mirror"
+    (local / "sub").mkdir(parents=True)
+    for name in ("written-here.txt", "changed-there.txt", "removed-here.txt", "sub/same.txt"):
+        (local / name).write_text(f"first {name}\n")
+    mirror = SyncedFolder(url, local, ".record.json", keep_local_changes=True)
+    mirror.push()
+    assert objects(bucket, "sync-test/").keys() == {"written-here.txt", "changed-there.txt", "removed-here.txt",
+                                                     "sub/same.txt"}  # fmt: skip
+
+    (local / "written-here.txt").write_text("a running job wrote this\n")
+    bucket.put_object(Bucket=BUCKET, Key="sync-test/changed-there.txt", Body=b"another machine wrote this\n")
+    bucket.put_object(Bucket=BUCKET, Key="sync-test/written-here.txt", Body=b"stale\n")
+    (local / "removed-here.txt").unlink()
+    mirror.pull()
+    assert (local / "changed-there.txt").read_text() == "another machine wrote this\n"
+    assert (local / "written-here.txt").read_text() == "a running job wrote this\n"  # kept: changed here too
+    assert not (local / "removed-here.txt").exists()  # the object did not change: the deletion stands
+
+    mirror.push()
+    stored = objects(bucket, "sync-test/")
+    assert stored == {"written-here.txt": b"a running job wrote this\n",
+                      "changed-there.txt": b"another machine wrote this\n",
+                      "sub/same.txt": b"first sub/same.txt\n"}  # fmt: skip
+
+    # A plain copy (a dataset) takes the bucket's version and drops files the bucket no longer has.
+    copy = SyncedFolder(url, tmp_path / "copy", ".record.json")
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "extra.txt").write_text("not in the bucket\n")
+    assert sorted(copy.pull(delete_missing=True)) == sorted(stored)
+    assert {p.relative_to(tmp_path / "copy").as_posix(): p.read_bytes() for p in (tmp_path / "copy").rglob("*")
+            if p.is_file() and p.name != ".record.json"} == stored  # fmt: skip
