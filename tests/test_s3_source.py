@@ -143,6 +143,20 @@ def test_cli_data_check_s3_json(s3_dogs: dict[str, bytes], tmp_path: Path, monke
     assert Path(problems[0]).is_relative_to(tmp_path / "cache" / "sources")
 
 
+def test_cli_train_reads_its_data_from_s3(s3_dogs: dict[str, bytes], mobilenet_weights: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["train", "--data", URL, "--backbone", "mobilenet_v2", "--weights", str(mobilenet_weights), "--epochs", "2",
+         "--image-size", "64", "--workspace", str(tmp_path / "ws"), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "completed" and summary["excluded_files"] == 1  # the text file named .jpg
+    assert summary["test"]["samples"] == PER_SPLIT["test"] * len(CLASSES)
+    record = json.loads((Path(summary["path"]) / "job.json").read_text())
+    assert record["config"]["data"]["path"] == URL and record["dataset"]["source"] == URL
+
+
 def test_cli_data_check_missing_bucket_is_one_error_line(
     s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
