@@ -7,10 +7,12 @@ bucket alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -168,3 +170,49 @@ def test_a_mirror_pull_keeps_what_a_job_here_changed_and_a_push_deletes_what_it_
     assert sorted(copy.pull(delete_missing=True)) == sorted(stored)
     assert {p.relative_to(tmp_path / "copy").as_posix(): p.read_bytes() for p in (tmp_path / "copy").rglob("*")
             if p.is_file() and p.name != ".record.json"} == stored  # fmt: skip
+
+
+def test_a_tuning_job_whose_driver_died_resumes_on_another_machine_from_the_bucket(
+    bucket, tmp_path, dogs_mini, mobilenet_weights
+):
+    import psutil
+
+    env = {**os.environ, "IMGTUNE_WORKSPACE": WORKSPACE, "IMGTUNE_PUSH_INTERVAL": "0",
+           "IMGTUNE_CACHE": str(tmp_path / "machine-a")}  # fmt: skip
+    cmd = [sys.executable, "-m", "imgtune", "tune", "--data", str(dogs_mini), "--backbone", "mobilenet_v2",
+           "--weights", str(mobilenet_weights), "--epochs", "3", "--max-trials", "3", "--max-parallel", "1",
+           "--set", "data.image_size=96", "--name", "tune-killed", "--set", "data.num_workers=0"]  # fmt: skip
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    driver = subprocess.Popen(cmd, env=env, start_new_session=True, **quiet)
+
+    def finished_in_bucket() -> dict[str, str]:
+        stored = objects(bucket, "team/tune-killed/trials/")
+        return {
+            key.split("/")[0]: json.loads(data)["finished"]
+            for key, data in stored.items()
+            if key.endswith("/job.json") and key.count("/") == 1 and json.loads(data).get("status") == "completed"
+        }
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and driver.poll() is None and not finished_in_bucket():
+        time.sleep(0.5)
+    before = finished_in_bucket()
+    assert before and driver.poll() is None, "no trial was pushed before the driver ended"
+    time.sleep(1.0)  # the driver's own push after the trial (Ray's experiment state)
+    for pid in [driver.pid, *(p.pid for p in psutil.Process(driver.pid).children(recursive=True))]:
+        with contextlib.suppress(ProcessLookupError):  # the driver and its local Ray, as if the machine died
+            os.kill(pid, signal.SIGKILL)
+    driver.wait()
+
+    env["IMGTUNE_CACHE"] = str(tmp_path / "machine-b")
+    resumed = subprocess.run(
+        [sys.executable, "-m", "imgtune", "tune", "--resume", "tune-killed", "--json"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout)
+    assert summary["status"] == "completed" and len(summary["trials"]) == 3
+    assert all(t["status"] == "completed" for t in summary["trials"])
+    after = finished_in_bucket()
+    assert len(after) == 3 and all(after[name] == finished for name, finished in before.items())  # not re-run
+    assert json.loads(objects(bucket, "team/tune-killed/")["job.json"])["status"] == "completed"

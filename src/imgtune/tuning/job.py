@@ -39,7 +39,7 @@ from ray.tune.stopper import Stopper
 from imgtune.config import build_config
 from imgtune.data.sources import is_remote
 from imgtune.errors import ConfigError, JobError
-from imgtune.jobs import Job, now_iso
+from imgtune.jobs import Job, now_iso, push_interval
 from imgtune.training.callbacks import Callback, StopTraining
 from imgtune.tuning import RAY_CLUSTERS_ENV, is_loopback
 from imgtune.tuning.space import SearchSpace, apply_values, parse_space
@@ -471,12 +471,19 @@ def collect_trials(job: Job, options: TuneOptions, space: SearchSpace, results: 
         name = TRIAL_PREFIX + str(trial_id)
         trial_job = job.path / TRIALS_DIR / name
         record = Job(trial_job).read() if (trial_job / "job.json").exists() else {}
-        epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
-        objective = None
-        if history is not None and options.objective in history and len(history):
-            series = history[options.objective].dropna()
-            if len(series):
-                objective = float(series.max() if options.mode == "max" else series.min())
+        # The trial's own training job is the truth: Ray's copy of the results can be elsewhere (a tuning job
+        # resumed from a bucket on another machine keeps Ray's first storage path in its run config).
+        epoch_records = Job(trial_job).read_metrics() if record else []
+        if epoch_records:
+            epochs = max(int(m["epoch"]) for m in epoch_records)
+            values = [float(m[options.objective]) for m in epoch_records if m.get(options.objective) is not None]
+        else:
+            epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
+            has_values = history is not None and options.objective in history
+            values = [float(v) for v in history[options.objective].dropna()] if has_values else []
+        objective = (max(values) if options.mode == "max" else min(values)) if values else None
+        has_times = history is not None and "time_total_s" in history and len(history)
+        ray_seconds = float(history["time_total_s"].max()) if has_times else None
         planned = int(record.get("config", {}).get("train", {}).get("epochs", 0) or 0)
         if result.error is not None:
             status = "errored"
@@ -495,9 +502,7 @@ def collect_trials(job: Job, options: TuneOptions, space: SearchSpace, results: 
                 "status": status,
                 "epochs": epochs,
                 "stop_reason": record.get("stop_reason"),
-                "seconds": float(history["time_total_s"].max())
-                if history is not None and "time_total_s" in history
-                else None,
+                "seconds": ray_seconds if ray_seconds is not None else record.get("timings", {}).get("total"),
                 "job": str(trial_job.relative_to(job.path)) if trial_job.exists() else None,
                 "node": (result.metrics or {}).get("node_ip"),
                 "error": _error_text(result.error),
@@ -556,6 +561,9 @@ class TrialProgress(tune.Callback):
         value = (trial.last_result or {}).get(self.options.objective)
         shown = "-" if value is None else f"{value:.4f}"
         self.job.log(f"trial {TRIAL_PREFIX}{trial.trial_id} {status}: {self.options.objective} {shown}")
+        # In an s3:// workspace: Ray's experiment state and the log reach the bucket as trials end, so that a
+        # tuning job whose driver died can be resumed from the bucket on another machine.
+        self.job.push(min_interval=push_interval(), strict=False)
         if self.bar is not None:
             self.bar.update(self.task, advance=1, info=f"last {self.options.objective} {shown}")
         if self.on_trial is not None:
