@@ -28,7 +28,7 @@ CLASSES = ("001.Shih-Tzu", "002.Rhodesian_ridgeback", "003.beagle")
 PER_SPLIT = {"train": 4, "valid": 2, "test": 2}
 BAD_FILE = "train/001.Shih-Tzu/notes.jpg"
 BAD_TEXT = b"These are my notes about the dogs, not a picture.\n" * 4
-SOURCE_RECORD = ".imgtune-source.json"  # written by resolve_source next to the copied files
+SOURCE_RECORD = ".imgtune-source.json"  # written by resolve_source next to the copied files (and its .lock)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,8 @@ def s3_dogs(s3_client: Any, dogs_mini: Path) -> dict[str, bytes]:
 
 
 def _local_files(root: Path) -> dict[str, Path]:
-    return {
-        p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file() and p.name != SOURCE_RECORD
-    }
+    files = (p for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(SOURCE_RECORD))
+    return {p.relative_to(root).as_posix(): p for p in files}
 
 
 # --------------------------------------------------------------------------- resolve_source

@@ -42,6 +42,12 @@ def objects(s3: Any, prefix: str) -> dict[str, bytes]:
     return {key[len(prefix) :]: s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() for key in keys}
 
 
+def as_host(hostname: str, command: list[str]) -> list[str]:
+    """`command` in a UTS namespace of its own whose hostname is `hostname` (needs root, as the suite does):
+    a job it runs is recorded as running on that machine."""
+    return ["unshare", "--uts", "sh", "-c", f'hostname {hostname} && exec "$@"', "sh", *command]
+
+
 def on_another_machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str) -> Path:
     """A fresh IMGTUNE_CACHE: no mirror of any job, nothing but the bucket."""
     cache = tmp_path / name
@@ -67,7 +73,7 @@ def test_a_job_is_kept_in_the_bucket_and_used_from_another_machine(
     # The bucket holds the whole job, byte for byte as the machine that ran it has it.
     stored = objects(bucket, "team/shared/")
     local_files = {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*")
-                   if p.is_file() and p.name != ".imgtune-sync.json"}  # fmt: skip
+                   if p.is_file() and not p.name.startswith(".imgtune-sync.json")}  # fmt: skip
     assert stored == local_files
     assert {"job.json", "metrics.jsonl", "model/model.safetensors", "model/manifest.json", "report.html",
             "checkpoints/last.pt", "debugger/rules.json", "profiler/rules.json"} <= stored.keys()  # fmt: skip
@@ -104,7 +110,7 @@ def test_a_killed_job_resumes_on_another_machine_from_the_bucket(bucket, tmp_pat
     env = {**os.environ, "IMGTUNE_WORKSPACE": WORKSPACE, "IMGTUNE_PUSH_INTERVAL": "0",
            "IMGTUNE_CACHE": str(tmp_path / "machine-a")}  # fmt: skip
     cmd = train_command(dogs_mini, mobilenet_weights, "killed", "--epochs", "4", *SLOW_IMAGE_TRAINING)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(as_host("machine-a", cmd), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:  # until an epoch and its checkpoint are pushed
         stored = objects(bucket, "team/killed/")
@@ -118,7 +124,12 @@ def test_a_killed_job_resumes_on_another_machine_from_the_bucket(bucket, tmp_pat
     assert 1 <= pushed_epochs < 4
 
     env["IMGTUNE_CACHE"] = str(tmp_path / "machine-b")
-    result = subprocess.run(resume_command("killed", "--json"), env=env, capture_output=True, text=True, timeout=600)
+    refused = subprocess.run(resume_command("killed"), env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2, refused.stderr  # this machine cannot tell whether machine-a is still at it
+    assert "recorded as running on machine-a" in refused.stderr and "--force" in refused.stderr
+    result = subprocess.run(
+        resume_command("killed", "--force", "--json"), env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr
     stored = objects(bucket, "team/killed/")
     record = json.loads(stored["job.json"])
@@ -135,33 +146,42 @@ def test_a_missing_bucket_is_one_clear_error(s3_env, dogs_mini):
     assert result.exit_code == 2 and "bad workspace address 's3://bucket/../x'" in result.output
 
 
-def test_a_mirror_pull_keeps_what_a_job_here_changed_and_a_push_deletes_what_it_removed(bucket, tmp_path):
+def test_a_mirror_keeps_its_own_changes_never_overwrites_another_writers_and_propagates_deletions(bucket, tmp_path):
     from imgtune.remote import SyncedFolder
 
     url = f"s3://{BUCKET}/sync-test"
     local = tmp_path / "mirror"
     (local / "sub").mkdir(parents=True)
-    for name in ("written-here.txt", "changed-there.txt", "removed-here.txt", "sub/same.txt"):
+    for name in ("written-here.txt", "written-both.txt", "changed-there.txt", "removed-here.txt", "sub/same.txt"):
         (local / name).write_text(f"first {name}\n")
     mirror = SyncedFolder(url, local, ".record.json", keep_local_changes=True)
-    mirror.push()
-    assert objects(bucket, "sync-test/").keys() == {"written-here.txt", "changed-there.txt", "removed-here.txt",
-                                                     "sub/same.txt"}  # fmt: skip
+    assert mirror.push() == []
+    assert objects(bucket, "sync-test/").keys() == {"written-here.txt", "written-both.txt", "changed-there.txt",
+                                                     "removed-here.txt", "sub/same.txt"}  # fmt: skip
 
     (local / "written-here.txt").write_text("a running job wrote this\n")
+    (local / "written-both.txt").write_text("this machine wrote this\n")
+    bucket.put_object(Bucket=BUCKET, Key="sync-test/written-both.txt", Body=b"another machine wrote this first\n")
     bucket.put_object(Bucket=BUCKET, Key="sync-test/changed-there.txt", Body=b"another machine wrote this\n")
-    bucket.put_object(Bucket=BUCKET, Key="sync-test/written-here.txt", Body=b"stale\n")
     (local / "removed-here.txt").unlink()
     mirror.pull()
     assert (local / "changed-there.txt").read_text() == "another machine wrote this\n"
-    assert (local / "written-here.txt").read_text() == "a running job wrote this\n"  # kept: changed here too
+    assert (local / "written-here.txt").read_text() == "a running job wrote this\n"  # changed here: kept
+    assert (local / "written-both.txt").read_text() == "this machine wrote this\n"  # kept for now
     assert not (local / "removed-here.txt").exists()  # the object did not change: the deletion stands
 
-    mirror.push()
+    # The push sends what only this machine changed, deletes what it removed, and takes the bucket's copy
+    # where another writer got there first (reported, never overwritten).
+    assert mirror.push() == ["written-both.txt"]
     stored = objects(bucket, "sync-test/")
     assert stored == {"written-here.txt": b"a running job wrote this\n",
+                      "written-both.txt": b"another machine wrote this first\n",
                       "changed-there.txt": b"another machine wrote this\n",
                       "sub/same.txt": b"first sub/same.txt\n"}  # fmt: skip
+    assert (local / "written-both.txt").read_bytes() == stored["written-both.txt"]
+    copied: list[int] = []
+    mirror.pull(on_start=copied.append)
+    assert copied == [0]  # in step: nothing to copy after a push
 
     # A plain copy (a dataset) takes the bucket's version and drops files the bucket no longer has.
     copy = SyncedFolder(url, tmp_path / "copy", ".record.json")
@@ -169,7 +189,7 @@ def test_a_mirror_pull_keeps_what_a_job_here_changed_and_a_push_deletes_what_it_
     (tmp_path / "copy" / "extra.txt").write_text("not in the bucket\n")
     assert sorted(copy.pull(delete_missing=True)) == sorted(stored)
     assert {p.relative_to(tmp_path / "copy").as_posix(): p.read_bytes() for p in (tmp_path / "copy").rglob("*")
-            if p.is_file() and p.name != ".record.json"} == stored  # fmt: skip
+            if p.is_file() and not p.name.startswith(".record.json")} == stored  # fmt: skip
 
 
 def test_a_tuning_job_whose_driver_died_resumes_on_another_machine_from_the_bucket(
@@ -183,7 +203,7 @@ def test_a_tuning_job_whose_driver_died_resumes_on_another_machine_from_the_buck
            "--weights", str(mobilenet_weights), "--epochs", "3", "--max-trials", "3", "--max-parallel", "1",
            "--set", "data.image_size=96", "--name", "tune-killed", "--set", "data.num_workers=0"]  # fmt: skip
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    driver = subprocess.Popen(cmd, env=env, start_new_session=True, **quiet)
+    driver = subprocess.Popen(as_host("machine-a", cmd), env=env, start_new_session=True, **quiet)
 
     def finished_in_bucket() -> dict[str, str]:
         stored = objects(bucket, "team/tune-killed/trials/")
@@ -206,7 +226,7 @@ def test_a_tuning_job_whose_driver_died_resumes_on_another_machine_from_the_buck
 
     env["IMGTUNE_CACHE"] = str(tmp_path / "machine-b")
     resumed = subprocess.run(
-        [sys.executable, "-m", "imgtune", "tune", "--resume", "tune-killed", "--json"],
+        [sys.executable, "-m", "imgtune", "tune", "--resume", "tune-killed", "--force", "--json"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -44,6 +44,12 @@ err = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="With --resume: resume a job recorded as running on another machine (that machine is gone)."
+    ),
+]
 WorkspaceOption = Annotated[
     str | None,
     typer.Option(
@@ -124,6 +130,7 @@ def train(
         list[str] | None, typer.Option("--set", help="Override any config key: --set train.optimizer=sgd.")
     ] = None,
     resume: Annotated[str | None, typer.Option(help="Continue a killed job (name or path).")] = None,
+    force: ForceOption = False,
     no_debugger: Annotated[bool, typer.Option("--no-debugger", help="Turn tensor capture and rules off.")] = False,
     no_profiler: Annotated[
         bool, typer.Option("--no-profiler", help="Turn the system monitor, step timeline and trace off.")
@@ -162,7 +169,7 @@ def train(
         ignored = [flag for flag, value in given.items() if value]
         if ignored:
             err.print(f"[yellow]note:[/] --resume continues with the job's own config; ignored: {', '.join(ignored)}")
-        job = run_training_job(resume=resume, workspace=workspace, progress=not as_json)
+        job = run_training_job(resume=resume, workspace=workspace, progress=not as_json, force=force)
     else:
         flags = {
             "name": name,
@@ -684,6 +691,7 @@ def tune(
     config: Annotated[Path | None, typer.Option(help="YAML job config every trial starts from.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key of the trials' config.")] = None,
     resume: Annotated[str | None, typer.Option(help="Continue a tuning job whose driver was killed.")] = None,
+    force: ForceOption = False,
     workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -703,7 +711,7 @@ def tune(
     from imgtune.tuning.space import load_space
 
     if resume:
-        job = run_tuning_job(workspace=workspace, resume=resume, progress=not as_json)
+        job = run_tuning_job(workspace=workspace, resume=resume, progress=not as_json, force=force)
     else:
         if data is None and config is None:
             raise ImgtuneError("no dataset given", "pass --data PATH")

@@ -80,8 +80,8 @@ def workspace_dir(workspace: str | Path | None = None) -> Path:
 
 def remote_url(path: Path) -> str | None:
     """The remote address a local path mirrors (a path in a remote workspace's mirror), else None."""
-    mirrors = cache_dir() / MIRRORS_DIR
-    path = path.absolute()
+    mirrors = (cache_dir() / MIRRORS_DIR).resolve()  # both resolved: a cache reached through a symlink
+    path = path.resolve()
     if not path.is_relative_to(mirrors) or len(path.relative_to(mirrors).parts) < 2:
         return None
     protocol, *rest = path.relative_to(mirrors).parts
@@ -227,16 +227,19 @@ class Job:
         """Upload what changed in the job to its remote workspace (nothing for a local job).
 
         The job's subfolders that are jobs themselves (a tuning job's trials) push themselves. With
-        `min_interval`, skip the push if the last one was more recent. A failure raises a JobError when
-        `strict`, else it is written to the job's log and the next push tries again.
+        `min_interval`, skip the push if the last try was more recent. A failure raises a JobError when
+        `strict`, else it goes to the job's log and a later push tries again. A file another machine changed
+        in the bucket since this one last synced it is not overwritten: the bucket's copy is taken, and the
+        job's log says so.
         """
         if self.remote is None or time.monotonic() - _last_push.get(self.path, -math.inf) < min_interval:
             return
         from imgtune.remote import RemoteError
 
+        _last_push[self.path] = time.monotonic()  # a failed try counts too: no retry storm while S3 is away
         try:
-            self._synced().push(skip_dirs=lambda folder: (folder / JOB_FILE).is_file())
-        except RemoteError as exc:
+            conflicts = self._synced().push(skip_dirs=lambda folder: (folder / JOB_FILE).is_file())
+        except (RemoteError, OSError) as exc:
             if strict:
                 raise JobError(
                     f"job {self.name} could not be saved to {self.remote}: {exc}",
@@ -244,7 +247,10 @@ class Job:
                 ) from None
             self.log(f"push to {self.remote} failed (tried again later): {exc}")
             return
-        _last_push[self.path] = time.monotonic()
+        if conflicts:
+            self.log(
+                f"not pushed, changed in {self.remote} by another machine (its copy taken): {', '.join(conflicts)}"
+            )
 
     def pull(self) -> None:
         """Download what changed in the job's remote copy (files this machine changed since are kept)."""
@@ -254,7 +260,7 @@ class Job:
             return
         try:
             self._synced().pull()
-        except RemoteError as exc:
+        except (RemoteError, OSError) as exc:
             raise JobError(str(exc), "check the workspace address, credentials and AWS_ENDPOINT_URL") from None
 
     # -- creation and lookup -------------------------------------------------------------------------
@@ -291,14 +297,20 @@ class Job:
     def open(cls, job: str | Path, workspace: str | Path | None = None) -> Job:
         """Find a job by path or by name in the workspace."""
         candidates = [Path(job).expanduser()]
+        pulled = None
         if not Path(job).is_absolute():
             root = workspace_dir(workspace)
             candidates += [root / str(job), root / _slug(str(job))]
             if remote_url(root) is not None and _slug(str(job)) in _remote_job_names(root):
-                cls(root / _slug(str(job))).pull()
+                pulled = cls(root / _slug(str(job)))
+                pulled.pull()  # a job this machine never saw, or saw before it changed
+                candidates.insert(0, pulled.path)
         for path in candidates:
             if (path / JOB_FILE).is_file():
-                return cls(path.resolve())
+                found = cls(path.resolve())
+                if found.remote is not None and pulled is None:  # a path into a mirror, given directly
+                    found.pull()
+                return found
         raise JobError(
             f"no job {str(job)!r} (looked in {', '.join(str(c) for c in candidates)})",
             "list jobs with `imgtune jobs`, or pass the job's directory",
@@ -323,7 +335,8 @@ class Job:
         data.update(fields)
         data["updated"] = now_iso()
         self.write(data)
-        self.push(min_interval=0.0 if "status" in fields else push_interval(), strict=False)
+        if self.remote is not None:
+            self.push(min_interval=0.0 if "status" in fields else push_interval(), strict=False)
         return data
 
     def mark_running(self) -> None:
@@ -363,25 +376,35 @@ class Job:
 _last_push: dict[Path, float] = {}  # job directory -> time.monotonic() of its last push, in this process
 
 
-def _remote_job_names(root: Path) -> set[str]:
-    """The jobs a remote workspace holds (empty for a local workspace), after pulling their job.json files
-    into the mirror `root`."""
+def _remote_job_files(root: Path) -> dict[str, dict[str, Any]]:
+    """For a remote workspace's mirror `root`: each job's job.json object (as remote.list_remote gives it),
+    by job name; empty for a local workspace. One listing."""
     url = remote_url(root)
     if url is None:
-        return set()
-    from imgtune.remote import RemoteError, SyncedFolder
+        return {}
+    from imgtune.remote import RemoteError, list_remote
 
     try:
-        listed = SyncedFolder(url, root, SYNC_RECORD, keep_local_changes=True).pull(pattern=f"*/{JOB_FILE}")
+        listed = list_remote(url, f"*/{JOB_FILE}")
     except RemoteError as exc:
         raise JobError(str(exc), "check the workspace address, credentials and AWS_ENDPOINT_URL") from None
-    return {rel.split("/")[0] for rel in listed}
+    return {rel.split("/")[0]: info for rel, info in listed.items()}
+
+
+def _remote_job_names(root: Path) -> set[str]:
+    return set(_remote_job_files(root))
 
 
 def list_jobs(workspace: str | Path | None = None) -> Iterator[Job]:
     """Jobs in the workspace, newest first (a remote workspace's job.json files are pulled first)."""
     root = workspace_dir(workspace)
-    _remote_job_names(root)
+    for name, info in _remote_job_files(root).items():
+        from imgtune.remote import RemoteError
+
+        try:
+            Job(root / name)._synced().pull(listing={JOB_FILE: info})
+        except (RemoteError, OSError) as exc:
+            raise JobError(str(exc), "check the workspace address, credentials and AWS_ENDPOINT_URL") from None
     if not root.is_dir():
         return iter(())
     jobs = [Job(p) for p in root.iterdir() if (p / JOB_FILE).is_file()]

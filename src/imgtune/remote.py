@@ -6,23 +6,27 @@ run in a local mirror and are pushed to the bucket as they go.
 
 A local copy keeps a record (a JSON file in its root) of every file it holds: the object's size and ETag when
 last pulled or pushed, and the local file's size and mtime at that moment. A pull copies only objects whose
-size or ETag changed since then (so it never overwrites a local file that a running job is writing, unless the
-object changed too); a push uploads only files whose size or mtime changed, and deletes the objects of files
-it once pushed or pulled that are gone locally. S3 endpoints and credentials come from the usual AWS settings
+size or ETag changed since then (a mirror never overwrites a local file that a job here changed since); a push
+uploads only files whose size or mtime changed, and deletes the objects of files it once pushed or pulled that
+are gone locally, but never overwrites an object that another writer changed since: that file is pulled
+instead, and reported. S3 endpoints and credentials come from the usual AWS settings
 (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, profiles), as with boto3.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from imgtune.jobs import atomic_write_json
 
 PARTIAL_SUFFIXES = (".tmp", ".part")  # files still being written: an atomic write's temp file, a download
+RECORD_EVERY_FILES, RECORD_EVERY_SECONDS = 500, 5.0  # how often a long pull saves its record
 
 
 def is_remote(path: str | Path) -> bool:
@@ -74,7 +78,8 @@ class SyncedFolder:
     """A local folder and the remote prefix it mirrors; `record` is the record file's name in `local`.
 
     `keep_local_changes`: a pull leaves alone local files changed since the last sync (a workspace mirror,
-    where jobs write); without it the remote always wins (a dataset copy).
+    where jobs write); without it the remote always wins (a dataset copy). Pulls and pushes of one folder take
+    turns (a lock file beside the record), so two processes on one machine never lose each other's entries.
     """
 
     def __init__(self, url: str, local: Path, record: str, keep_local_changes: bool = False):
@@ -83,16 +88,36 @@ class SyncedFolder:
         self.record_file = local / record
         self.keep_local_changes = keep_local_changes
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        import fcntl
+
+        self.local.mkdir(parents=True, exist_ok=True)
+        with open(self.record_file.with_name(self.record_file.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _is_bookkeeping(self, path: Path) -> bool:
+        """The record and its lock (at any level: a nested folder's too), and files still being written."""
+        return path.name.startswith(self.record_file.name) or path.name.endswith(PARTIAL_SUFFIXES)
+
     def _read_record(self) -> dict[str, dict[str, Any]]:
         try:
-            return json.loads(self.record_file.read_text()).get("files", {})
+            files = json.loads(self.record_file.read_text()).get("files", {})
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
+        # a record of imgtune 0.1's dataset copies holds the object's stamp itself
+        return {
+            rel: entry if "remote" in entry or "local" in entry else {"remote": entry} for rel, entry in files.items()
+        }
 
     def _write_record(self, files: dict[str, dict[str, Any]]) -> None:
         atomic_write_json(self.record_file, {"url": self.url, "files": files}, durable=False)
 
-    def _wanted(self, rel: str, target: Path, stamp: dict[str, Any], entry: dict[str, Any] | None) -> bool:
+    def _wanted(self, target: Path, stamp: dict[str, Any], entry: dict[str, Any] | None) -> bool:
         if not target.is_file():  # a mirror keeps a deletion made here (the next push deletes the object)
             return not (self.keep_local_changes and entry is not None and entry.get("remote") == stamp)
         if entry is None:  # a local file never pulled or pushed: a mirror's own new file, or an older copy's
@@ -107,6 +132,7 @@ class SyncedFolder:
         self,
         pattern: str | None = None,
         delete_missing: bool = False,
+        listing: dict[str, dict[str, Any]] | None = None,
         on_start: Callable[[int], None] | None = None,
         on_file: Callable[[], None] | None = None,
     ) -> list[str]:
@@ -114,99 +140,125 @@ class SyncedFolder:
         to the prefix) of all the objects listed.
 
         Args:
-            pattern: only objects matching this glob (relative to the prefix), for example `*/job.json`.
+            pattern: only objects matching this glob (relative to the prefix), for example `job.json`.
             delete_missing: remove local files that the listing no longer holds (a dataset must not keep
                 photos deleted from its source).
+            listing: the objects to consider, as `list_remote` gives them, when the caller listed already.
             on_start, on_file: progress hooks, called with the number of files to copy, then once per file.
         """
-        listing = list_remote(self.url, pattern)
-        fs, root = _filesystem(self.url)
-        record = self._read_record()
-        local_root = self.local.resolve()
-        todo = []
-        for rel, info in listing.items():
-            target = (self.local / rel).resolve()
-            if not target.is_relative_to(local_root):
-                raise RemoteError(f"refusing {self.url}/{rel}: its key leads outside the local copy {self.local}")
-            stamp = _stamp(info)
-            if self._wanted(rel, target, stamp, record.get(rel)):
-                todo.append((rel, target, stamp, info))
-        if on_start is not None:
-            on_start(len(todo))
-        for rel, target, stamp, info in todo:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.part")
-            try:
-                fs.get_file(f"{root}/{rel}", str(tmp))
-            except Exception as exc:
-                tmp.unlink(missing_ok=True)
-                raise RemoteError(f"cannot copy {self.url}/{rel}: {exc}") from None
-            modified = info.get("LastModified") or info.get("mtime")
-            if hasattr(modified, "timestamp"):  # keep the object's time, so newest-first listings stay right
-                os.utime(tmp, (modified.timestamp(), modified.timestamp()))
-            tmp.replace(target)
-            record[rel] = {"remote": stamp, "local": _local_stamp(target)}
-            self._write_record(record)  # after each file: a killed pull goes on where it stopped
-            if on_file is not None:
-                on_file()
-        if delete_missing:
-            for path in self.local.rglob("*"):
-                rel = path.relative_to(self.local).as_posix()
-                if path.is_file() and path != self.record_file and rel not in listing:
-                    path.unlink()
-                    record.pop(rel, None)
-        self._write_record(record)
+        if listing is None:
+            listing = list_remote(self.url, pattern)
+        with self._locked():
+            record = self._read_record()
+            todo = [
+                (rel, info)
+                for rel, info in listing.items()
+                if self._wanted(self._target(rel), _stamp(info), record.get(rel))
+            ]
+            if on_start is not None:
+                on_start(len(todo))
+            saved = time.monotonic()
+            for count, (rel, info) in enumerate(todo, 1):
+                record[rel] = self._download(rel, info)
+                if count % RECORD_EVERY_FILES == 0 or time.monotonic() - saved > RECORD_EVERY_SECONDS:
+                    self._write_record(record)  # now and then: a killed pull goes on about where it stopped
+                    saved = time.monotonic()
+                if on_file is not None:
+                    on_file()
+            if delete_missing:
+                for path in list(self.local.rglob("*")):
+                    rel = path.relative_to(self.local).as_posix()
+                    if path.is_file() and not self._is_bookkeeping(path) and rel not in listing:
+                        path.unlink()
+                        record.pop(rel, None)
+            self._write_record(record)
         return list(listing)
 
-    def push(self, skip_dirs: Callable[[Path], bool] = lambda _: False) -> int:
-        """Upload the files that are new or changed since the last push or pull; returns how many.
+    def _target(self, rel: str) -> Path:
+        target = (self.local / rel).resolve()
+        if not target.is_relative_to(self.local.resolve()):
+            raise RemoteError(f"refusing {self.url}/{rel}: its key leads outside the local copy {self.local}")
+        return target
 
-        Files this folder once pushed and that are gone locally are deleted remotely. `skip_dirs(dir)` says
-        which subfolders another SyncedFolder pushes itself (a tuning job's trials are jobs of their own).
-        """
+    def _download(self, rel: str, info: dict[str, Any]) -> dict[str, Any]:
+        """Copy one object into place (via a .part file); returns its record entry."""
         fs, root = _filesystem(self.url)
-        record = self._read_record()
-        present: set[str] = set()
-        changed = []
-        for path in _files_below(self.local, skip_dirs):
-            if path.name == self.record_file.name or path.name.endswith(PARTIAL_SUFFIXES):  # records of any level
-                continue
-            rel = path.relative_to(self.local).as_posix()
-            present.add(rel)
-            try:
-                stamp = _local_stamp(path)
-            except FileNotFoundError:  # removed while we walked: the next push sees the folder as it is then
-                continue
-            if record.get(rel, {}).get("local") != stamp:
-                changed.append((rel, path, stamp))
-        gone = [
-            rel
-            for rel, entry in record.items()
-            if rel not in present and entry.get("local") and not _under_skipped(self.local / rel, self.local, skip_dirs)
-        ]
+        target = self._target(rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.part")
         try:
-            for rel, path, stamp in changed:
-                try:
-                    fs.put_file(str(path), f"{root}/{rel}")
-                except FileNotFoundError:
-                    continue
-                record[rel] = {"local": stamp}
-            if gone:
-                fs.rm([f"{root}/{rel}" for rel in gone])
-                for rel in gone:
-                    record.pop(rel, None)
-            if changed:  # one listing gives every new ETag, so a later pull knows these objects are ours
-                uploaded = list_remote(self.url)
-                for rel, _, _ in changed:
-                    if rel in uploaded and rel in record:
-                        record[rel]["remote"] = _stamp(uploaded[rel])
-        except RemoteError:
-            raise
+            fs.get_file(f"{root}/{rel}", str(tmp))
         except Exception as exc:
-            raise RemoteError(f"cannot write to {self.url}: {exc}") from None
-        finally:
-            self._write_record(record)
-        return len(changed) + len(gone)
+            tmp.unlink(missing_ok=True)
+            raise RemoteError(f"cannot copy {self.url}/{rel}: {exc}") from None
+        modified = info.get("LastModified") or info.get("mtime")
+        if hasattr(modified, "timestamp"):  # keep the object's time, so newest-first listings stay right
+            os.utime(tmp, (modified.timestamp(), modified.timestamp()))
+        tmp.replace(target)
+        return {"remote": _stamp(info), "local": _local_stamp(target)}
+
+    def push(self, skip_dirs: Callable[[Path], bool] = lambda _: False) -> list[str]:
+        """Upload the files that are new or changed since the last push or pull, and delete the objects of
+        files this folder once held that are gone locally. Returns the conflicts: files whose object another
+        writer changed since this folder last synced them; those are not overwritten but pulled (the bucket
+        wins), and the caller says so.
+
+        `skip_dirs(dir)` says which subfolders another SyncedFolder pushes itself (a tuning job's trials).
+        """
+        with self._locked():
+            record = self._read_record()
+            present: set[str] = set()
+            changed: dict[str, Path] = {}
+            for path in _files_below(self.local, skip_dirs):
+                if self._is_bookkeeping(path):
+                    continue
+                rel = path.relative_to(self.local).as_posix()
+                present.add(rel)
+                try:
+                    if record.get(rel, {}).get("local") != _local_stamp(path):
+                        changed[rel] = path
+                except FileNotFoundError:  # removed while we walked: the next push sees the folder as it is then
+                    continue
+            gone = [
+                rel
+                for rel, entry in record.items()
+                if rel not in present
+                and entry.get("local")
+                and not _under_skipped(self.local / rel, self.local, skip_dirs)
+            ]
+            if not changed and not gone:
+                return []
+            fs, root = _filesystem(self.url)
+            current = list_remote(self.url)
+            conflicts = [
+                rel
+                for rel in [*changed, *gone]
+                if rel in current and _stamp(current[rel]) != record.get(rel, {}).get("remote")
+            ]
+            try:
+                for rel in conflicts:
+                    record[rel] = self._download(rel, current[rel])
+                for rel, path in changed.items():
+                    if rel in conflicts:
+                        continue
+                    try:
+                        stamp = _local_stamp(path)
+                        fs.put_file(str(path), f"{root}/{rel}")
+                    except FileNotFoundError:
+                        continue
+                    record[rel] = {"local": stamp, "remote": _stamp(fs.info(f"{root}/{rel}"))}
+                deleted = [rel for rel in gone if rel not in conflicts]
+                if deleted:
+                    fs.rm([f"{root}/{rel}" for rel in deleted if rel in current])
+                    for rel in deleted:
+                        record.pop(rel, None)
+            except RemoteError:
+                raise
+            except Exception as exc:
+                raise RemoteError(f"cannot write to {self.url}: {exc}") from None
+            finally:
+                self._write_record(record)
+        return conflicts
 
 
 def _files_below(folder: Path, skip_dirs: Callable[[Path], bool]) -> Iterable[Path]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import platform
 import random
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from imgtune.debugger.capture import DebuggerCallback
 from imgtune.debugger.rules import make_rules
 from imgtune.debugger.runner import RuleCallback, RuleRunner
 from imgtune.errors import ConfigError, DataError, JobError
-from imgtune.jobs import Job, cache_dir, now_iso
+from imgtune.jobs import Job, cache_dir, now_iso, push_interval, remote_url, workspace_dir
 from imgtune.models.factory import ImageClassifier, create_model
 from imgtune.models.inference import known_path_name
 from imgtune.profiler import ProfilerSession
@@ -247,6 +248,8 @@ def run_training_job(
     callbacks: Iterable[Callback] = (),
     progress: bool = True,
     on_finding: Callable[[str, Any], None] | None = None,
+    force: bool = False,
+    must_push: bool = True,
 ) -> Job:
     """Run a training job to the end and return its directory.
 
@@ -257,6 +260,9 @@ def run_training_job(
         callbacks: extra Trainer callbacks (debugger, profiler, tuning reporters).
         progress: show progress bars.
         on_finding: called with (rule name, Finding) whenever a debugger rule finds an issue.
+        force: resume a job recorded as running on another machine (that machine is gone).
+        must_push: in an s3:// workspace, a job that succeeded but could not be pushed at its end raises
+            (a tuning trial does not: its tuning job pushes it again at the end).
     """
     if resume is not None:
         job = Job.open(resume, workspace)
@@ -264,8 +270,7 @@ def run_training_job(
         status = job.status()
         if status == "completed":
             raise JobError(f"job {job.name} has already completed", "start a new job instead")
-        if status == "running":
-            raise JobError(f"job {job.name} is still running (pid {record.get('pid')})", "wait for it or stop it first")
+        check_resumable(job, force)
         config = build_config(record["config"], f"config of job {job.name}")
         job.log("resuming")
     else:
@@ -275,6 +280,8 @@ def run_training_job(
             raise DataError(f"dataset folder not found: {config.data.path}", "check the path given to --data")
         if config.debugger.enabled:  # unknown rules or parameters: refuse before a job directory exists
             make_rules(config.debugger.rules, config.debugger.rule_parameters, config.debugger.rule_files)
+        if remote_url(workspace_dir(workspace)) is not None:
+            push_interval()  # a bad IMGTUNE_PUSH_INTERVAL: refuse before a job directory exists
         job = Job.create(workspace, config.name, prefix=config.model.backbone)
         record = {
             "name": job.name,
@@ -295,23 +302,42 @@ def run_training_job(
     except KeyboardInterrupt:
         job.update(status="stopped", error="interrupted by the user", timings=timings)
         job.log("stopped by the user")
-        _end(job, config, profiler, succeeded=False)
+        _end(job, config, profiler, must_push=False)
         raise
     except Exception as exc:
         job.update(status="failed", error=f"{type(exc).__name__}: {exc}", timings=timings)
         job.log(f"failed: {type(exc).__name__}: {exc}")
-        _end(job, config, profiler, succeeded=False)
+        _end(job, config, profiler, must_push=False)
         raise
     job.update(status="completed", finished=now_iso(), timings=timings, **summary)
     job.log("completed")
-    _end(job, config, profiler, succeeded=True)
+    _end(job, config, profiler, must_push=must_push)
     return job
 
 
-def _end(job: Job, config: JobConfig, profiler: ProfilerSession | None, succeeded: bool) -> None:
+def check_resumable(job: Job, force: bool = False) -> None:
+    """Refuse to resume a job that is still running. A job recorded as running on another machine (the
+    bucket says so, and no process of this one can tell) is resumed only with `force`."""
+    record = job.read()
+    if job.status() != "running":
+        return
+    host = record.get("host")
+    if host and host != socket.gethostname():
+        if force:
+            job.log(f"resumed with --force: it was recorded as running on {host}")
+            return
+        raise JobError(
+            f"job {job.name} is recorded as running on {host} (pid {record.get('pid')}, last update "
+            f"{record.get('updated')})",
+            f"if {host} is gone or the job died there, resume it with --force",
+        )
+    raise JobError(f"job {job.name} is still running (pid {record.get('pid')})", "wait for it or stop it first")
+
+
+def _end(job: Job, config: JobConfig, profiler: ProfilerSession | None, must_push: bool) -> None:
     """Whatever way the job ended: stop the profiler, evaluate its rules, write the report, push the job to its
-    remote workspace. Only a failed push of a job that succeeded raises: a failure in the rest is logged, and
-    never hides the job's own outcome."""
+    remote workspace. Only a failed push with `must_push` raises: a failure in the rest is logged, and never
+    hides the job's own outcome."""
     try:
         if profiler is not None:
             job.update(profiler=profiler.finish())
@@ -325,7 +351,7 @@ def _end(job: Job, config: JobConfig, profiler: ProfilerSession | None, succeede
             job.log(f"report written to {path} in {seconds:.2f} s")
     except Exception as exc:  # the job's result stands; the report can be made again with `imgtune report`
         job.log(f"profiler/report failed: {type(exc).__name__}: {exc}")
-    job.push(strict=succeeded)
+    job.push(strict=must_push)
 
 
 def _run(

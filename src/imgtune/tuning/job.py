@@ -39,7 +39,7 @@ from ray.tune.stopper import Stopper
 from imgtune.config import build_config
 from imgtune.data.sources import is_remote
 from imgtune.errors import ConfigError, JobError
-from imgtune.jobs import Job, now_iso, push_interval
+from imgtune.jobs import JOB_FILE, Job, now_iso, push_interval
 from imgtune.training.callbacks import Callback, StopTraining
 from imgtune.tuning import RAY_CLUSTERS_ENV, is_loopback
 from imgtune.tuning.space import SearchSpace, apply_values, parse_space
@@ -192,7 +192,10 @@ def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     if existing.exists():  # a trial Ray restarts (its driver was killed): continue its training job
         job = Job(existing)
         if job.status() != "completed":
-            run_training_job(resume=existing, workspace=trials_dir, callbacks=[reporter], progress=False)
+            run_training_job(
+                resume=existing, workspace=trials_dir, callbacks=[reporter], progress=False,
+                force=context.get("force_resume", False), must_push=False,
+            )  # fmt: skip
             return
         for record in job.read_metrics():  # finished before the kill: tell Ray again what it reported
             tune.report(reported_metrics(record, trial_name))
@@ -200,7 +203,7 @@ def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     raw = apply_values(context["base"], values)
     raw["name"] = trial_name
     raw.setdefault("train", {})["evaluate_test"] = False
-    run_training_job(build_config(raw), workspace=trials_dir, callbacks=[reporter], progress=False)
+    run_training_job(build_config(raw), workspace=trials_dir, callbacks=[reporter], progress=False, must_push=False)
 
 
 def _search_and_scheduler(options: TuneOptions, space: SearchSpace, warm: list[tuple[dict, float]]) -> tuple[Any, Any]:
@@ -320,8 +323,12 @@ def run_tuning_job(
     resume: str | Path | None = None,
     progress: bool = True,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
+    force: bool = False,
 ) -> Job:
-    """Run (or, with `resume`, continue) a tuning job to the end and return its directory."""
+    """Run (or, with `resume`, continue) a tuning job to the end and return its directory. `force` resumes a
+    job recorded as running on another machine (that machine is gone), and its trials that were running there."""
+    from imgtune.training.job import check_resumable
+
     if resume is not None:
         job = Job.open(resume, workspace)
         record = job.read()
@@ -329,6 +336,7 @@ def run_tuning_job(
             raise JobError(f"{job.name} is not a tuning job")
         if job.status() == "completed":
             raise JobError(f"tuning job {job.name} has already completed", "start a new one")
+        check_resumable(job, force)
         options = TuneOptions(**record["options"])
     elif options is None:
         raise ConfigError("run_tuning_job needs options or a job to resume")
@@ -354,13 +362,14 @@ def run_tuning_job(
     job.update(status="running", started=now_iso(), error=None)
     job.mark_running()
     try:
-        summary = _run(job, options, space, warm, resume is not None, progress, on_trial)
+        summary = _run(job, options, space, warm, resume is not None, progress, on_trial, force)
     except KeyboardInterrupt:
         job.update(status="stopped", error="interrupted by the user")
         raise
     except Exception as exc:
         job.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         job.log(f"failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        job.push(strict=False)
         raise
     job.update(status="completed", finished=now_iso(), seconds=time.perf_counter() - started, **summary)
     job.log("completed")
@@ -370,6 +379,8 @@ def run_tuning_job(
         job.log(f"report written to {write_tuning_report(job)}")
     except Exception as exc:  # the results stand; `imgtune report JOB` can make it again
         job.log(f"report failed: {type(exc).__name__}: {exc}")
+    for trial_job in sorted((job.path / TRIALS_DIR).glob(f"*/{JOB_FILE}")):  # a trial's own push may have failed
+        Job(trial_job.parent).push()
     job.push()
     return job
 
@@ -382,6 +393,7 @@ def _run(
     resuming: bool,
     progress: bool,
     on_trial: Callable[[dict[str, Any]], None] | None,
+    force: bool = False,
 ) -> dict[str, Any]:
     from imgtune.jobs import cache_dir
     from imgtune.training.job import warm_feature_cache
@@ -414,6 +426,7 @@ def _run(
         "cpus_per_trial": options.cpus_per_trial,
         "cache": str(cache_dir()),
         "features_shared": features_shared,
+        "force_resume": force,
     }
     trainable = tune.with_resources(
         tune.with_parameters(_trial, context=context),
@@ -423,7 +436,7 @@ def _run(
     stopper = None
     if options.stop_after_no_improvement is not None:
         stopper = NoImprovementStopper(options.stop_after_no_improvement, options.mode, options.objective)
-    callbacks = [TrialProgress(options, progress, on_trial, job)]
+    callbacks = [TrialProgress()]
     if resuming and tune.Tuner.can_restore(os.path.join(storage, EXPERIMENT)):
         tuner = tune.Tuner.restore(
             os.path.join(storage, EXPERIMENT), trainable, resume_unfinished=True, resume_errored=False
@@ -455,8 +468,12 @@ def _run(
                 verbose=0,
             ),
         )
-    with contextlib.redirect_stdout(sys.stderr):  # Ray's own tables would spoil --json on stdout
-        grid_results = tuner.fit()
+    _driver.update(job=job, options=options, progress=progress, on_trial=on_trial)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # Ray's own tables would spoil --json on stdout
+            grid_results = tuner.fit()
+    finally:
+        _driver.clear()
     trials = collect_trials(job, options, space, grid_results)
     return {"trials": trials, "trials_count": len(trials), "best": best_of(trials)}
 
@@ -535,39 +552,45 @@ def best_of(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
+_driver: dict[str, Any] = {}
+"""The job, options, progress flag and on_trial of the tuning run in this driver process. TrialProgress reads
+them here, never from its own state: Tuner.restore unpickles the callbacks saved with the experiment, whose
+job path may be another machine's (a tuning job resumed from a bucket)."""
+
+
 class TrialProgress(tune.Callback):
-    """Shows trials finishing (Rich, on stderr), logs each, and calls the user's on_trial.
+    """Shows trials finishing (Rich, on stderr), logs each, pushes the tuning job (in an s3:// workspace, so
+    that Ray's experiment state reaches the bucket as trials end), and calls the user's on_trial."""
 
-    Ray pickles the experiment's callbacks with its state; the display and the user's function stay behind.
-    """
-
-    def __init__(self, options: TuneOptions, progress: bool, on_trial: Any, job: Job):
-        self.options, self.progress, self.on_trial, self.job = options, progress, on_trial, job
+    def __init__(self) -> None:
         self.bar: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "bar": None, "on_trial": None, "progress": False}
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.bar = None
 
     def setup(self, **info: Any) -> None:
-        if self.progress:
+        if _driver.get("progress"):
             from imgtune.progress import progress_bar
 
             self.bar = progress_bar()
             self.bar.start()
-            total = None if self.options.strategy == "grid" else self.options.max_trials
+            options = _driver["options"]
+            total = None if options.strategy == "grid" else options.max_trials
             self.task = self.bar.add_task("trials", total=total, info="")
 
     def _done(self, trial: Any, status: str) -> None:
-        value = (trial.last_result or {}).get(self.options.objective)
+        job, objective, on_trial = _driver["job"], _driver["options"].objective, _driver.get("on_trial")
+        value = (trial.last_result or {}).get(objective)
         shown = "-" if value is None else f"{value:.4f}"
-        self.job.log(f"trial {TRIAL_PREFIX}{trial.trial_id} {status}: {self.options.objective} {shown}")
-        # In an s3:// workspace: Ray's experiment state and the log reach the bucket as trials end, so that a
-        # tuning job whose driver died can be resumed from the bucket on another machine.
-        self.job.push(min_interval=push_interval(), strict=False)
+        job.log(f"trial {TRIAL_PREFIX}{trial.trial_id} {status}: {objective} {shown}")
+        job.push(min_interval=push_interval(), strict=False)
         if self.bar is not None:
-            self.bar.update(self.task, advance=1, info=f"last {self.options.objective} {shown}")
-        if self.on_trial is not None:
-            self.on_trial({"trial": TRIAL_PREFIX + trial.trial_id, "status": status, "objective": value})
+            self.bar.update(self.task, advance=1, info=f"last {objective} {shown}")
+        if on_trial is not None:
+            on_trial({"trial": TRIAL_PREFIX + trial.trial_id, "status": status, "objective": value})
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._done(trial, "finished")
@@ -596,4 +619,5 @@ def train_best(job: Job, *, name: str | None = None, progress: bool = True) -> J
     raw.setdefault("train", {})["evaluate_test"] = True
     final = run_training_job(build_config(raw), workspace=job.path.parent, progress=progress)
     job.update(final_job=final.name)
+    job.push()
     return final
