@@ -270,10 +270,9 @@ class Job:
         """Create a new job directory; a generated name is `PREFIX-YYYYmmdd-HHMMSS[-n]`."""
         root = workspace_dir(workspace)
         root.mkdir(parents=True, exist_ok=True)
-        taken_remotely = _remote_job_names(root)
         if name:
             path = root / _slug(name)
-            if path.exists() or path.name in taken_remotely:
+            if path.exists() or _in_remote_workspace(root, path.name):
                 raise JobError(
                     f"a job named {path.name!r} already exists in {root}",
                     "pick another --name, or continue it with --resume",
@@ -284,7 +283,7 @@ class Job:
             base = f"{_slug(prefix)}-{stamp}"
             for n in range(1000):
                 path = root / (base if n == 0 else f"{base}-{n}")
-                if path.name in taken_remotely:
+                if _in_remote_workspace(root, path.name):  # made by another machine this second
                     continue
                 try:
                     path.mkdir()
@@ -301,7 +300,7 @@ class Job:
         if not Path(job).is_absolute():
             root = workspace_dir(workspace)
             candidates += [root / str(job), root / _slug(str(job))]
-            if remote_url(root) is not None and _slug(str(job)) in _remote_job_names(root):
+            if remote_url(root) is not None and _in_remote_workspace(root, _slug(str(job))):
                 pulled = cls(root / _slug(str(job)))
                 pulled.pull()  # a job this machine never saw, or saw before it changed
                 candidates.insert(0, pulled.path)
@@ -376,23 +375,23 @@ class Job:
 _last_push: dict[Path, float] = {}  # job directory -> time.monotonic() of its last push, in this process
 
 
-def _remote_job_files(root: Path) -> dict[str, dict[str, Any]]:
-    """For a remote workspace's mirror `root`: each job's job.json object (as remote.list_remote gives it),
-    by job name; empty for a local workspace. One listing."""
+def _remote_job_files(root: Path, name: str = "*") -> dict[str, dict[str, Any]]:
+    """For a remote workspace's mirror `root`: the job.json object (as remote.list_remote gives it) of each
+    job, or of the job `name`, by job name; empty for a local workspace. One listing."""
     url = remote_url(root)
     if url is None:
         return {}
     from imgtune.remote import RemoteError, list_remote
 
     try:
-        listed = list_remote(url, f"*/{JOB_FILE}")
+        listed = list_remote(url, f"{name}/{JOB_FILE}")
     except RemoteError as exc:
         raise JobError(str(exc), "check the workspace address, credentials and AWS_ENDPOINT_URL") from None
     return {rel.split("/")[0]: info for rel, info in listed.items()}
 
 
-def _remote_job_names(root: Path) -> set[str]:
-    return set(_remote_job_files(root))
+def _in_remote_workspace(root: Path, name: str) -> bool:
+    return bool(_remote_job_files(root, name))
 
 
 def list_jobs(workspace: str | Path | None = None) -> Iterator[Job]:
