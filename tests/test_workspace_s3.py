@@ -183,6 +183,15 @@ def test_a_mirror_keeps_its_own_changes_never_overwrites_another_writers_and_pro
     mirror.pull(on_start=copied.append)
     assert copied == [0]  # in step: nothing to copy after a push
 
+    # A nested folder (a tuning job's trial) whose files its parent pulled sends its own changes.
+    parent = SyncedFolder(url, tmp_path / "parent", ".record.json", keep_local_changes=True)
+    parent.pull()
+    nested = SyncedFolder(f"{url}/sub", tmp_path / "parent" / "sub", ".record.json", keep_local_changes=True)
+    (tmp_path / "parent" / "sub" / "same.txt").write_text("the nested job wrote this\n")
+    assert nested.push() == []
+    assert objects(bucket, "sync-test/sub/") == {"same.txt": b"the nested job wrote this\n"}
+    stored["sub/same.txt"] = b"the nested job wrote this\n"
+
     # A plain copy (a dataset) takes the bucket's version and drops files the bucket no longer has.
     copy = SyncedFolder(url, tmp_path / "copy", ".record.json")
     (tmp_path / "copy").mkdir()

@@ -230,10 +230,12 @@ class SyncedFolder:
                 return []
             fs, root = _filesystem(self.url)
             current = list_remote(self.url)
+            # Another writer's change: an object that differs from the one this folder last synced. A file this
+            # folder has no entry for is this folder's to send (a nested job's files pulled by its parent job).
             conflicts = [
                 rel
                 for rel in [*changed, *gone]
-                if rel in current and _stamp(current[rel]) != record.get(rel, {}).get("remote")
+                if rel in current and record.get(rel, {}).get("remote") not in (None, _stamp(current[rel]))
             ]
             try:
                 for rel in conflicts:
