@@ -183,6 +183,21 @@ def test_a_mirror_keeps_its_own_changes_never_overwrites_another_writers_and_pro
     mirror.pull(on_start=copied.append)
     assert copied == [0]  # in step: nothing to copy after a push
 
+    # The process running a job (its owner) always wins: what another machine wrote into it is replaced.
+    bucket.put_object(Bucket=BUCKET, Key="sync-test/written-here.txt", Body=b"a report elsewhere wrote this\n")
+    (local / "written-here.txt").write_text("the running job wrote this last\n")
+    assert mirror.push(owner=True) == []
+    stored["written-here.txt"] = b"the running job wrote this last\n"
+    assert objects(bucket, "sync-test/") == stored
+
+    # A file gone both here and from the bucket (a push cut short after its delete) does not block pushes.
+    (local / "sub" / "gone.txt").write_text("soon gone\n")
+    assert mirror.push() == []
+    bucket.delete_object(Bucket=BUCKET, Key="sync-test/sub/gone.txt")
+    (local / "sub" / "gone.txt").unlink()
+    assert mirror.push() == []
+    assert objects(bucket, "sync-test/") == stored
+
     # A nested folder (a tuning job's trial) whose files its parent pulled sends its own changes.
     parent = SyncedFolder(url, tmp_path / "parent", ".record.json", keep_local_changes=True)
     parent.pull()

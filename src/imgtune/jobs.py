@@ -237,8 +237,9 @@ class Job:
         from imgtune.remote import RemoteError
 
         _last_push[self.path] = time.monotonic()  # a failed try counts too: no retry storm while S3 is away
+        owner = self.path in _running_here
         try:
-            conflicts = self._synced().push(skip_dirs=lambda folder: (folder / JOB_FILE).is_file())
+            conflicts = self._synced().push(skip_dirs=lambda folder: (folder / JOB_FILE).is_file(), owner=owner)
         except (RemoteError, OSError) as exc:
             if strict:
                 raise JobError(
@@ -248,9 +249,14 @@ class Job:
             self.log(f"push to {self.remote} failed (tried again later): {exc}")
             return
         if conflicts:
-            self.log(
-                f"not pushed, changed in {self.remote} by another machine (its copy taken): {', '.join(conflicts)}"
-            )
+            message = f"not pushed, changed in {self.remote} by another machine since (its copy taken): "
+            self.log(message + ", ".join(conflicts))
+            if strict:
+                raise JobError(
+                    f"job {self.name}: {', '.join(conflicts)} changed in {self.remote} while this command ran "
+                    "(is the job running elsewhere?); this command's change to them was not saved",
+                    "run the command again",
+                )
 
     def pull(self) -> None:
         """Download what changed in the job's remote copy (files this machine changed since are kept)."""
@@ -339,6 +345,8 @@ class Job:
         return data
 
     def mark_running(self) -> None:
+        """Record this process as the job's runner; in a remote workspace its pushes then always win."""
+        _running_here.add(self.path)
         self.update(status="running", pid=os.getpid(), host=socket.gethostname())
 
     def status(self) -> str:
@@ -373,6 +381,7 @@ class Job:
 
 
 _last_push: dict[Path, float] = {}  # job directory -> time.monotonic() of its last push, in this process
+_running_here: set[Path] = set()  # the jobs this process runs (mark_running)
 
 
 def _remote_job_files(root: Path, name: str = "*") -> dict[str, dict[str, Any]]:

@@ -158,20 +158,22 @@ class SyncedFolder:
             if on_start is not None:
                 on_start(len(todo))
             saved = time.monotonic()
-            for count, (rel, info) in enumerate(todo, 1):
-                record[rel] = self._download(rel, info)
-                if count % RECORD_EVERY_FILES == 0 or time.monotonic() - saved > RECORD_EVERY_SECONDS:
-                    self._write_record(record)  # now and then: a killed pull goes on about where it stopped
-                    saved = time.monotonic()
-                if on_file is not None:
-                    on_file()
-            if delete_missing:
-                for path in list(self.local.rglob("*")):
-                    rel = path.relative_to(self.local).as_posix()
-                    if path.is_file() and not self._is_bookkeeping(path) and rel not in listing:
-                        path.unlink()
-                        record.pop(rel, None)
-            self._write_record(record)
+            try:
+                for count, (rel, info) in enumerate(todo, 1):
+                    record[rel] = self._download(rel, info)
+                    if count % RECORD_EVERY_FILES == 0 or time.monotonic() - saved > RECORD_EVERY_SECONDS:
+                        self._write_record(record)  # now and then: a killed pull goes on about where it stopped
+                        saved = time.monotonic()
+                    if on_file is not None:
+                        on_file()
+                if delete_missing:
+                    for path in list(self.local.rglob("*")):
+                        rel = path.relative_to(self.local).as_posix()
+                        if path.is_file() and not self._is_bookkeeping(path) and rel not in listing:
+                            path.unlink()
+                            record.pop(rel, None)
+            finally:
+                self._write_record(record)
         return list(listing)
 
     def _target(self, rel: str) -> Path:
@@ -197,11 +199,12 @@ class SyncedFolder:
         tmp.replace(target)
         return {"remote": _stamp(info), "local": _local_stamp(target)}
 
-    def push(self, skip_dirs: Callable[[Path], bool] = lambda _: False) -> list[str]:
+    def push(self, skip_dirs: Callable[[Path], bool] = lambda _: False, owner: bool = False) -> list[str]:
         """Upload the files that are new or changed since the last push or pull, and delete the objects of
         files this folder once held that are gone locally. Returns the conflicts: files whose object another
         writer changed since this folder last synced them; those are not overwritten but pulled (the bucket
-        wins), and the caller says so.
+        wins), and the caller says so. An `owner` (the process running a job) always overwrites: what others
+        wrote into a running job is replaced by the job's own files.
 
         `skip_dirs(dir)` says which subfolders another SyncedFolder pushes itself (a tuning job's trials).
         """
@@ -231,18 +234,24 @@ class SyncedFolder:
             fs, root = _filesystem(self.url)
             current = list_remote(self.url)
             # Another writer's change: an object that differs from the one this folder last synced. A file this
-            # folder has no entry for is this folder's to send (a nested job's files pulled by its parent job).
+            # folder has no entry for is this folder's to send (a nested job's files pulled by its parent job),
+            # and so is one whose upload was cut short (pending: the object may be ours, its stamp unrecorded).
             conflicts = [
                 rel
                 for rel in [*changed, *gone]
-                if rel in current and record.get(rel, {}).get("remote") not in (None, _stamp(current[rel]))
+                if not owner
+                and rel in current
+                and not record.get(rel, {}).get("pending")
+                and record.get(rel, {}).get("remote") not in (None, _stamp(current[rel]))
             ]
             try:
                 for rel in conflicts:
                     record[rel] = self._download(rel, current[rel])
-                for rel, path in changed.items():
-                    if rel in conflicts:
-                        continue
+                uploads = {rel: path for rel, path in changed.items() if rel not in conflicts}
+                for rel in uploads:
+                    record[rel] = {**record.get(rel, {}), "pending": True}
+                self._write_record(record)
+                for rel, path in uploads.items():
                     try:
                         stamp = _local_stamp(path)
                         fs.put_file(str(path), f"{root}/{rel}")
@@ -250,10 +259,11 @@ class SyncedFolder:
                         continue
                     record[rel] = {"local": stamp, "remote": _stamp(fs.info(f"{root}/{rel}"))}
                 deleted = [rel for rel in gone if rel not in conflicts]
-                if deleted:
-                    fs.rm([f"{root}/{rel}" for rel in deleted if rel in current])
-                    for rel in deleted:
-                        record.pop(rel, None)
+                objects = [f"{root}/{rel}" for rel in deleted if rel in current]
+                if objects:  # (fsspec refuses an empty list)
+                    fs.rm(objects)
+                for rel in deleted:
+                    record.pop(rel, None)
             except RemoteError:
                 raise
             except Exception as exc:

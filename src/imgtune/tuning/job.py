@@ -192,9 +192,10 @@ def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     if existing.exists():  # a trial Ray restarts (its driver was killed): continue its training job
         job = Job(existing)
         if job.status() != "completed":
+            # force: its tuning job was found resumable, so the trial runs nowhere else, whatever host it names
             run_training_job(
-                resume=existing, workspace=trials_dir, callbacks=[reporter], progress=False,
-                force=context.get("force_resume", False), must_push=False,
+                resume=existing, workspace=trials_dir, callbacks=[reporter], progress=False, force=True,
+                must_push=False,
             )  # fmt: skip
             return
         for record in job.read_metrics():  # finished before the kill: tell Ray again what it reported
@@ -326,7 +327,7 @@ def run_tuning_job(
     force: bool = False,
 ) -> Job:
     """Run (or, with `resume`, continue) a tuning job to the end and return its directory. `force` resumes a
-    job recorded as running on another machine (that machine is gone), and its trials that were running there."""
+    job recorded as running on another machine (that machine is gone); its unfinished trials continue too."""
     from imgtune.training.job import check_resumable
 
     if resume is not None:
@@ -362,7 +363,7 @@ def run_tuning_job(
     job.update(status="running", started=now_iso(), error=None)
     job.mark_running()
     try:
-        summary = _run(job, options, space, warm, resume is not None, progress, on_trial, force)
+        summary = _run(job, options, space, warm, resume is not None, progress, on_trial)
     except KeyboardInterrupt:
         job.update(status="stopped", error="interrupted by the user")
         raise
@@ -393,7 +394,6 @@ def _run(
     resuming: bool,
     progress: bool,
     on_trial: Callable[[dict[str, Any]], None] | None,
-    force: bool = False,
 ) -> dict[str, Any]:
     from imgtune.jobs import cache_dir
     from imgtune.training.job import warm_feature_cache
@@ -426,7 +426,6 @@ def _run(
         "cpus_per_trial": options.cpus_per_trial,
         "cache": str(cache_dir()),
         "features_shared": features_shared,
-        "force_resume": force,
     }
     trainable = tune.with_resources(
         tune.with_parameters(_trial, context=context),
@@ -582,11 +581,14 @@ class TrialProgress(tune.Callback):
             self.task = self.bar.add_task("trials", total=total, info="")
 
     def _done(self, trial: Any, status: str) -> None:
+        if not _driver:  # the Tuner runs elsewhere (a ray:// client): the driver's job is not here
+            return
         job, objective, on_trial = _driver["job"], _driver["options"].objective, _driver.get("on_trial")
         value = (trial.last_result or {}).get(objective)
         shown = "-" if value is None else f"{value:.4f}"
         job.log(f"trial {TRIAL_PREFIX}{trial.trial_id} {status}: {objective} {shown}")
-        job.push(min_interval=push_interval(), strict=False)
+        if job.remote is not None:
+            job.push(min_interval=push_interval(), strict=False)
         if self.bar is not None:
             self.bar.update(self.task, advance=1, info=f"last {objective} {shown}")
         if on_trial is not None:
