@@ -19,6 +19,7 @@ bucket holds every job, and any machine with access can list, report, serve, eva
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -260,14 +261,10 @@ class Job:
 
     def pull(self) -> None:
         """Download what changed in the job's remote copy (files this machine changed since are kept)."""
-        from imgtune.remote import RemoteError
-
         if self.remote is None:
             return
-        try:
+        with _bucket_errors():
             self._synced().pull()
-        except (RemoteError, OSError) as exc:
-            raise JobError(str(exc), "check the workspace address, credentials and AWS_ENDPOINT_URL") from None
 
     # -- creation and lookup -------------------------------------------------------------------------
 
@@ -380,6 +377,17 @@ class Job:
             f.write(f"{now_iso()} {message}\n")
 
 
+@contextlib.contextmanager
+def _bucket_errors() -> Iterator[None]:
+    """A remote workspace that cannot be read: one JobError with what to check."""
+    from imgtune.remote import RemoteError
+
+    try:
+        yield
+    except (RemoteError, OSError) as exc:
+        raise JobError(str(exc), "check the workspace address, credentials and AWS_ENDPOINT_URL") from None
+
+
 _last_push: dict[Path, float] = {}  # job directory -> time.monotonic() of its last push, in this process
 _running_here: set[Path] = set()  # the jobs this process runs (mark_running)
 
@@ -390,12 +398,10 @@ def _remote_job_files(root: Path, name: str = "*") -> dict[str, dict[str, Any]]:
     url = remote_url(root)
     if url is None:
         return {}
-    from imgtune.remote import RemoteError, list_remote
+    from imgtune.remote import list_remote
 
-    try:
+    with _bucket_errors():
         listed = list_remote(url, f"{name}/{JOB_FILE}")
-    except RemoteError as exc:
-        raise JobError(str(exc), "check the workspace address, credentials and AWS_ENDPOINT_URL") from None
     return {rel.split("/")[0]: info for rel, info in listed.items()}
 
 
@@ -407,12 +413,8 @@ def list_jobs(workspace: str | Path | None = None) -> Iterator[Job]:
     """Jobs in the workspace, newest first (a remote workspace's job.json files are pulled first)."""
     root = workspace_dir(workspace)
     for name, info in _remote_job_files(root).items():
-        from imgtune.remote import RemoteError
-
-        try:
+        with _bucket_errors():
             Job(root / name)._synced().pull(listing={JOB_FILE: info})
-        except (RemoteError, OSError) as exc:
-            raise JobError(str(exc), "check the workspace address, credentials and AWS_ENDPOINT_URL") from None
     if not root.is_dir():
         return iter(())
     jobs = [Job(p) for p in root.iterdir() if (p / JOB_FILE).is_file()]

@@ -159,8 +159,9 @@ class SyncedFolder:
                 on_start(len(todo))
             saved = time.monotonic()
             try:
+                fs, root = _filesystem(self.url)
                 for count, (rel, info) in enumerate(todo, 1):
-                    record[rel] = self._download(rel, info)
+                    record[rel] = self._download(fs, root, rel, info)
                     if count % RECORD_EVERY_FILES == 0 or time.monotonic() - saved > RECORD_EVERY_SECONDS:
                         self._write_record(record)  # now and then: a killed pull goes on about where it stopped
                         saved = time.monotonic()
@@ -182,9 +183,8 @@ class SyncedFolder:
             raise RemoteError(f"refusing {self.url}/{rel}: its key leads outside the local copy {self.local}")
         return target
 
-    def _download(self, rel: str, info: dict[str, Any]) -> dict[str, Any]:
+    def _download(self, fs: Any, root: str, rel: str, info: dict[str, Any]) -> dict[str, Any]:
         """Copy one object into place (via a .part file); returns its record entry."""
-        fs, root = _filesystem(self.url)
         target = self._target(rel)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.part")
@@ -246,7 +246,7 @@ class SyncedFolder:
             ]
             try:
                 for rel in conflicts:
-                    record[rel] = self._download(rel, current[rel])
+                    record[rel] = self._download(fs, root, rel, current[rel])
                 uploads = {rel: path for rel, path in changed.items() if rel not in conflicts}
                 for rel in uploads:
                     record[rel] = {**record.get(rel, {}), "pending": True}

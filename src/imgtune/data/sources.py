@@ -32,7 +32,8 @@ def resolve_source(path: str, *, cache: Path | None = None, progress: bool = Tru
     local = (cache or cache_dir()) / "sources" / hashlib.sha1(url.encode()).hexdigest()[:16]
     copy = SyncedFolder(url, local, MARKER)
     try:
-        if not list_remote(url):
+        listing = list_remote(url)
+        if not listing:
             raise DataError(f"no files under {url}", "check the bucket and prefix")
         with progress_bar(enabled=progress) as bar:
             task = None
@@ -41,7 +42,7 @@ def resolve_source(path: str, *, cache: Path | None = None, progress: bool = Tru
                 nonlocal task
                 task = bar.add_task(f"Copying {url}", total=total, info="") if total else None
 
-            copy.pull(delete_missing=True, on_start=start, on_file=lambda: bar.advance(task))
+            copy.pull(listing=listing, delete_missing=True, on_start=start, on_file=lambda: bar.advance(task))
     except RemoteError as exc:
         raise DataError(str(exc), "check the address, credentials and AWS_ENDPOINT_URL; run again to resume") from None
     return local
