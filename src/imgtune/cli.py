@@ -205,7 +205,7 @@ def demo(
     as_json: JsonOption = False,
 ) -> None:
     """The whole workflow on the built-in sample dataset (generated locally, no download): `imgtune pipeline`
-    with a ResNet-18 trained from scratch on 64 px shapes; under two minutes on a 2-core CPU."""
+    with a ResNet-18 trained from scratch on 64 px shapes; about two minutes on a 2-core CPU."""
     from imgtune.data.sample import generate_sample_dataset
     from imgtune.jobs import cache_dir
 
