@@ -27,11 +27,11 @@ from overhead import MOBILENET_WEIGHTS, SHARED, machine
 from torch.utils.data import DataLoader
 from torchvision import transforms as v1
 
+from imgtune.core.resources import default_workers
 from imgtune.data.dataset import Sample
 from imgtune.data.transforms import load_image
 from imgtune.models.factory import create_model
 from imgtune.models.inference import PATHS, agreement, choose_path, make_path
-from imgtune.resources import default_workers
 from imgtune.training.feature_cache import example_images, extract_features
 
 GFLOP_PER_IMAGE = {"resnet50": 4.1, "mobilenet_v2": 0.3}

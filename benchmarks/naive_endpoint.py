@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from imgtune.serving.bundle import load_bundle
+from imgtune.models.bundle import load_bundle
 
 
 def create_app(bundle_dir: str) -> FastAPI:

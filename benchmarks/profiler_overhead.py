@@ -19,8 +19,8 @@ from pathlib import Path
 
 from overhead import arguments, compare, machine
 
-from imgtune.jobs import list_jobs
 from imgtune.report import write_report
+from imgtune.storage.jobs import list_jobs
 
 
 def main() -> None:

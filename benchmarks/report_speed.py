@@ -20,9 +20,9 @@ from pathlib import Path
 from overhead import DOGS_MINI, MOBILENET_WEIGHTS, machine
 
 from imgtune.config import build_config
-from imgtune.jobs import Job
 from imgtune.profiler import analyze_job
 from imgtune.report import write_report
+from imgtune.storage.jobs import Job
 from imgtune.training.job import run_training_job
 
 HOUR = 3600.0

@@ -29,8 +29,8 @@ import torch
 from overhead import SHARED, machine
 
 from imgtune.data.folders import ClassInfo
+from imgtune.models.bundle import save_bundle
 from imgtune.models.factory import create_model
-from imgtune.serving.bundle import save_bundle
 
 HERE = Path(__file__).resolve().parent
 LEVELS = {1: 40, 8: 160, 32: 256}  # concurrency -> requests sent (bounded)

@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 from bad_data import CONVERTIBLE_KINDS, EMPTY_CLASS, make_bad_dataset, make_convertible_images
 from imgtune.cli import app
 from imgtune.config import DataConfig, apply_overrides, build_config, load_config_file
+from imgtune.core.errors import ConfigError, DataError
 from imgtune.data.check import check_dataset
 from imgtune.data.dataset import PreparedData, prepare_data
 from imgtune.data.folders import ALL, discover, readable_name
 from imgtune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, load_image, to_rgb
-from imgtune.errors import ConfigError, DataError
 
 DOGS_CLASSES = (
     "001.Shih-Tzu",

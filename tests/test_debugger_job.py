@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 from cli_helpers import SLOW_IMAGE_TRAINING, resume_command, train_command
 from imgtune.cli import app
 from imgtune.config import DEFAULT_RULES, build_config
+from imgtune.core.errors import JobError
+from imgtune.core.io import read_jsonl
 from imgtune.debugger.store import Trial, open_trial
-from imgtune.errors import JobError
-from imgtune.jobs import Job, read_jsonl
+from imgtune.storage.jobs import Job
 from imgtune.training.job import run_training_job
 
 runner = CliRunner()

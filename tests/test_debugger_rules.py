@@ -19,12 +19,12 @@ from torch.utils.data import Dataset, TensorDataset
 
 from debug_harness import RunResult, blobs, images, mlp, noise, run, seeded, small_cnn
 from imgtune.config import SaveConfig, build_config
+from imgtune.core.errors import ConfigError
 from imgtune.debugger.capture import Requirement
 from imgtune.debugger.rules import REGISTRY, Finding, Rule, load_rule_file, make_rules
 from imgtune.debugger.rules.builtin import BUILTIN_RULES
 from imgtune.debugger.runner import run_rules_offline
 from imgtune.debugger.store import RULES_FILE, Trial
-from imgtune.errors import ConfigError
 
 EVERY_STEP = {"train": SaveConfig(save_interval=1)}  # save weights/gradients at every training step
 

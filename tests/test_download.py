@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imgtune import __version__
+from imgtune.core.errors import DownloadError
+from imgtune.core.version import __version__
 from imgtune.data.download import (
     DATASETS,
     download_dataset,
@@ -24,7 +25,6 @@ from imgtune.data.download import (
     part_path,
     unpack_archive,
 )
-from imgtune.errors import DownloadError
 
 IMAGES = [
     "dogImages/train/001.Affenpinscher/a.jpg",

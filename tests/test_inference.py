@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from imgtune.config import build_config
+from imgtune.core.errors import ConfigError
 from imgtune.data.transforms import load_image
-from imgtune.errors import ConfigError
-from imgtune.jobs import Job
 from imgtune.models.inference import (
     AUTO_CANDIDATES,
     FEATURE_AGREEMENT,
@@ -23,6 +22,7 @@ from imgtune.models.inference import (
     measure_paths,
 )
 from imgtune.serving.predictor import Predictor
+from imgtune.storage.jobs import Job
 from imgtune.training.job import run_training_job
 
 CPU = torch.device("cpu")

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from imgtune.jobs import Job, _pid_alive, list_jobs
+from imgtune.storage.jobs import Job, _pid_alive, list_jobs
 
 
 def test_a_dead_unreaped_process_counts_as_dead():

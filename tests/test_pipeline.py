@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from imgtune.cli import app
-from imgtune.jobs import Job
+from imgtune.storage.jobs import Job
 from servers import http_status
 
 runner = CliRunner()

@@ -12,10 +12,11 @@ from typer.testing import CliRunner
 
 from imgtune.cli import app
 from imgtune.config import PROFILER_RULES, build_config
-from imgtune.jobs import Job, read_jsonl
+from imgtune.core.io import read_jsonl
 from imgtune.profiler.data import ProfileData
 from imgtune.profiler.monitor import SystemMonitor
 from imgtune.profiler.timeline import SEGMENTS
+from imgtune.storage.jobs import Job
 from imgtune.training.job import run_training_job
 
 runner = CliRunner()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imgtune.errors import ConfigError
+from imgtune.core.errors import ConfigError
 from imgtune.profiler.data import ProfileData
 from imgtune.profiler.rules import (
     INSUFFICIENT,

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from imgtune.cli import app
 from imgtune.config import DataConfig
+from imgtune.core.errors import DataError
 from imgtune.data.dataset import prepare_data
 from imgtune.data.sources import resolve_source
-from imgtune.errors import DataError
 
 BUCKET = "imgtune-test"
 PREFIX = "dogs"

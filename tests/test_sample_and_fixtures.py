@@ -18,6 +18,7 @@ from bad_data import (
     make_bad_dataset,
     make_convertible_images,
 )
+from imgtune.core.errors import DataError
 from imgtune.data.sample import (
     MARKER_NAME,
     SAMPLE_CLASS_NAMES,
@@ -25,7 +26,6 @@ from imgtune.data.sample import (
     SAMPLE_SPLITS,
     generate_sample_dataset,
 )
-from imgtune.errors import DataError
 
 DOGS = dogs_mini_dir()
 # The shared data is required: the `dogs_mini` fixture (conftest.py) fails the test when it is missing.

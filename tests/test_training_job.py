@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 from cli_helpers import SLOW_IMAGE_TRAINING, resume_command, train_command
 from imgtune.cli import app
 from imgtune.config import build_config
+from imgtune.core.errors import JobError, WeightsError
 from imgtune.data.transforms import load_image
-from imgtune.errors import JobError, WeightsError
-from imgtune.jobs import Job, list_jobs
+from imgtune.models.bundle import load_bundle
 from imgtune.models.factory import create_model
-from imgtune.serving.bundle import load_bundle
+from imgtune.storage.jobs import Job, list_jobs
 from imgtune.training.evaluate import evaluate_job
 from imgtune.training.job import run_training_job
 

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from browser import assert_rendered_offline, render_report
 from imgtune.cli import app
-from imgtune.errors import ConfigError
-from imgtune.jobs import Job
+from imgtune.core.errors import ConfigError
+from imgtune.storage.jobs import Job
 from imgtune.tuning.space import DEFAULT_SPACE, load_space, parse_space
 
 runner = CliRunner()
@@ -234,7 +234,7 @@ def test_cli_tune_show_and_train_the_best(tmp_path, dogs_mini, mobilenet_weights
 
 
 def test_trials_say_when_a_cluster_node_lacks_the_shared_paths(tmp_path, dogs_mini):
-    from imgtune.errors import JobError
+    from imgtune.core.errors import JobError
     from imgtune.tuning.job import require_shared_paths, with_absolute_paths
 
     base = with_absolute_paths({"data": {"path": "s3://bucket/dogs"}, "model": {"weights": "w.pth"}})

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from imgtune.jobs import Job
+from imgtune.storage.jobs import Job
 from servers import free_port
 
 RAY = Path(sys.executable).with_name("ray")

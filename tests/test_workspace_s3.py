@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from cli_helpers import SLOW_IMAGE_TRAINING, resume_command, train_command
 from imgtune.cli import app
-from imgtune.jobs import workspace_dir
+from imgtune.storage.jobs import workspace_dir
 
 BUCKET = "imgtune-runs"
 WORKSPACE = f"s3://{BUCKET}/team"
@@ -147,7 +147,7 @@ def test_a_missing_bucket_is_one_clear_error(s3_env, dogs_mini):
 
 
 def test_a_mirror_keeps_its_own_changes_never_overwrites_another_writers_and_propagates_deletions(bucket, tmp_path):
-    from imgtune.remote import SyncedFolder
+    from imgtune.storage.remote import SyncedFolder
 
     url = f"s3://{BUCKET}/sync-test"
     local = tmp_path / "mirror"

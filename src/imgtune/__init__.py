@@ -1,3 +1,5 @@
 """imgtune: train, tune, debug, profile and serve image classifiers on your own machine."""
 
-__version__ = "0.1.0"
+from imgtune.core.version import __version__
+
+__all__ = ["__version__"]

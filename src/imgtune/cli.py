@@ -14,9 +14,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from imgtune import __version__
+from imgtune.core.errors import ImgtuneError
+from imgtune.core.version import __version__
 from imgtune.data.check import MAX_IMAGE_PIXELS
-from imgtune.errors import ImgtuneError
 
 app = typer.Typer(
     name="imgtune",
@@ -87,7 +87,7 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
 
 
 def print_json(data: Any) -> None:
-    from imgtune.jobs import to_json
+    from imgtune.core.io import to_json
 
     sys.stdout.write(to_json(data, indent=2) + "\n")
 
@@ -206,8 +206,8 @@ def demo(
 ) -> None:
     """The whole workflow on the built-in sample dataset (generated locally, no download): `imgtune pipeline`
     with a ResNet-18 trained from scratch on 64 px shapes; about two minutes on a 2-core CPU."""
+    from imgtune.core.io import cache_dir
     from imgtune.data.sample import generate_sample_dataset
-    from imgtune.jobs import cache_dir
 
     dataset = generate_sample_dataset(cache_dir() / "sample-data")
     if not as_json:
@@ -293,7 +293,7 @@ def jobs_list(ctx: typer.Context, workspace: WorkspaceOption = None, as_json: Js
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"workspace": workspace}
         return
-    from imgtune.jobs import list_jobs, workspace_label
+    from imgtune.storage.jobs import list_jobs, workspace_label
 
     rows = []
     for job in list_jobs(workspace):
@@ -350,7 +350,7 @@ def jobs_show(
     as_json: JsonOption = False,
 ) -> None:
     """Show one job: status, config, timings, dataset, metrics per epoch, test results."""
-    from imgtune.jobs import Job
+    from imgtune.storage.jobs import Job
 
     workspace = workspace or (ctx.obj or {}).get("workspace")
     handle = Job.open(job, workspace)
@@ -405,9 +405,9 @@ def report(
     rules, system usage, step timeline, top operators, recommendations). Opens offline in any browser."""
     import time
 
-    from imgtune.jobs import Job
     from imgtune.profiler import analyze_job
     from imgtune.report import write_report
+    from imgtune.storage.jobs import Job
 
     handle = Job.open(job, workspace)
     started = time.perf_counter()
@@ -463,10 +463,10 @@ def data_check(
 
     Exits 2 only when a problem stops training (no training images, fewer than two usable classes).
     """
+    from imgtune.core.io import cache_dir
     from imgtune.data.check import check_layout
     from imgtune.data.folders import discover
     from imgtune.data.sources import resolve_source
-    from imgtune.jobs import cache_dir
 
     root = resolve_source(path, progress=not as_json)
     report = check_layout(discover(root), max_pixels=max_pixels, cache_dir=cache_dir(), progress=not as_json)
@@ -584,7 +584,7 @@ def debug_rules(
     from imgtune.debugger.rules import make_rules
     from imgtune.debugger.runner import run_rules_offline
     from imgtune.debugger.store import open_trial
-    from imgtune.jobs import Job
+    from imgtune.storage.jobs import Job
 
     handle = Job.open(job, workspace)
     debug_config = handle.read().get("config", {}).get("debugger", {})
@@ -607,7 +607,7 @@ def debug_show(
 ) -> None:
     """Show the rule results recorded while the job trained, and what the debugger saved."""
     from imgtune.debugger.store import RULES_FILE, open_trial
-    from imgtune.jobs import Job
+    from imgtune.storage.jobs import Job
 
     handle = Job.open(job, workspace)
     trial = open_trial(handle.path)
@@ -703,7 +703,7 @@ def tune(
     from imgtune.tuning import use_ray_address
 
     if resume:
-        from imgtune.jobs import Job
+        from imgtune.storage.jobs import Job
 
         ray_address = Job.open(resume, workspace).read().get("options", {}).get("ray_address")
     use_ray_address(ray_address)  # before Ray is imported
@@ -808,7 +808,7 @@ def tune_show(
 
 
 def _open_tuning_job(name: str, workspace: str | None) -> Any:
-    from imgtune.jobs import Job
+    from imgtune.storage.jobs import Job
 
     handle = Job.open(name, workspace)
     if handle.read().get("kind") != "tuning":

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from imgtune.config import merge
-from imgtune.errors import DataError
-from imgtune.jobs import Job, cache_dir, now_iso
+from imgtune.core.errors import DataError
+from imgtune.core.io import cache_dir, now_iso
+from imgtune.storage.jobs import Job
 
 Say = Callable[[str], None]
 

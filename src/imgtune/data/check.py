@@ -21,11 +21,11 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from imgtune.config import MAX_IMAGE_PIXELS
+from imgtune.core.io import atomic_write_json
+from imgtune.core.resources import default_workers
 from imgtune.data.folders import ALL, SPLITS, ClassInfo, FolderLayout, discover
-from imgtune.jobs import atomic_write_json
-from imgtune.resources import default_workers
 
-MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # we refuse those ourselves
 SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "WEBP", "TIFF")  # MPO: phone JPEGs with extra frames
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".jfif"}
@@ -248,7 +248,7 @@ def check_layout(
         else:
             infos[path] = cached
     if todo:
-        from imgtune.progress import status
+        from imgtune.core.progress import status
 
         with status(f"Checking {len(todo):,} files", enabled=progress):
             for path, info in zip(todo, _inspect_many(todo, max_pixels, workers), strict=True):

@@ -13,13 +13,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from imgtune.config import DataConfig
+from imgtune.core.errors import DataError
+from imgtune.core.io import cache_dir
+from imgtune.core.resources import default_workers
 from imgtune.data.check import CheckReport, FileInfo, FileProblem, Issue, check_layout
 from imgtune.data.folders import ALL, SPLITS, ClassInfo, discover
 from imgtune.data.sources import resolve_source
 from imgtune.data.transforms import load_image
-from imgtune.errors import DataError
-from imgtune.jobs import cache_dir
-from imgtune.resources import default_workers
 
 
 @dataclass(frozen=True)

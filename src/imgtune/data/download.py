@@ -33,8 +33,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from imgtune import __version__
-from imgtune.errors import DownloadError
+from imgtune.core.errors import DownloadError
+from imgtune.core.version import __version__
 
 USER_AGENT = f"imgtune/{__version__}"
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from imgtune.errors import DataError
+from imgtune.core.errors import DataError
 
 SPLITS = ("train", "valid", "test")
 SPLIT_ALIASES = {"train": ("train", "training"), "valid": ("valid", "val", "validation"), "test": ("test",)}

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from imgtune.errors import DataError
+from imgtune.core.errors import DataError
 
 __all__ = [
     "MARKER_NAME",

@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from imgtune.errors import DataError
-from imgtune.jobs import cache_dir
-from imgtune.remote import RemoteError, SyncedFolder, is_remote, list_remote
+from imgtune.core.errors import DataError
+from imgtune.core.io import cache_dir
+from imgtune.storage.remote import RemoteError, SyncedFolder, is_remote, list_remote
 
 __all__ = ["MARKER", "is_remote", "resolve_source"]
 
@@ -26,7 +26,7 @@ def resolve_source(path: str, *, cache: Path | None = None, progress: bool = Tru
     """
     if not is_remote(path):
         return Path(path.removeprefix("file://")).expanduser()
-    from imgtune.progress import progress_bar
+    from imgtune.core.progress import progress_bar
 
     url = path.rstrip("/")
     local = (cache or cache_dir()) / "sources" / hashlib.sha1(url.encode()).hexdigest()[:16]

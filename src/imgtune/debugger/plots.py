@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from imgtune.core.errors import ImgtuneError
 from imgtune.debugger.store import REDUCTIONS, Trial
-from imgtune.errors import ImgtuneError
 
 
 def plot_tensor(trial: Trial, name: str, out: Path, reduction: str = "mean") -> Path:

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from imgtune.core.io import atomic_write_json, now_iso
 from imgtune.debugger.rules.base import Finding, Rule
 from imgtune.debugger.store import RULES_FILE, Trial
-from imgtune.jobs import atomic_write_json, now_iso
 from imgtune.training.callbacks import Callback, StopTraining
 
 if TYPE_CHECKING:

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from imgtune.errors import JobError
-from imgtune.jobs import read_jsonl
+from imgtune.core.errors import JobError
+from imgtune.core.io import atomic_output, atomic_write_text, read_jsonl
 
 TENSORS_FILE = "tensors.jsonl"
 RAW_DIR = "raw"
@@ -150,11 +150,8 @@ class TensorWriter:
     def write_raw(self, mode: str, step: int, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        raw = self.directory / RAW_DIR
-        raw.mkdir(exist_ok=True)
-        tmp = raw / f".{mode}-{step:08d}.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(raw / f"{mode}-{step:08d}.safetensors")
+        with atomic_output(self.directory / RAW_DIR / f"{mode}-{step:08d}.safetensors") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
     def truncate_after(self, step: int) -> None:
         """Drop records after global `step` (a resumed job redoes them)."""
@@ -162,8 +159,6 @@ class TensorWriter:
         self._file.close()
         path = self.directory / TENSORS_FILE
         kept = [r for r in read_jsonl(path) if r["step"] <= step]
-        from imgtune.jobs import atomic_write_text
-
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         for raw in (self.directory / RAW_DIR).glob("*.safetensors"):
             if int(raw.stem.rsplit("-", 1)[1]) > step:
@@ -330,7 +325,7 @@ class Trial:
 
 def open_trial(job: str | Path, workspace: str | Path | None = None) -> Trial:
     """The debugger data of a job (by name or path), also while it is running."""
-    from imgtune.jobs import Job
+    from imgtune.storage.jobs import Job
 
     directory = Job.open(job, workspace).path / "debugger"
     if not (directory / TENSORS_FILE).exists():

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from imgtune.core.errors import ConfigError, WeightsError
 from imgtune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from imgtune.errors import ConfigError, WeightsError
 from imgtune.models.weights import LoadReport, load_matching, read_state_dict
 
 

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgtune.errors import ConfigError
+from imgtune.core.errors import ConfigError
+from imgtune.core.io import atomic_output, atomic_write_json, cache_dir
 
 PATHS = ("eager", "channels_last", "bf16", "onnx", "compile")
 AUTO_CANDIDATES = ("channels_last", "bf16", "onnx")
@@ -126,11 +127,14 @@ class OnnxPath(InferencePath):
 
 def export_onnx(module: nn.Module, image_size: int, onnx_file: Path) -> Path:
     """Export `module` (fp32, CPU) with a dynamic batch dimension; written atomically."""
-    onnx_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = onnx_file.with_name(f".{onnx_file.name}.{os.getpid()}.tmp")
     module = copy.deepcopy(module).eval().cpu()  # the caller's module stays where it is (a GPU, say)
     example = torch.randn(2, 3, image_size, image_size)
-    with warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+    with (
+        atomic_output(onnx_file) as tmp,
+        warnings.catch_warnings(),
+        open(os.devnull, "w") as devnull,
+        contextlib.redirect_stdout(devnull),
+    ):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
@@ -143,7 +147,6 @@ def export_onnx(module: nn.Module, image_size: int, onnx_file: Path) -> Path:
             external_data=False,
             verbose=False,
         )
-    tmp.replace(onnx_file)
     return onnx_file
 
 
@@ -286,8 +289,6 @@ class ChoiceRecord:
         return self.read().get(key)
 
     def put(self, key: str, value: dict[str, Any]) -> None:
-        from imgtune.jobs import atomic_write_json
-
         self.file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.file, {**self.read(), key: value})
 
@@ -410,6 +411,4 @@ def known_path_name(
 
 
 def default_record_file() -> Path:
-    from imgtune.jobs import cache_dir
-
     return cache_dir() / "inference" / "choices.json"

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgtune.errors import WeightsError
+from imgtune.core.errors import WeightsError
 
 
 @dataclass

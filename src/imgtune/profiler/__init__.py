@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from imgtune.config import ProfilerConfig
-from imgtune.jobs import Job, atomic_write_json
+from imgtune.core.io import atomic_write_json
 from imgtune.profiler.data import PROFILER_DIR, ProfileData
 from imgtune.profiler.monitor import SystemMonitor
 from imgtune.profiler.operators import top_operators
 from imgtune.profiler.rules import ISSUES, evaluate_rules, make_profiler_rules
 from imgtune.profiler.timeline import OPERATORS_FILE, TRACE_FILE, TRACE_META_FILE, StepTimeline
+from imgtune.storage.jobs import Job
 
 RULES_FILE = "rules.json"
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from imgtune.jobs import read_jsonl
+from imgtune.core.io import read_jsonl
 from imgtune.profiler.monitor import SYSTEM_FILE
 from imgtune.profiler.timeline import META_FILE, OPERATORS_FILE, SEGMENTS, STEPS_FILE, TRACE_FILE
 

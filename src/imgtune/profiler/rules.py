@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from imgtune.errors import ConfigError
+from imgtune.core.errors import ConfigError
 from imgtune.profiler.data import ProfileData, percentiles
 
 ISSUES, NO_ISSUES, NOT_APPLICABLE = "IssuesFound", "NoIssuesFound", "NotApplicable"

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from imgtune.jobs import atomic_write_json
+from imgtune.core.io import atomic_output, atomic_write_json
 from imgtune.profiler.monitor import gpu_count
 from imgtune.training.callbacks import Callback
 
@@ -156,9 +156,8 @@ class StepTimeline(Callback):
         profile, self._finished_profile = self._finished_profile, None
         if profile is None:
             return
-        tmp = self.directory / f".{TRACE_FILE}.tmp"
-        profile.export_chrome_trace(str(tmp))  # its operator table is made from this file after the job
-        tmp.replace(self.directory / TRACE_FILE)
+        with atomic_output(self.directory / TRACE_FILE) as tmp:
+            profile.export_chrome_trace(str(tmp))  # its operator table is made from this file after the job
         atomic_write_json(self.directory / TRACE_META_FILE, {"steps": self._traced}, durable=False)
 
     def on_fit_end(self, trainer: Trainer) -> None:

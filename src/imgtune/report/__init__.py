@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from imgtune.jobs import Job, atomic_write_text, json_safe
+from imgtune.core.io import atomic_write_text, json_safe
 from imgtune.profiler import read_rule_results
 from imgtune.profiler.data import PROFILER_DIR, ProfileData
 from imgtune.profiler.rules import ISSUES, system_usage_table
 from imgtune.profiler.timeline import SEGMENTS
+from imgtune.storage.jobs import Job
 
 REPORT_FILE = "report.html"
 MAX_POINTS = 2000

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from imgtune.jobs import Job, json_safe
+from imgtune.core.io import json_safe
 from imgtune.report import Figures, plotly_js
+from imgtune.storage.jobs import Job
 
 STATUS_SYMBOLS = {"completed": "circle", "early-stopped": "x", "errored": "triangle-down"}
 

@@ -30,8 +30,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
+from imgtune.core.errors import ConfigError
 from imgtune.data.check import MAX_IMAGE_PIXELS, BadImage, decode_image
-from imgtune.errors import ConfigError
 from imgtune.serving.batching import DynamicBatcher, QueueFull
 from imgtune.serving.inputs import (
     ACCEPTED_TYPES,

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imgtune.core.errors import ConfigError, DataError
 from imgtune.data.check import MAX_IMAGE_PIXELS, BadImage
 from imgtune.data.folders import files_below
 from imgtune.data.sources import is_remote
-from imgtune.errors import ConfigError, DataError
 from imgtune.serving.predictor import Predictor
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
@@ -147,7 +147,7 @@ def batch_transform(
         read = lambda: inputs.read(name)  # noqa: E731
         return name, *predictor.tensor_from(read, Path(name).suffix.lower(), max_image_pixels)
 
-    from imgtune.progress import progress_bar
+    from imgtune.core.progress import progress_bar
 
     with (
         output.open("a", newline="") as handle,

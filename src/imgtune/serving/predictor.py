@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imgtune.core.errors import ConfigError, JobError
+from imgtune.core.io import cache_dir
 from imgtune.data.check import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, BadImage, decode_image
 from imgtune.data.transforms import load_image, to_rgb
-from imgtune.errors import ConfigError, JobError
-from imgtune.jobs import Job, cache_dir
+from imgtune.models.bundle import WEIGHTS_FILE, Bundle, load_bundle
 from imgtune.models.inference import CHOICES, InferencePath, choose_path, remembered_path
-from imgtune.serving.bundle import WEIGHTS_FILE, Bundle, load_bundle
+from imgtune.storage.jobs import Job
 
 BACKENDS = ("auto", "torch", *(c for c in CHOICES if c != "auto"))
 ALIASES = {"torch": "channels_last"}

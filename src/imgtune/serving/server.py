@@ -62,7 +62,7 @@ class BackgroundEndpoint:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 300.0) -> BackgroundEndpoint:
-        from imgtune.errors import JobError
+        from imgtune.core.errors import JobError
 
         self.thread = threading.Thread(target=self.server.run, name="imgtune-endpoint", daemon=True)
         self.thread.start()

@@ -8,13 +8,14 @@ from typing import Any
 import torch
 
 from imgtune.config import DataConfig
+from imgtune.core.errors import DataError
+from imgtune.core.io import cache_dir, now_iso
 from imgtune.data.check import MAX_IMAGE_PIXELS, check_layout
 from imgtune.data.dataset import ImageFileDataset, Sample, make_loader, prepare_data
 from imgtune.data.folders import discover
 from imgtune.data.sources import resolve_source
-from imgtune.errors import DataError
-from imgtune.jobs import Job, cache_dir, now_iso
 from imgtune.serving.predictor import Predictor
+from imgtune.storage.jobs import Job
 from imgtune.training.metrics import PhaseMetrics
 
 

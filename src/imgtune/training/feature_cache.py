@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from imgtune.core.io import atomic_output
+from imgtune.core.progress import progress_bar
 from imgtune.data.dataset import ImageFileDataset, Sample, make_loader
 from imgtune.data.transforms import Preprocessing, load_image
 from imgtune.models.inference import InferencePath, choose_path, weights_fingerprint
-from imgtune.progress import progress_bar
 
 _CACHE_VERSION = 1
 
@@ -136,10 +136,8 @@ class FeatureCache:
             return None
 
     def store(self, key: str, features: torch.Tensor, meta: dict[str, str]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{key}.{os.getpid()}.tmp"
-        save_file({"features": features.contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, self.path(key))
+        with atomic_output(self.path(key)) as tmp:
+            save_file({"features": features.contiguous()}, str(tmp), metadata=meta)
 
 
 class FeatureLoader:

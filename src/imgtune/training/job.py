@@ -18,20 +18,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgtune import __version__
 from imgtune.config import JobConfig, TrainConfig, build_config
+from imgtune.core.errors import ConfigError, DataError, JobError
+from imgtune.core.io import cache_dir, now_iso
+from imgtune.core.version import __version__
 from imgtune.data.dataset import ImageFileDataset, PreparedData, make_loader, prepare_data
 from imgtune.data.sources import is_remote
 from imgtune.data.transforms import Preprocessing
 from imgtune.debugger.capture import DebuggerCallback
 from imgtune.debugger.rules import make_rules
 from imgtune.debugger.runner import RuleCallback, RuleRunner
-from imgtune.errors import ConfigError, DataError, JobError
-from imgtune.jobs import Job, cache_dir, now_iso, push_interval, remote_url, workspace_dir
+from imgtune.models.bundle import save_bundle
 from imgtune.models.factory import ImageClassifier, create_model
 from imgtune.models.inference import known_path_name
 from imgtune.profiler import ProfilerSession
-from imgtune.serving.bundle import save_bundle
+from imgtune.storage.jobs import Job, push_interval, remote_url, workspace_dir
 from imgtune.training.callbacks import Callback
 from imgtune.training.feature_cache import (
     FeatureCache,
@@ -386,7 +387,7 @@ def _run(
         job.log(f"warning: {warning}")
         job.update(warnings=[warning])
         if progress:
-            from imgtune.progress import console
+            from imgtune.core.progress import console
 
             console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
     preprocessing = model.preprocessing(config.data.image_size)

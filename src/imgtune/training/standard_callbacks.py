@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from imgtune.errors import JobError
-from imgtune.jobs import Job, push_interval
-from imgtune.progress import progress_bar
+from imgtune.core.errors import JobError
+from imgtune.core.io import atomic_output
+from imgtune.core.progress import progress_bar
+from imgtune.storage.jobs import Job, push_interval
 from imgtune.training.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -20,10 +20,8 @@ if TYPE_CHECKING:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class MetricsWriter(Callback):

@@ -37,9 +37,10 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
 from imgtune.config import build_config
+from imgtune.core.errors import ConfigError, JobError
+from imgtune.core.io import now_iso
 from imgtune.data.sources import is_remote
-from imgtune.errors import ConfigError, JobError
-from imgtune.jobs import JOB_FILE, Job, now_iso, push_interval
+from imgtune.storage.jobs import JOB_FILE, Job, push_interval
 from imgtune.training.callbacks import Callback, StopTraining
 from imgtune.tuning import RAY_CLUSTERS_ENV, is_loopback
 from imgtune.tuning.space import SearchSpace, apply_values, parse_space
@@ -395,7 +396,7 @@ def _run(
     progress: bool,
     on_trial: Callable[[dict[str, Any]], None] | None,
 ) -> dict[str, Any]:
-    from imgtune.jobs import cache_dir
+    from imgtune.core.io import cache_dir
     from imgtune.training.job import warm_feature_cache
 
     trials_dir = job.path / TRIALS_DIR
@@ -572,7 +573,7 @@ class TrialProgress(tune.Callback):
 
     def setup(self, **info: Any) -> None:
         if _driver.get("progress"):
-            from imgtune.progress import progress_bar
+            from imgtune.core.progress import progress_bar
 
             self.bar = progress_bar()
             self.bar.start()

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from imgtune.config import build_config
-from imgtune.errors import ConfigError
+from imgtune.core.errors import ConfigError
 
 SCALES = ("linear", "log", "reverse_log")
 TYPES = ("float", "int", "categorical")

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from imgtune.core.errors import ConfigError
 from imgtune.debugger.capture import Requirement
 from imgtune.debugger.store import Trial
-from imgtune.errors import ConfigError
 
 REGISTRY: dict[str, type[Rule]] = {}
 

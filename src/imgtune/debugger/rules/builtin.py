@@ -12,10 +12,10 @@ import statistics
 from collections.abc import Iterator
 from typing import Any
 
+from imgtune.core.errors import ConfigError
 from imgtune.debugger.capture import Requirement
 from imgtune.debugger.rules.base import REGISTRY, Finding, Rule, saved
 from imgtune.debugger.store import Trial
-from imgtune.errors import ConfigError
 
 
 def _names_at(

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from imgtune import __version__
+from imgtune.core.errors import JobError
+from imgtune.core.io import atomic_output, atomic_write_json, now_iso
+from imgtune.core.version import __version__
 from imgtune.data.folders import ClassInfo
 from imgtune.data.transforms import Preprocessing
-from imgtune.errors import JobError
-from imgtune.jobs import atomic_write_json, now_iso
 from imgtune.models.factory import ImageClassifier, ModelSpec, create_model
 from imgtune.models.weights import sha256_file
 
@@ -46,10 +46,9 @@ def save_bundle(
     """Write the bundle into `directory` atomically (weights first, the manifest last)."""
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / WEIGHTS_FILE
-    tmp = directory / f".{WEIGHTS_FILE}.tmp"
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"format": "imgtune", "version": str(BUNDLE_FORMAT)})
-    tmp.replace(weights)
+    with atomic_output(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": "imgtune", "version": str(BUNDLE_FORMAT)})
     manifest = {
         "format": BUNDLE_FORMAT,
         "created": now_iso(),

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from imgtune.jobs import atomic_write_json
+from imgtune.core.io import atomic_write_json
 
 PARTIAL_SUFFIXES = (".tmp", ".part")  # files still being written: an atomic write's temp file, a download
 RECORD_EVERY_FILES, RECORD_EVERY_SECONDS = 500, 5.0  # how often a long pull saves its record

@@ -25,18 +25,16 @@ import math
 import os
 import re
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from imgtune.errors import JobError
+from imgtune.core.errors import JobError
+from imgtune.core.io import append_jsonl, atomic_write_json, atomic_write_text, cache_dir, now_iso, read_jsonl, to_json
 
 WORKSPACE_ENV = "IMGTUNE_WORKSPACE"
-CACHE_ENV = "IMGTUNE_CACHE"
 DEFAULT_WORKSPACE = "imgtune-runs"
 JOB_FILE = "job.json"
 METRICS_FILE = "metrics.jsonl"
@@ -67,7 +65,7 @@ def _workspace_spec(workspace: str | Path | None) -> str:
 def workspace_dir(workspace: str | Path | None = None) -> Path:
     """The workspace (absolute): the argument, else $IMGTUNE_WORKSPACE, else ./imgtune-runs; for a remote
     workspace (s3://...), its local mirror."""
-    from imgtune.remote import is_remote
+    from imgtune.storage.remote import is_remote
 
     spec = _workspace_spec(workspace)
     if is_remote(spec):
@@ -93,76 +91,6 @@ def workspace_label(workspace: str | Path | None = None) -> str:
     """How to show the workspace to a user: its remote address, or its path."""
     root = workspace_dir(workspace)
     return remote_url(root) or str(root)
-
-
-def cache_dir() -> Path:
-    """Where features, checks and copies of remote datasets are kept: $IMGTUNE_CACHE or ~/.cache/imgtune."""
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imgtune"
-    return Path(os.environ.get(CACHE_ENV) or default).expanduser().absolute()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def default_file_mode() -> int:
-    """The mode a plain `open(path, "w")` would give (mkstemp's files are owner-only)."""
-    return 0o666 & ~_umask()
-
-
-def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
-    """Write via a temp file and rename; `durable` also syncs to disk first (skip it for status files that
-    are rewritten often and only need to be whole, not to survive a power cut)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def json_safe(data: Any) -> Any:
-    """`data` with NaN and infinities as None: standard JSON, which jq and browsers read."""
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {k: json_safe(v) for k, v in data.items()}
-    if isinstance(data, list | tuple):
-        return [json_safe(v) for v in data]
-    return data
-
-
-def to_json(data: Any, indent: int | None = None) -> str:
-    return json.dumps(json_safe(data), indent=indent, default=str, allow_nan=False)
-
-
-def atomic_write_json(path: Path, data: Any, durable: bool = True) -> None:
-    atomic_write_text(path, to_json(data, indent=2) + "\n", durable)
-
-
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Records of a JSON-lines file (none if it does not exist); a line cut short by a kill is skipped."""
-    if not path.exists():
-        return
-    with path.open() as f:
-        for line in f:
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _slug(text: str) -> str:
@@ -220,7 +148,7 @@ class Job:
     # -- remote workspaces ---------------------------------------------------------------------------
 
     def _synced(self) -> Any:
-        from imgtune.remote import SyncedFolder
+        from imgtune.storage.remote import SyncedFolder
 
         return SyncedFolder(self.remote or "", self.path, SYNC_RECORD, keep_local_changes=True)
 
@@ -235,7 +163,7 @@ class Job:
         """
         if self.remote is None or time.monotonic() - _last_push.get(self.path, -math.inf) < min_interval:
             return
-        from imgtune.remote import RemoteError
+        from imgtune.storage.remote import RemoteError
 
         _last_push[self.path] = time.monotonic()  # a failed try counts too: no retry storm while S3 is away
         owner = self.path in _running_here
@@ -359,10 +287,7 @@ class Job:
     # -- metrics.jsonl -------------------------------------------------------------------------------
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with self.metrics_file.open("a") as f:
-            f.write(to_json(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.metrics_file, record)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return list(read_jsonl(self.metrics_file))
@@ -380,7 +305,7 @@ class Job:
 @contextlib.contextmanager
 def _bucket_errors() -> Iterator[None]:
     """A remote workspace that cannot be read: one JobError with what to check."""
-    from imgtune.remote import RemoteError
+    from imgtune.storage.remote import RemoteError
 
     try:
         yield
@@ -398,7 +323,7 @@ def _remote_job_files(root: Path, name: str = "*") -> dict[str, dict[str, Any]]:
     url = remote_url(root)
     if url is None:
         return {}
-    from imgtune.remote import list_remote
+    from imgtune.storage.remote import list_remote
 
     with _bucket_errors():
         listed = list_remote(url, f"{name}/{JOB_FILE}")

@@ -12,8 +12,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from imgtune.data.check import MAX_IMAGE_PIXELS
-from imgtune.errors import ConfigError
+from imgtune.core.errors import ConfigError
+
+MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
 
 
 class _Section(BaseModel):
