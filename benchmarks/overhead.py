@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from imgtune.config import build_config
-from imgtune.training.job import run_training_job
+from imgtune.runs.train import run_training_job
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMGTUNE_SHARED", ROOT.parent / "shared"))

@@ -23,7 +23,7 @@ from imgtune.config import build_config
 from imgtune.profiler import analyze_job
 from imgtune.report import write_report
 from imgtune.storage.jobs import Job
-from imgtune.training.job import run_training_job
+from imgtune.runs.train import run_training_job
 
 HOUR = 3600.0
 

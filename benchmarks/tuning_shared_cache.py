@@ -20,7 +20,8 @@ from pathlib import Path
 
 from overhead import MOBILENET_WEIGHTS, SHARED, machine
 
-from imgtune.tuning.job import TuneOptions, run_tuning_job
+from imgtune.config import TuneOptions
+from imgtune.runs.tune import run_tuning_job
 from imgtune.tuning.space import DEFAULT_SPACE
 
 

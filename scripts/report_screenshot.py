@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 
 from imgtune.config import build_config
-from imgtune.serving.app import ServeOptions
+from imgtune.config import ServeOptions
 from imgtune.serving.server import BackgroundEndpoint
-from imgtune.training.job import run_training_job
+from imgtune.runs.train import run_training_job
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMGTUNE_SHARED", ROOT.parent / "shared"))

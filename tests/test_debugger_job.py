@@ -19,7 +19,7 @@ from imgtune.core.errors import JobError
 from imgtune.core.io import read_jsonl
 from imgtune.debugger.store import Trial, open_trial
 from imgtune.storage.jobs import Job
-from imgtune.training.job import run_training_job
+from imgtune.runs.train import run_training_job
 
 runner = CliRunner()
 

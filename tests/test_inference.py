@@ -23,7 +23,7 @@ from imgtune.models.inference import (
 )
 from imgtune.serving.predictor import Predictor
 from imgtune.storage.jobs import Job
-from imgtune.training.job import run_training_job
+from imgtune.runs.train import run_training_job
 
 CPU = torch.device("cpu")
 
@@ -86,7 +86,7 @@ def test_the_chosen_path_agrees_with_fp32_eager_on_every_shared_photo(dogs_job, 
     assert measured["mean_cosine"] >= FEATURE_AGREEMENT["mean_cosine"], measured
     # the backbone's features too: the path the feature cache used for this job
     record = Job(dogs_job).read()
-    assert record["feature_path"] in AUTO_CANDIDATES
+    assert record["feature_backend"] in AUTO_CANDIDATES
     again = Predictor.load(dogs_job)
     assert again.choice["chosen_by"] == "remembered measurement" and again.path.name == choice["path"]
 
@@ -132,7 +132,7 @@ def test_the_inference_path_is_part_of_the_feature_cache_key(dogs_job, dogs_mini
     base["name"] = "eager-features"
     job = run_training_job(build_config(base), workspace=tmp_path, progress=False)
     record = job.read()
-    assert record["feature_path"] == "eager" and record["timings"]["feature_cache"] > 0
+    assert record["feature_backend"] == "eager" and record["timings"]["feature_cache"] > 0
     extraction = record["feature_extraction"]  # computed, not found: a new key for the eager path
     assert extraction["images"] == 500 and 0 <= extraction["data_wait_fraction"] < 1
     assert extraction["backbone_seconds"] > 0 and extraction["images_per_second"] > 0

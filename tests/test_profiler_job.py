@@ -17,7 +17,7 @@ from imgtune.profiler.data import ProfileData
 from imgtune.profiler.monitor import SystemMonitor
 from imgtune.profiler.timeline import SEGMENTS
 from imgtune.storage.jobs import Job
-from imgtune.training.job import run_training_job
+from imgtune.runs.train import run_training_job
 
 runner = CliRunner()
 

@@ -24,7 +24,7 @@ from bad_data import make_bad_dataset
 from imgtune.cli import app
 from imgtune.config import build_config
 from imgtune.serving.predictor import Predictor
-from imgtune.training.job import run_training_job
+from imgtune.runs.train import run_training_job
 from servers import running_server
 
 runner = CliRunner()

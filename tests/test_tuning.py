@@ -102,7 +102,8 @@ def feature_files(cache: Path) -> set[Path]:
 def test_bayesian_tuning_shares_one_feature_cache_and_never_sees_test(
     tmp_path, dogs_mini, mobilenet_weights, imgtune_cache
 ):
-    from imgtune.tuning.job import TuneOptions, run_tuning_job
+    from imgtune.config import TuneOptions
+    from imgtune.runs.tune import run_tuning_job
 
     seen: list[dict] = []
     options = TuneOptions(base=base_config(dogs_mini, mobilenet_weights), space=DEFAULT_SPACE, max_trials=3)
@@ -139,7 +140,8 @@ def test_bayesian_tuning_shares_one_feature_cache_and_never_sees_test(
 
 
 def test_grid_runs_every_combination(tmp_path, dogs_mini, mobilenet_weights):
-    from imgtune.tuning.job import TuneOptions, run_tuning_job
+    from imgtune.config import TuneOptions
+    from imgtune.runs.tune import run_tuning_job
 
     space = {"train.lr": {"values": [0.001, 0.01]}, "train.batch_size": {"values": [32, 64]}}
     job = run_tuning_job(
@@ -154,7 +156,8 @@ def test_grid_runs_every_combination(tmp_path, dogs_mini, mobilenet_weights):
 
 
 def test_a_crashing_trial_is_recorded_and_the_job_goes_on(tmp_path, dogs_mini, mobilenet_weights):
-    from imgtune.tuning.job import TuneOptions, run_tuning_job
+    from imgtune.config import TuneOptions
+    from imgtune.runs.tune import run_tuning_job
 
     space = {"train.device": {"values": ["cpu", "cuda:7"]}, "train.lr": {"values": [0.003]}}  # no 8th GPU here
     job = run_tuning_job(
@@ -174,7 +177,8 @@ def test_a_crashing_trial_is_recorded_and_the_job_goes_on(tmp_path, dogs_mini, m
 
 
 def test_random_with_median_stopping_and_warm_start(tmp_path, dogs_mini, mobilenet_weights):
-    from imgtune.tuning.job import TuneOptions, run_tuning_job
+    from imgtune.config import TuneOptions
+    from imgtune.runs.tune import run_tuning_job
 
     base = base_config(dogs_mini, mobilenet_weights, epochs=3)
     first = run_tuning_job(
@@ -235,7 +239,7 @@ def test_cli_tune_show_and_train_the_best(tmp_path, dogs_mini, mobilenet_weights
 
 def test_trials_say_when_a_cluster_node_lacks_the_shared_paths(tmp_path, dogs_mini):
     from imgtune.core.errors import JobError
-    from imgtune.tuning.job import require_shared_paths, with_absolute_paths
+    from imgtune.tuning.tuner import require_shared_paths, with_absolute_paths
 
     base = with_absolute_paths({"data": {"path": "s3://bucket/dogs"}, "model": {"weights": "w.pth"}})
     assert base["data"]["path"] == "s3://bucket/dogs" and base["model"]["weights"] == str(Path.cwd() / "w.pth")

@@ -149,7 +149,7 @@ def train(
     profiler.{enabled,interval_ms,trace,trace_start_step,trace_steps,rules,rule_parameters,report}.
     """
     from imgtune.config import build_config
-    from imgtune.training.job import run_training_job
+    from imgtune.runs.train import run_training_job
 
     if resume:
         given = {
@@ -432,7 +432,7 @@ def evaluate(
     as_json: JsonOption = False,
 ) -> None:
     """Evaluate a job's model on a split of a dataset (top-1, top-5, per-class accuracy)."""
-    from imgtune.training.evaluate import evaluate_job
+    from imgtune.runs.evaluate import evaluate_job
 
     result = evaluate_job(job, data, split=split, workspace=workspace, progress=not as_json)
     if as_json:
@@ -707,7 +707,8 @@ def tune(
 
         ray_address = Job.open(resume, workspace).read().get("options", {}).get("ray_address")
     use_ray_address(ray_address)  # before Ray is imported
-    from imgtune.tuning.job import TuneOptions, run_tuning_job
+    from imgtune.config import TuneOptions
+    from imgtune.runs.tune import run_tuning_job
     from imgtune.tuning.space import load_space
 
     if resume:
@@ -839,7 +840,7 @@ def tune_best(
         else:
             out.print(", ".join(f"{k}={v!r}" for k, v in best["hyperparameters"].items()))
         return
-    from imgtune.tuning.job import train_best
+    from imgtune.runs.tune import train_best
 
     final = train_best(handle, name=name, progress=not as_json)
     _print_job_summary(final, as_json)
@@ -878,7 +879,7 @@ def deploy(
     """Serve a job's model over HTTP (FastAPI on uvicorn), speaking the managed endpoint's protocol:
     POST /invocations (images, multipart, JSON with base64 or s3:// URLs; boto3's sagemaker-runtime client
     works), GET /ping, /health/live, /health/ready, /metrics (Prometheus) and a page at / to try a photo."""
-    from imgtune.serving.app import ServeOptions
+    from imgtune.config import ServeOptions
     from imgtune.serving.server import serve
 
     schemes = tuple(dict.fromkeys(["s3", *(s.lower().removesuffix("://") for s in allow_url_scheme or [])]))
@@ -1016,8 +1017,8 @@ def pipeline(
     endpoint, and summarise. The endpoint stops at the end unless --keep-serving."""
     import time
 
-    from imgtune.config import apply_overrides
-    from imgtune.pipeline import PipelineOptions, run_pipeline
+    from imgtune.config import PipelineOptions, apply_overrides
+    from imgtune.runs.pipeline import run_pipeline
 
     def wait(url: str) -> None:
         err.print(f"the endpoint stays up on {url} (its page: {url}/); Ctrl-C stops it", highlight=False)

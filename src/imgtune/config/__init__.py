@@ -19,6 +19,14 @@ from imgtune.config.job import (
     load_config_file,
     merge,
 )
+from imgtune.config.options import (
+    OBJECTIVE_MODES,
+    Options,
+    PipelineOptions,
+    ServeOptions,
+    TuneOptions,
+    config_error,
+)
 
 __all__ = [
     "COLLECTIONS",
@@ -37,4 +45,10 @@ __all__ = [
     "build_config",
     "load_config_file",
     "merge",
+    "OBJECTIVE_MODES",
+    "Options",
+    "PipelineOptions",
+    "ServeOptions",
+    "TuneOptions",
+    "config_error",
 ]

@@ -265,13 +265,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def build_config(raw: dict[str, Any], source: str = "config") -> JobConfig:
     """Validate a nested dict into a JobConfig, turning pydantic's errors into one ConfigError."""
+    from imgtune.config.options import config_error
+
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"invalid {source}: {problems}") from None
+        raise config_error(exc, source) from None
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import secrets
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
+from imgtune.config import ServeOptions
 from imgtune.core.errors import ConfigError
-from imgtune.data.check import MAX_IMAGE_PIXELS, BadImage, decode_image
+from imgtune.data.check import BadImage, decode_image
 from imgtune.serving.batching import DynamicBatcher, QueueFull
 from imgtune.serving.inputs import (
     ACCEPTED_TYPES,
@@ -52,37 +52,6 @@ from imgtune.serving.predictor import BACKENDS, Predictor
 log = logging.getLogger("imgtune.serving")
 TEMPLATES = Path(__file__).parent / "templates"
 DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
-
-
-@dataclass
-class ServeOptions:
-    """How an endpoint serves; the defaults follow the managed endpoint where it has one (6 MB payloads)."""
-
-    backend: str = "auto"
-    max_batch_size: int = 32
-    max_batch_delay_ms: float = 5.0
-    max_queue: int = 256  # images waiting for the model; beyond it requests get 503
-    max_payload_bytes: int = 6 * 1024 * 1024
-    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are refused as decompression bombs
-    api_key: str | None = None
-    allowed_url_schemes: tuple[str, ...] = ("s3",)
-    endpoint_name: str | None = None  # /endpoints/{name}/invocations answers 404 for other names
-    threads: int | None = None  # inference threads; default: the backend's own choice
-
-    def validate(self) -> ServeOptions:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"unknown backend {self.backend!r}", f"use one of {', '.join(BACKENDS)}")
-        if not 1 <= self.max_batch_size <= 1024:
-            raise ConfigError(f"max batch size must be 1 to 1024, not {self.max_batch_size}")
-        if not 0 <= self.max_batch_delay_ms <= 10_000:
-            raise ConfigError(f"max batch delay must be 0 to 10000 ms, not {self.max_batch_delay_ms}")
-        if self.max_queue < self.max_batch_size:
-            raise ConfigError(f"the queue ({self.max_queue}) must hold at least one batch ({self.max_batch_size})")
-        if self.max_payload_bytes < 1024:
-            raise ConfigError(f"max payload must be at least 1 KB, not {self.max_payload_bytes} bytes")
-        if self.api_key is not None and len(self.api_key) < 8:
-            raise ConfigError("the API key must be at least 8 characters")
-        return self
 
 
 class EndpointMetrics:
@@ -136,7 +105,9 @@ class Endpoint:
 
     def __init__(self, model: Predictor | Callable[[], Predictor], options: ServeOptions):
         self.model = model
-        self.options = options.validate()
+        if options.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {options.backend!r}", f"use one of {', '.join(BACKENDS)}")
+        self.options = options
         self.metrics = EndpointMetrics()
         self.predictor: Predictor | None = None
         self.batcher: DynamicBatcher | None = None

@@ -10,7 +10,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from imgtune.serving.app import ServeOptions, create_app
+from imgtune.config import ServeOptions
+from imgtune.serving.app import create_app
 from imgtune.serving.predictor import Predictor, resolve_model_dir
 
 

@@ -31,8 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from imgtune.core.errors import JobError
 from imgtune.core.io import append_jsonl, atomic_write_json, atomic_write_text, cache_dir, now_iso, read_jsonl, to_json
+from imgtune.storage.record import KNOWN_FIELDS, JobRecord
 
 WORKSPACE_ENV = "IMGTUNE_WORKSPACE"
 DEFAULT_WORKSPACE = "imgtune-runs"
@@ -41,6 +44,7 @@ METRICS_FILE = "metrics.jsonl"
 
 STATUSES = ("running", "completed", "failed", "stopped", "interrupted")
 MIRRORS_DIR = "workspaces"  # in the cache: local mirrors of remote workspaces
+LOCK_FILE = ".imgtune-lock"  # in a job: held by the process running it (Job.lock)
 SYNC_RECORD = ".imgtune-sync.json"  # in a mirrored job: what was pushed or pulled (see imgtune.remote)
 PUSH_INTERVAL_ENV = "IMGTUNE_PUSH_INTERVAL"
 PUSH_INTERVAL = 30.0  # default seconds between pushes of a running job's files (status changes push at once)
@@ -249,6 +253,7 @@ class Job:
     # -- job.json ------------------------------------------------------------------------------------
 
     def read(self) -> dict[str, Any]:
+        """job.json as it is on disk (a dict); `record()` is the typed view commands and reports use."""
         try:
             return json.loads(self.job_file.read_text())
         except FileNotFoundError:
@@ -256,11 +261,24 @@ class Job:
         except json.JSONDecodeError as exc:
             raise JobError(f"{self.job_file} is not valid JSON: {exc}") from None
 
-    def write(self, data: dict[str, Any]) -> None:
+    def record(self) -> JobRecord:
+        """job.json, validated into its typed model."""
+        try:
+            return JobRecord.model_validate(self.read())
+        except ValidationError as exc:
+            raise JobError(f"{self.job_file} does not hold a job record: {exc.errors()[0]['msg']}") from None
+
+    def write(self, data: dict[str, Any] | JobRecord) -> None:
+        if isinstance(data, JobRecord):
+            data = data.model_dump(mode="json", exclude_none=True)
         atomic_write_json(self.job_file, data)
 
     def update(self, **fields: Any) -> dict[str, Any]:
-        """Merge `fields` into job.json; a status change is pushed at once to a remote workspace."""
+        """Merge `fields` (fields of JobRecord) into job.json; a status change is pushed at once to a remote
+        workspace."""
+        unknown = sorted(set(fields) - KNOWN_FIELDS)
+        if unknown:
+            raise ValueError(f"job.json has no field(s) {unknown}; add them to imgtune.storage.record.JobRecord")
         data = self.read() if self.job_file.exists() else {}
         data.update(fields)
         data["updated"] = now_iso()
@@ -283,6 +301,25 @@ class Job:
             if isinstance(pid, int) and not _pid_alive(pid):
                 return "interrupted"
         return status
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the job for this process (an exclusive lock on a file in the job; the system releases it when
+        the process dies). A second process that wants to run or resume the job at the same time is refused."""
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / LOCK_FILE, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise JobError(
+                    f"job {self.name} is being run by another process on this machine", "wait for it or stop it first"
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     # -- metrics.jsonl -------------------------------------------------------------------------------
 

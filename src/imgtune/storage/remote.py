@@ -26,6 +26,7 @@ from typing import Any
 from imgtune.core.io import atomic_write_json
 
 PARTIAL_SUFFIXES = (".tmp", ".part")  # files still being written: an atomic write's temp file, a download
+LOCAL_ONLY_PREFIX = ".imgtune-"  # files of this machine only: sync records, locks
 RECORD_EVERY_FILES, RECORD_EVERY_SECONDS = 500, 5.0  # how often a long pull saves its record
 
 
@@ -101,8 +102,9 @@ class SyncedFolder:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _is_bookkeeping(self, path: Path) -> bool:
-        """The record and its lock (at any level: a nested folder's too), and files still being written."""
-        return path.name.startswith(self.record_file.name) or path.name.endswith(PARTIAL_SUFFIXES)
+        """The record, locks and other local-only files (at any level: a nested folder's too), and files still
+        being written."""
+        return path.name.startswith((self.record_file.name, LOCAL_ONLY_PREFIX)) or path.name.endswith(PARTIAL_SUFFIXES)
 
     def _read_record(self) -> dict[str, dict[str, Any]]:
         try:

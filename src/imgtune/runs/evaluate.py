@@ -14,6 +14,7 @@ from imgtune.data.check import MAX_IMAGE_PIXELS, check_layout
 from imgtune.data.dataset import ImageFileDataset, Sample, make_loader, prepare_data
 from imgtune.data.folders import discover
 from imgtune.data.sources import resolve_source
+from imgtune.runs.lifecycle import amend_job
 from imgtune.serving.predictor import Predictor
 from imgtune.storage.jobs import Job
 from imgtune.training.metrics import PhaseMetrics
@@ -70,7 +71,7 @@ def evaluate_job(
     counted. The result is also appended to the job's `evaluations` in job.json.
     """
     handle = Job.open(job, workspace)
-    config = handle.read()["config"]
+    config = handle.record().config or {}
     predictor = Predictor.load(handle.model_dir, backend=config.get("model", {}).get("inference", "auto"))
     bundle = predictor.bundle
     job_data = {**config["data"], "num_workers": num_workers}
@@ -103,7 +104,5 @@ def evaluate_job(
         "per_class_accuracy": {c.id: a for c, a in zip(bundle.classes, metrics.per_class_accuracy(), strict=True)},
         "confusion_matrix": metrics.confusion.tolist(),
     }
-    record = handle.read()
-    handle.update(evaluations=[*record.get("evaluations", []), result])
-    handle.push()
+    amend_job(handle, evaluations=[*(handle.record().evaluations or []), result])
     return result

@@ -1,4 +1,7 @@
-"""Tuning jobs on Ray Tune: every trial is a training job (the same code path) inside the tuning job.
+"""Ray Tune for tuning jobs: searchers and schedulers, the trial reporter, the Tuner, trial results.
+
+The tuning job's life (imgtune.runs.tune) uses this module; every trial is a training job (the same code path)
+inside the tuning job.
 
 Layout of a tuning job::
 
@@ -21,10 +24,7 @@ import math
 import os
 import re
 import sys
-import time
-import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,70 +36,20 @@ from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
-from imgtune.config import build_config
+from imgtune.config import TuneOptions, build_config
 from imgtune.core.errors import ConfigError, JobError
-from imgtune.core.io import now_iso
 from imgtune.data.sources import is_remote
 from imgtune.storage.jobs import JOB_FILE, Job, push_interval
 from imgtune.training.callbacks import Callback, StopTraining
 from imgtune.tuning import RAY_CLUSTERS_ENV, is_loopback
-from imgtune.tuning.space import SearchSpace, apply_values, parse_space
+from imgtune.tuning.space import SearchSpace, parse_space
 
-STRATEGIES = ("bayesian", "random", "grid", "hyperband")
-OBJECTIVES = {"valid_accuracy": "max", "valid_loss": "min"}
-EARLY_STOPPING = ("none", "median", "asha")
 TRIALS_DIR = "trials"
 RAY_DIR = "ray"
 EXPERIMENT = "experiment"
 TRIAL_PREFIX = "trial-"
 REPORTED = ("valid_accuracy", "valid_loss", "train_accuracy", "train_loss")
 TUNER_STOP = "stopped early by the tuner's scheduler"  # a trial job's stop_reason
-
-
-@dataclass
-class TuneOptions:
-    """What a tuning job does; stored in its job.json (a resumed job reads it back)."""
-
-    base: dict[str, Any]  # the raw job config every trial starts from
-    space: dict[str, dict[str, Any]]
-    strategy: str = "bayesian"
-    max_trials: int = 8
-    max_parallel: int = 2
-    objective: str = "valid_accuracy"
-    early_stopping: str = "none"  # median stopping rule or ASHA for poor trials; hyperband implies asha
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    time_budget_s: float | None = None
-    stop_after_no_improvement: int | None = None
-    seed: int = 0
-    ray_address: str | None = None
-    warm_start: list[str] = field(default_factory=list)  # earlier tuning jobs whose results seed the searcher
-    name: str | None = None
-
-    def validate(self) -> SearchSpace:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {self.strategy!r}", f"use one of {', '.join(STRATEGIES)}")
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"unknown objective {self.objective!r}", f"use one of {', '.join(OBJECTIVES)}")
-        if self.early_stopping not in EARLY_STOPPING:
-            raise ConfigError(
-                f"unknown early stopping {self.early_stopping!r}", f"use one of {', '.join(EARLY_STOPPING)}"
-            )
-        for name, value in (("max_trials", self.max_trials), ("max_parallel", self.max_parallel)):
-            if value < 1:
-                raise ConfigError(f"{name} must be at least 1, not {value}")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise ConfigError("cpus_per_trial must be above 0 and gpus_per_trial at least 0")
-        if self.stop_after_no_improvement is not None and self.stop_after_no_improvement < 1:
-            raise ConfigError("stop_after_no_improvement must be at least 1")
-        space = parse_space(self.space)
-        build_config(self.base, "base job config")
-        space.check_against(self.base)
-        return space
-
-    @property
-    def mode(self) -> str:
-        return OBJECTIVES[self.objective]
 
 
 def reported_metrics(epoch_record: dict[str, Any], trial_name: str) -> dict[str, Any]:
@@ -128,7 +78,7 @@ class TuneReporter(Callback):
                 raise StopTraining(TUNER_STOP) from None
 
 
-def _shares_features(space: SearchSpace, base: dict[str, Any]) -> bool:
+def shares_features(space: SearchSpace, base: dict[str, Any]) -> bool:
     """Can one feature cache serve every trial? Not if the space varies what the features depend on."""
     varies_features = ("data.", "model.backbone", "model.weights", "model.pretrained", "model.freeze")
     varies_features += ("train.augment_views", "train.feature_cache")  # (not the device: same features)
@@ -174,38 +124,12 @@ def require_shared_paths(context: dict[str, Any]) -> None:
         )
 
 
-def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
-    """One trial: a training job with the trial's hyperparameters, reporting every epoch."""
-    import torch
-
-    from imgtune.training.job import run_training_job
-
-    space = parse_space(context["space"])
-    values = space.values(config)
-    trial_name = TRIAL_PREFIX + tune.get_context().get_trial_id()
-    require_shared_paths(context)
-    trials_dir = Path(context["trials_dir"])
-    torch.set_num_threads(max(1, int(context["cpus_per_trial"])))
-    if context.get("cache"):
-        os.environ["IMGTUNE_CACHE"] = context["cache"]
-    reporter = TuneReporter(context["objective"], trial_name)
-    existing = trials_dir / trial_name
-    if existing.exists():  # a trial Ray restarts (its driver was killed): continue its training job
-        job = Job(existing)
-        if job.status() != "completed":
-            # force: its tuning job was found resumable, so the trial runs nowhere else, whatever host it names
-            run_training_job(
-                resume=existing, workspace=trials_dir, callbacks=[reporter], progress=False, force=True,
-                must_push=False,
-            )  # fmt: skip
-            return
-        for record in job.read_metrics():  # finished before the kill: tell Ray again what it reported
-            tune.report(reported_metrics(record, trial_name))
-        return
-    raw = apply_values(context["base"], values)
-    raw["name"] = trial_name
-    raw.setdefault("train", {})["evaluate_test"] = False
-    run_training_job(build_config(raw), workspace=trials_dir, callbacks=[reporter], progress=False, must_push=False)
+def validate(options: TuneOptions) -> SearchSpace:
+    """The options' search space, checked against the job config every trial starts from."""
+    space = parse_space(options.space)
+    build_config(options.base, "base job config")
+    space.check_against(options.base)
+    return space
 
 
 def _search_and_scheduler(options: TuneOptions, space: SearchSpace, warm: list[tuple[dict, float]]) -> tuple[Any, Any]:
@@ -262,6 +186,89 @@ class NoImprovementStopper(Stopper):
         return self.since >= self.patience
 
 
+def connect(address: str | None) -> list[dict[str, Any]]:
+    """Start (or join, with `address`) Ray; returns the live nodes (address, CPUs, GPUs)."""
+    _ray_init(address)
+    return [
+        {
+            "address": n["NodeManagerAddress"],
+            "cpus": n.get("Resources", {}).get("CPU", 0),
+            "gpus": n.get("Resources", {}).get("GPU", 0),
+        }
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def build_tuner(
+    job: Job,
+    trainable: Callable[..., None],
+    context: dict[str, Any],
+    options: TuneOptions,
+    space: SearchSpace,
+    warm: list[tuple[dict, float]],
+    resuming: bool,
+) -> tune.Tuner:
+    """The Tuner of a tuning job: restored from JOB/ray when it resumes and Ray saved its state, else new."""
+    trainable = tune.with_resources(
+        tune.with_parameters(trainable, context=context),
+        {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
+    )
+    storage = str(job.path / RAY_DIR)
+    if resuming and tune.Tuner.can_restore(os.path.join(storage, EXPERIMENT)):
+        return tune.Tuner.restore(
+            os.path.join(storage, EXPERIMENT), trainable, resume_unfinished=True, resume_errored=False
+        )
+    stopper = None
+    if options.stop_after_no_improvement is not None:
+        stopper = NoImprovementStopper(options.stop_after_no_improvement, options.mode, options.objective)
+    search, scheduler = _search_and_scheduler(options, space, warm)
+    grid = options.strategy == "grid"
+    return tune.Tuner(
+        trainable,
+        param_space=space.ray_space(grid=grid),
+        tune_config=tune.TuneConfig(
+            metric=options.objective,
+            mode=options.mode,
+            search_alg=search,
+            scheduler=scheduler,
+            num_samples=1 if grid else options.max_trials,
+            # OptunaSearch is limited here; the variant generator of the other strategies limits itself
+            max_concurrent_trials=options.max_parallel if options.strategy == "bayesian" else None,
+            time_budget_s=options.time_budget_s,
+            trial_name_creator=lambda trial: TRIAL_PREFIX + trial.trial_id,
+            trial_dirname_creator=lambda trial: TRIAL_PREFIX + trial.trial_id,
+        ),
+        run_config=tune.RunConfig(
+            storage_path=storage,
+            name=EXPERIMENT,
+            stop=stopper,
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            callbacks=[TrialProgress()],
+            verbose=0,
+        ),
+    )
+
+
+def fit(
+    tuner: tune.Tuner,
+    job: Job,
+    options: TuneOptions,
+    space: SearchSpace,
+    progress: bool,
+    on_trial: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    """Run the trials; returns the tuning job's results for job.json (trials best first, the best)."""
+    _driver.update(job=job, options=options, progress=progress, on_trial=on_trial)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # Ray's own tables would spoil --json on stdout
+            grid_results = tuner.fit()
+    finally:
+        _driver.clear()
+    trials = collect_trials(job, options, space, grid_results)
+    return {"trials": trials, "trials_count": len(trials), "best": best_of(trials)}
+
+
 def _ray_init(address: str | None) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no experiment tables: imgtune shows its own progress
@@ -307,175 +314,15 @@ def warm_start_points(jobs: list[str], workspace: str | Path | None, space: Sear
     """(values, objective) of earlier tuning jobs' finished trials whose keys match this space."""
     points = []
     for name in jobs:
-        record = Job.open(name, workspace).read()
-        if record.get("kind") != "tuning":
+        record = Job.open(name, workspace).record()
+        if record.kind != "tuning":
             raise JobError(f"{name} is not a tuning job", "warm starts read earlier `imgtune tune` jobs")
-        for trial in record.get("trials", []):
+        for trial in record.trials or []:
             value = trial.get("objective")
             matches = set(trial.get("hyperparameters", {})) == set(space.keys)
             if matches and value is not None and math.isfinite(value) and trial.get("objective_name") == objective:
                 points.append((trial["hyperparameters"], value))
     return points
-
-
-def run_tuning_job(
-    options: TuneOptions | None = None,
-    *,
-    workspace: str | Path | None = None,
-    resume: str | Path | None = None,
-    progress: bool = True,
-    on_trial: Callable[[dict[str, Any]], None] | None = None,
-    force: bool = False,
-) -> Job:
-    """Run (or, with `resume`, continue) a tuning job to the end and return its directory. `force` resumes a
-    job recorded as running on another machine (that machine is gone); its unfinished trials continue too."""
-    from imgtune.training.job import check_resumable
-
-    if resume is not None:
-        job = Job.open(resume, workspace)
-        record = job.read()
-        if record.get("kind") != "tuning":
-            raise JobError(f"{job.name} is not a tuning job")
-        if job.status() == "completed":
-            raise JobError(f"tuning job {job.name} has already completed", "start a new one")
-        check_resumable(job, force)
-        options = TuneOptions(**record["options"])
-    elif options is None:
-        raise ConfigError("run_tuning_job needs options or a job to resume")
-    else:
-        options = replace(options, base=with_absolute_paths(options.base))
-    space = options.validate()
-    if resume is None:
-        warm = warm_start_points(options.warm_start, workspace, space, options.objective)
-        job = Job.create(workspace, options.name, prefix="tune")
-        job.write(
-            {
-                "name": job.name,
-                "kind": "tuning",
-                "created": now_iso(),
-                "options": asdict(options),
-                "warm_start_points": len(warm),
-            }
-        )
-    else:
-        warm = []
-        job.log("resuming")
-    started = time.perf_counter()
-    job.update(status="running", started=now_iso(), error=None)
-    job.mark_running()
-    try:
-        summary = _run(job, options, space, warm, resume is not None, progress, on_trial)
-    except KeyboardInterrupt:
-        job.update(status="stopped", error="interrupted by the user")
-        raise
-    except Exception as exc:
-        job.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        job.log(f"failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-        job.push(strict=False)
-        raise
-    job.update(status="completed", finished=now_iso(), seconds=time.perf_counter() - started, **summary)
-    job.log("completed")
-    try:
-        from imgtune.report.tuning import write_tuning_report
-
-        job.log(f"report written to {write_tuning_report(job)}")
-    except Exception as exc:  # the results stand; `imgtune report JOB` can make it again
-        job.log(f"report failed: {type(exc).__name__}: {exc}")
-    for trial_job in sorted((job.path / TRIALS_DIR).glob(f"*/{JOB_FILE}")):  # a trial's own push may have failed
-        Job(trial_job.parent).push()
-    job.push()
-    return job
-
-
-def _run(
-    job: Job,
-    options: TuneOptions,
-    space: SearchSpace,
-    warm: list[tuple[dict, float]],
-    resuming: bool,
-    progress: bool,
-    on_trial: Callable[[dict[str, Any]], None] | None,
-) -> dict[str, Any]:
-    from imgtune.core.io import cache_dir
-    from imgtune.training.job import warm_feature_cache
-
-    trials_dir = job.path / TRIALS_DIR
-    trials_dir.mkdir(exist_ok=True)
-    _ray_init(options.ray_address)  # first: a wrong address or a missing token fails before any work
-    features_shared = _shares_features(space, options.base)
-    if features_shared:
-        started = time.perf_counter()
-        warm_feature_cache(build_config(options.base), progress=progress)
-        job.update(feature_cache_seconds=time.perf_counter() - started)
-        job.log(f"feature cache ready in {time.perf_counter() - started:.1f} s, shared by every trial")
-    nodes = [
-        {
-            "address": n["NodeManagerAddress"],
-            "cpus": n.get("Resources", {}).get("CPU", 0),
-            "gpus": n.get("Resources", {}).get("GPU", 0),
-        }
-        for n in ray.nodes()
-        if n.get("Alive")
-    ]
-    job.update(ray={"address": options.ray_address or "in-process", "nodes": nodes})
-    job.log(f"Ray: {options.ray_address or 'in-process'}, nodes {', '.join(n['address'] for n in nodes)}")
-    context = {
-        "base": options.base,
-        "space": options.space,
-        "trials_dir": str(trials_dir),
-        "objective": options.objective,
-        "cpus_per_trial": options.cpus_per_trial,
-        "cache": str(cache_dir()),
-        "features_shared": features_shared,
-    }
-    trainable = tune.with_resources(
-        tune.with_parameters(_trial, context=context),
-        {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
-    )
-    storage = str(job.path / RAY_DIR)
-    stopper = None
-    if options.stop_after_no_improvement is not None:
-        stopper = NoImprovementStopper(options.stop_after_no_improvement, options.mode, options.objective)
-    callbacks = [TrialProgress()]
-    if resuming and tune.Tuner.can_restore(os.path.join(storage, EXPERIMENT)):
-        tuner = tune.Tuner.restore(
-            os.path.join(storage, EXPERIMENT), trainable, resume_unfinished=True, resume_errored=False
-        )
-    else:
-        search, scheduler = _search_and_scheduler(options, space, warm)
-        grid = options.strategy == "grid"
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space.ray_space(grid=grid),
-            tune_config=tune.TuneConfig(
-                metric=options.objective,
-                mode=options.mode,
-                search_alg=search,
-                scheduler=scheduler,
-                num_samples=1 if grid else options.max_trials,
-                # OptunaSearch is limited here; the variant generator of the other strategies limits itself
-                max_concurrent_trials=options.max_parallel if options.strategy == "bayesian" else None,
-                time_budget_s=options.time_budget_s,
-                trial_name_creator=lambda trial: TRIAL_PREFIX + trial.trial_id,
-                trial_dirname_creator=lambda trial: TRIAL_PREFIX + trial.trial_id,
-            ),
-            run_config=tune.RunConfig(
-                storage_path=storage,
-                name=EXPERIMENT,
-                stop=stopper,
-                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                callbacks=callbacks,
-                verbose=0,
-            ),
-        )
-    _driver.update(job=job, options=options, progress=progress, on_trial=on_trial)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # Ray's own tables would spoil --json on stdout
-            grid_results = tuner.fit()
-    finally:
-        _driver.clear()
-    trials = collect_trials(job, options, space, grid_results)
-    return {"trials": trials, "trials_count": len(trials), "best": best_of(trials)}
 
 
 def collect_trials(job: Job, options: TuneOptions, space: SearchSpace, results: Any) -> list[dict[str, Any]]:
@@ -487,7 +334,7 @@ def collect_trials(job: Job, options: TuneOptions, space: SearchSpace, results: 
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix(TRIAL_PREFIX)
         name = TRIAL_PREFIX + str(trial_id)
         trial_job = job.path / TRIALS_DIR / name
-        record = Job(trial_job).read() if (trial_job / "job.json").exists() else {}
+        record = Job(trial_job).record() if (trial_job / JOB_FILE).exists() else None
         # The trial's own training job is the truth: Ray's copy of the results can be elsewhere (a tuning job
         # resumed from a bucket on another machine keeps Ray's first storage path in its run config).
         epoch_records = Job(trial_job).read_metrics() if record else []
@@ -501,12 +348,12 @@ def collect_trials(job: Job, options: TuneOptions, space: SearchSpace, results: 
         objective = (max(values) if options.mode == "max" else min(values)) if values else None
         has_times = history is not None and "time_total_s" in history and len(history)
         ray_seconds = float(history["time_total_s"].max()) if has_times else None
-        planned = int(record.get("config", {}).get("train", {}).get("epochs", 0) or 0)
+        planned = int(((record.config or {}) if record else {}).get("train", {}).get("epochs", 0) or 0)
+        stop_reason = record.stop_reason if record else None
+        own_seconds = record.timings.get("total") if record else None
         if result.error is not None:
             status = "errored"
-        elif record.get("stop_reason") == TUNER_STOP or (
-            planned and epochs < planned and not record.get("stop_reason")
-        ):
+        elif stop_reason == TUNER_STOP or (planned and epochs < planned and not stop_reason):
             status = "early-stopped"
         else:
             status = "completed"
@@ -518,8 +365,8 @@ def collect_trials(job: Job, options: TuneOptions, space: SearchSpace, results: 
                 "objective_name": options.objective,
                 "status": status,
                 "epochs": epochs,
-                "stop_reason": record.get("stop_reason"),
-                "seconds": ray_seconds if ray_seconds is not None else record.get("timings", {}).get("total"),
+                "stop_reason": stop_reason,
+                "seconds": ray_seconds if ray_seconds is not None else own_seconds,
                 "job": str(trial_job.relative_to(job.path)) if trial_job.exists() else None,
                 "node": (result.metrics or {}).get("node_ip"),
                 "error": _error_text(result.error),
@@ -604,23 +451,3 @@ class TrialProgress(tune.Callback):
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self.bar is not None:
             self.bar.stop()
-
-
-def train_best(job: Job, *, name: str | None = None, progress: bool = True) -> Job:
-    """Train the final model with a tuning job's best hyperparameters, debugger and profiler on, evaluated on
-    the test split (as the original notebook did next); the tuning job records it as `final_job`."""
-    from imgtune.training.job import run_training_job
-
-    record = job.read()
-    best = record.get("best")
-    if not best:
-        raise JobError(f"tuning job {job.name} has no finished trial", "see `imgtune tune show`")
-    raw = apply_values(record["options"]["base"], best["hyperparameters"])
-    raw["name"] = name or f"{job.name}-best"
-    raw["debugger"] = {k: v for k, v in raw.get("debugger", {}).items() if k != "enabled"}
-    raw["profiler"] = {k: v for k, v in raw.get("profiler", {}).items() if k not in ("enabled", "report")}
-    raw.setdefault("train", {})["evaluate_test"] = True
-    final = run_training_job(build_config(raw), workspace=job.path.parent, progress=progress)
-    job.update(final_job=final.name)
-    job.push()
-    return final

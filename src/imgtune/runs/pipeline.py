@@ -7,30 +7,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imgtune.config import merge
+from imgtune.config import PipelineOptions, ServeOptions, TuneOptions, merge
 from imgtune.core.errors import DataError
-from imgtune.core.io import cache_dir, now_iso
+from imgtune.core.io import cache_dir
+from imgtune.data.check import check_layout
+from imgtune.data.folders import discover
+from imgtune.data.sources import resolve_source
+from imgtune.runs.lifecycle import JobLifecycle
+from imgtune.runs.tune import run_tuning_job, train_best
+from imgtune.serving.client import EndpointClient
+from imgtune.serving.server import BackgroundEndpoint
 from imgtune.storage.jobs import Job
+from imgtune.storage.record import JobRecord
+from imgtune.tuning.space import DEFAULT_SPACE
 
 Say = Callable[[str], None]
-
-
-@dataclass
-class PipelineOptions:
-    data: str
-    backbone: str = "resnet50"
-    weights: str | None = None
-    epochs: int = 10
-    max_trials: int = 8
-    max_parallel: int = 2
-    strategy: str = "bayesian"
-    name: str | None = None
-    port: int = 0  # 0: any free port on 127.0.0.1
-    overrides: dict[str, Any] = field(default_factory=dict)  # a raw job config merged into every job's
 
 
 def _sample_photos(report: Any) -> list[tuple[str, Path]]:
@@ -52,27 +46,17 @@ def run_pipeline(
 ) -> Job:
     """Run every step; `keep_serving(url)`, when given, is called while the endpoint is still up (it returns when
     serving should stop). Returns the pipeline's job, whose job.json holds the summary."""
-    from imgtune.data.check import check_layout
-    from imgtune.data.folders import discover
-    from imgtune.data.sources import resolve_source
-    from imgtune.serving.app import ServeOptions
-    from imgtune.serving.client import EndpointClient
-    from imgtune.serving.server import BackgroundEndpoint
-    from imgtune.tuning.job import TuneOptions, run_tuning_job, train_best
-    from imgtune.tuning.space import DEFAULT_SPACE
-
-    job = Job.create(workspace, options.name, prefix="pipeline")
-    started = time.perf_counter()
-    job.write({"name": job.name, "kind": "pipeline", "created": now_iso(), "options": asdict(options)})
-    job.update(status="running", started=now_iso())
-    job.mark_running()
+    record = JobRecord(name=options.name or "", kind="pipeline", options=options.model_dump(mode="json"))
+    life = JobLifecycle.create(workspace, record, prefix="pipeline")
     steps: dict[str, float] = {}
 
-    def step(name: str, begun: float) -> None:
-        steps[name] = round(time.perf_counter() - begun, 2)
-        job.update(step_seconds=steps)
+    def pipeline(life: JobLifecycle) -> dict[str, Any]:
+        job = life.job
 
-    try:
+        def step(name: str, begun: float) -> None:
+            steps[name] = round(time.perf_counter() - begun, 2)
+            job.update(step_seconds=steps)
+
         begun = time.perf_counter()
         say("1/5 checking the data")
         root = resolve_source(options.data, progress=progress)
@@ -111,8 +95,7 @@ def run_pipeline(
         begun = time.perf_counter()
         say("3/5 training the final model with the best hyperparameters (debugger and profiler on)")
         final = train_best(tuning, name=f"{job.name}-final", progress=progress)
-        record = final.read()
-        job.update(final_job=final.name, test=record.get("test"), best_hyperparameters=tuning.read()["best"])
+        job.update(final_job=final.name, test=final.record().test, best_hyperparameters=tuning.record().best)
         step("final_training", begun)
 
         begun = time.perf_counter()
@@ -134,15 +117,13 @@ def run_pipeline(
             step("sample_predictions", begun)
             if keep_serving is not None:
                 keep_serving(endpoint.url)
-    except BaseException as exc:
-        job.update(status="failed" if isinstance(exc, Exception) else "stopped", error=f"{type(exc).__name__}: {exc}")
-        raise
-    artifacts = {
-        "tuning_report": str(tuning.path / "report.html"),
-        "final_report": str(final.path / "report.html"),
-        "model": str(final.model_dir),
-    }
-    if job.remote:  # an s3:// workspace: every job is in the bucket too
-        artifacts["kept_in"] = job.remote.rsplit("/", 1)[0]
-    job.update(status="completed", finished=now_iso(), seconds=time.perf_counter() - started, artifacts=artifacts)
-    return job
+        artifacts = {
+            "tuning_report": str(tuning.path / "report.html"),
+            "final_report": str(final.path / "report.html"),
+            "model": str(final.model_dir),
+        }
+        if job.remote:  # an s3:// workspace: every job is in the bucket too
+            artifacts["kept_in"] = job.remote.rsplit("/", 1)[0]
+        return {"artifacts": artifacts}
+
+    return life.run(pipeline)

@@ -1,0 +1,158 @@
+"""The one job lifecycle: create or resume, lock, status changes, timings, plugins' job hooks, push, the end.
+
+Every kind of job (training, tuning, the pipeline) lives through `JobLifecycle`; commands that change a finished
+job afterwards (an evaluation, a report, the final job of a tuning job) go through `amend_job`. Nothing else
+moves a job between states or pushes it.
+
+States: a job is created (or reopened to resume) and locked by this process, then `running` until it ends
+`completed`, `failed` (an exception) or `stopped` (Ctrl-C, SIGTERM). A `running` job whose process died reads
+as `interrupted` (imgtune.storage.jobs.Job.status) and can be resumed. In an s3:// workspace every status change
+is pushed at once, and the end pushes the whole job (a failed push of a completed job raises when `must_push`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from imgtune.core.errors import JobError
+from imgtune.core.io import now_iso
+from imgtune.storage.jobs import Job, push_interval, remote_url, workspace_dir
+from imgtune.storage.record import JobRecord
+from imgtune.training.plugin import PluginSet
+
+KIND_LABEL = {"training": "job", "tuning": "tuning job", "pipeline": "pipeline"}
+
+
+class JobLifecycle:
+    """One job's life in this process. Make one with `create` or `resume`, then `run(body)`."""
+
+    def __init__(self, job: Job, *, resumed: bool, must_push: bool = True, timings: dict[str, float] | None = None):
+        self.job = job
+        self.plugins = PluginSet([], log=job.log)
+        self.resumed = resumed
+        self.must_push = must_push
+        self.timings: dict[str, float] = dict(timings or {})
+        self._hold = contextlib.ExitStack()
+        self.started = time.perf_counter()
+
+    @classmethod
+    def create(
+        cls,
+        workspace: str | Path | None,
+        record: JobRecord,
+        *,
+        prefix: str,
+        plugins: list[Any] = (),
+        must_push: bool = True,
+    ) -> JobLifecycle:
+        """A new job directory named `record.name` (or PREFIX-TIME), locked, with `record` as its job.json."""
+        if remote_url(workspace_dir(workspace)) is not None:
+            push_interval()  # a bad IMGTUNE_PUSH_INTERVAL: refuse before a job directory exists
+        job = Job.create(workspace, record.name or None, prefix=prefix)
+        life = cls(job, resumed=False, must_push=must_push)
+        life._hold.enter_context(job.lock())
+        job.write(record.model_copy(update={"name": job.name, "created": now_iso()}))
+        life.use_plugins(list(plugins))
+        return life
+
+    @classmethod
+    def resume(
+        cls,
+        reference: str | Path,
+        workspace: str | Path | None,
+        kind: str,
+        *,
+        force: bool = False,
+        must_push: bool = True,
+    ) -> JobLifecycle:
+        """Reopen a job that did not complete, to continue it; refused while it runs elsewhere (see
+        `check_resumable`). Set its plugins with `use_plugins` before `run`."""
+        job = Job.open(reference, workspace)
+        record = job.record()
+        label = KIND_LABEL[kind]
+        if record.kind != kind:
+            raise JobError(f"{job.name} is not a {label}", "`imgtune jobs` lists jobs and their kinds")
+        life = cls(job, resumed=True, must_push=must_push, timings=record.timings)
+        life._hold.enter_context(job.lock())
+        if job.status() == "completed":
+            life._hold.close()
+            raise JobError(f"{label} {job.name} has already completed", "start a new one instead")
+        try:
+            check_resumable(job, force)
+        except JobError:
+            life._hold.close()
+            raise
+        job.log("resuming")
+        return life
+
+    def use_plugins(self, plugins: list[Any]) -> None:
+        self.plugins = PluginSet(list(plugins), log=self.job.log)
+
+    def run(self, body: Callable[[JobLifecycle], dict[str, Any]], **running_fields: Any) -> Job:
+        """Mark the job running, call its plugins' `on_job_start`, run `body(self)` (which returns the job's
+        results for job.json), and end the job whatever happens; exceptions from `body` are re-raised after the
+        job recorded them."""
+        job = self.job
+        try:
+            self.started = time.perf_counter()
+            job.update(status="running", started=now_iso(), error=None, **running_fields)
+            job.mark_running()
+            self.plugins.call("on_job_start", job)
+            try:
+                results = body(self)
+            except KeyboardInterrupt:
+                self._end("stopped", {"error": "interrupted by the user"}, "stopped by the user")
+                raise
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                self._end("failed", {"error": error}, f"failed: {error}\n{traceback.format_exc()}")
+                raise
+            self._end("completed", results, "completed")
+        finally:
+            self._hold.close()
+        return job
+
+    def _end(self, status: str, fields: dict[str, Any], message: str) -> None:
+        job = self.job
+        ended: dict[str, Any] = {"status": status, "timings": self.timings, **fields}
+        if status == "completed":
+            ended.update(finished=now_iso(), seconds=time.perf_counter() - self.started)
+        job.update(**ended)
+        job.log(message)
+        self.plugins.call("on_job_end", job, status)
+        if self.plugins.failures:
+            job.update(plugin_failures=self.plugins.failures)
+        # A job that failed or stopped is pushed as well as it can be; only a completed job's push must work.
+        job.push(strict=self.must_push and status == "completed")
+
+
+def check_resumable(job: Job, force: bool = False) -> None:
+    """Refuse to resume a job that is still running. A job recorded as running on another machine (the
+    bucket says so, and no process of this one can tell) is resumed only with `force`."""
+    record = job.record()
+    if job.status() != "running":
+        return
+    host = record.host
+    if host and host != socket.gethostname():
+        if force:
+            job.log(f"resumed with --force: it was recorded as running on {host}")
+            return
+        raise JobError(
+            f"job {job.name} is recorded as running on {host} (pid {record.pid}, last update {record.updated})",
+            f"if {host} is gone or the job died there, resume it with --force",
+        )
+    raise JobError(f"job {job.name} is still running (pid {record.pid})", "wait for it or stop it first")
+
+
+def amend_job(job: Job, **fields: Any) -> None:
+    """A later command's change to a job (an evaluation, a report, a final job): written, then pushed to the
+    job's bucket (raises when another machine changed the same files meanwhile)."""
+    if fields:
+        job.update(**fields)
+    job.push()

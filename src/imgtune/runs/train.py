@@ -1,0 +1,74 @@
+"""A training job: config in, job directory (metrics, checkpoints, model bundle, report) out.
+
+`run_training_job` is what `imgtune train` and `imgtune.train` call; tuning trials call it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from imgtune.config import JobConfig, build_config
+from imgtune.core.errors import ConfigError, DataError
+from imgtune.data.sources import is_remote
+from imgtune.runs.lifecycle import JobLifecycle
+from imgtune.runs.plugins import check_plugins, training_plugins
+from imgtune.storage.jobs import Job
+from imgtune.storage.record import JobRecord
+from imgtune.training.callbacks import Callback
+from imgtune.training.process import train_in_this_process
+from imgtune.training.setup import versions
+
+
+def run_training_job(
+    config: JobConfig | None = None,
+    *,
+    workspace: str | Path | None = None,
+    resume: str | Path | None = None,
+    callbacks: Iterable[Callback] = (),
+    progress: bool = True,
+    on_finding: Callable[[str, Any], None] | None = None,
+    force: bool = False,
+    must_push: bool = True,
+) -> Job:
+    """Run a training job to the end and return its directory.
+
+    Args:
+        config: the job; ignored when resuming (the job's own config is used).
+        workspace: where jobs live (default ./imgtune-runs or $IMGTUNE_WORKSPACE).
+        resume: a job name or path to continue from its last checkpoint.
+        callbacks: extra Trainer callbacks (tuning reporters, your own).
+        progress: show progress bars.
+        on_finding: called with (rule name, Finding) whenever a debugger rule finds an issue.
+        force: resume a job recorded as running on another machine (that machine is gone).
+        must_push: in an s3:// workspace, a job that succeeded but could not be pushed at its end raises
+            (a tuning trial does not: its tuning job pushes it again at the end).
+    """
+    if resume is not None:
+        life = JobLifecycle.resume(resume, workspace, "training", force=force, must_push=must_push)
+        config = build_config(life.job.record().config or {}, f"config of job {life.job.name}")
+    else:
+        if config is None:
+            raise ConfigError("run_training_job needs a config or a job to resume")
+        if not is_remote(config.data.path) and not Path(config.data.path).expanduser().is_dir():
+            raise DataError(f"dataset folder not found: {config.data.path}", "check the path given to --data")
+        check_plugins(config)  # unknown rules or parameters: refused before a job directory exists
+        record = JobRecord(name=config.name or "", kind="training", config=config.model_dump(mode="json"))
+        life = JobLifecycle.create(workspace, record, prefix=config.model.backbone, must_push=must_push)
+    life.use_plugins(training_plugins(config))
+
+    def train(life: JobLifecycle) -> dict[str, Any]:
+        return train_in_this_process(
+            life.job,
+            config,
+            life.plugins,
+            resuming=life.resumed,
+            callbacks=list(callbacks),
+            progress=progress,
+            timings=life.timings,
+            started=life.started,
+            on_finding=on_finding,
+        )
+
+    return life.run(train, versions=versions())

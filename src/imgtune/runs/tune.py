@@ -1,0 +1,165 @@
+"""A tuning job: many training jobs (trials) on Ray Tune, inside one job directory.
+
+Layout of a tuning job::
+
+    JOB/
+      job.json      kind "tuning": options, search space, status, trials (best first), best hyperparameters
+      trials/       one training job per trial (trial-<id>), with its own metrics, checkpoints and model
+      ray/          Ray Tune's experiment state (what `--resume` restores)
+      logs.txt
+
+The objective is a validation metric reported every epoch (never the test split: trials do not evaluate
+it). With a frozen backbone, the feature cache is computed once before trials start, so a trial costs only
+head training. Strategies: bayesian (Optuna's TPE through OptunaSearch), random, grid, hyperband (ASHA).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from imgtune.config import TuneOptions, build_config
+from imgtune.core.errors import ConfigError, JobError
+from imgtune.core.io import cache_dir
+from imgtune.report.plugin import TuningReportPlugin
+from imgtune.runs.lifecycle import JobLifecycle, amend_job
+from imgtune.runs.train import run_training_job
+from imgtune.storage.jobs import JOB_FILE, Job
+from imgtune.storage.record import JobRecord
+from imgtune.training.plugin import JobPlugin
+from imgtune.training.setup import warm_feature_cache
+from imgtune.tuning.space import apply_values, parse_space
+from imgtune.tuning.tuner import (
+    TRIAL_PREFIX,
+    TRIALS_DIR,
+    TuneReporter,
+    build_tuner,
+    connect,
+    fit,
+    reported_metrics,
+    require_shared_paths,
+    shares_features,
+    validate,
+    warm_start_points,
+    with_absolute_paths,
+)
+
+
+class TrialsPush(JobPlugin):
+    """At the end of a completed tuning job in an s3:// workspace: every trial pushed again (a trial's own push
+    may have failed; the lifecycle then pushes the tuning job itself)."""
+
+    name = "trials push"
+    core = True
+
+    def on_job_end(self, job: Job, status: str) -> None:
+        if status == "completed" and job.remote is not None:
+            for trial_job in sorted((job.path / TRIALS_DIR).glob(f"*/{JOB_FILE}")):
+                Job(trial_job.parent).push()
+
+
+def run_tuning_job(
+    options: TuneOptions | None = None,
+    *,
+    workspace: str | Path | None = None,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
+    force: bool = False,
+) -> Job:
+    """Run (or, with `resume`, continue) a tuning job to the end and return its directory. `force` resumes a
+    job recorded as running on another machine (that machine is gone); its unfinished trials continue too."""
+    if resume is not None:
+        life = JobLifecycle.resume(resume, workspace, "tuning", force=force)
+        options = TuneOptions(**(life.job.record().options or {}))
+        space, warm = validate(options), []
+    elif options is None:
+        raise ConfigError("run_tuning_job needs options or a job to resume")
+    else:
+        options = options.model_copy(update={"base": with_absolute_paths(options.base)})
+        space = validate(options)
+        warm = warm_start_points(options.warm_start, workspace, space, options.objective)
+        record = JobRecord(
+            name=options.name or "", kind="tuning", options=options.model_dump(mode="json"), warm_start_points=len(warm)
+        )
+        life = JobLifecycle.create(workspace, record, prefix="tune")
+    life.use_plugins([TuningReportPlugin(), TrialsPush()])
+
+    def tune(life: JobLifecycle) -> dict[str, Any]:
+        job = life.job
+        trials_dir = job.path / TRIALS_DIR
+        trials_dir.mkdir(exist_ok=True)
+        nodes = connect(options.ray_address)  # first: a wrong address or a missing token fails before any work
+        features_shared = shares_features(space, options.base)
+        if features_shared:
+            started = time.perf_counter()
+            warm_feature_cache(build_config(options.base), progress=progress)
+            job.update(feature_cache_seconds=time.perf_counter() - started)
+            job.log(f"feature cache ready in {time.perf_counter() - started:.1f} s, shared by every trial")
+        job.update(ray={"address": options.ray_address or "in-process", "nodes": nodes})
+        job.log(f"Ray: {options.ray_address or 'in-process'}, nodes {', '.join(n['address'] for n in nodes)}")
+        context = {
+            "base": options.base,
+            "space": options.space,
+            "trials_dir": str(trials_dir),
+            "objective": options.objective,
+            "cpus_per_trial": options.cpus_per_trial,
+            "cache": str(cache_dir()),
+            "features_shared": features_shared,
+        }
+        tuner = build_tuner(job, run_trial, context, options, space, warm, life.resumed)
+        return fit(tuner, job, options, space, progress, on_trial)
+
+    return life.run(tune)
+
+
+def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
+    """One trial, in a Ray worker: a training job with the trial's hyperparameters, reporting every epoch."""
+    import torch
+    from ray import tune
+
+    space = parse_space(context["space"])
+    values = space.values(config)
+    trial_name = TRIAL_PREFIX + tune.get_context().get_trial_id()
+    require_shared_paths(context)
+    trials_dir = Path(context["trials_dir"])
+    torch.set_num_threads(max(1, int(context["cpus_per_trial"])))
+    if context.get("cache"):
+        os.environ["IMGTUNE_CACHE"] = context["cache"]
+    reporter = TuneReporter(context["objective"], trial_name)
+    existing = trials_dir / trial_name
+    if existing.exists():  # a trial Ray restarts (its driver was killed): continue its training job
+        job = Job(existing)
+        if job.status() != "completed":
+            # force: its tuning job was found resumable, so the trial runs nowhere else, whatever host it names
+            run_training_job(
+                resume=existing, workspace=trials_dir, callbacks=[reporter], progress=False, force=True,
+                must_push=False,
+            )  # fmt: skip
+            return
+        for record in job.read_metrics():  # finished before the kill: tell Ray again what it reported
+            tune.report(reported_metrics(record, trial_name))
+        return
+    raw = apply_values(context["base"], values)
+    raw["name"] = trial_name
+    raw.setdefault("train", {})["evaluate_test"] = False
+    run_training_job(build_config(raw), workspace=trials_dir, callbacks=[reporter], progress=False, must_push=False)
+
+
+def train_best(job: Job, *, name: str | None = None, progress: bool = True) -> Job:
+    """Train the final model with a tuning job's best hyperparameters, debugger and profiler on, evaluated on
+    the test split (as the original notebook did next); the tuning job records it as `final_job`."""
+    record = job.record()
+    if not record.best:
+        raise JobError(f"tuning job {job.name} has no finished trial", "see `imgtune tune show`")
+    raw = apply_values((record.options or {})["base"], record.best["hyperparameters"])
+    raw["name"] = name or f"{job.name}-best"
+    raw["debugger"] = {k: v for k, v in raw.get("debugger", {}).items() if k != "enabled"}
+    raw["profiler"] = {k: v for k, v in raw.get("profiler", {}).items() if k not in ("enabled", "report")}
+    raw.setdefault("train", {})["evaluate_test"] = True
+    final = run_training_job(build_config(raw), workspace=job.path.parent, progress=progress)
+    amend_job(job, final_job=final.name)
+    return final

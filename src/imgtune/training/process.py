@@ -1,0 +1,169 @@
+"""One training process's work in a job: data, model, loaders, Trainer, resume, fit, test, the plugins' hooks.
+
+The job's life around it (status, timings, the plugins' job hooks, push) is `imgtune.runs`'s: this module
+knows the plugin contract (imgtune.training.plugin), never a plugin.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from imgtune.config import JobConfig
+from imgtune.core.progress import console
+from imgtune.data.dataset import prepare_data
+from imgtune.storage.jobs import Job
+from imgtune.training.callbacks import Callback
+from imgtune.training.plugin import PluginSet, TrainingRun
+from imgtune.training.setup import (
+    amp_dtype,
+    build_model,
+    make_optimizer,
+    make_scheduler,
+    resolve_device,
+    seed_everything,
+    setup_training,
+)
+from imgtune.training.standard_callbacks import (
+    Checkpointer,
+    EarlyStopping,
+    MetricsWriter,
+    ProgressBar,
+    restore_checkpoint,
+)
+from imgtune.training.trainer import Trainer
+
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+
+
+def train_in_this_process(
+    job: Job,
+    config: JobConfig,
+    plugins: PluginSet,
+    *,
+    resuming: bool,
+    callbacks: list[Callback],
+    progress: bool,
+    timings: dict[str, float],
+    started: float,
+    on_finding: Callable[[str, Any], None] | None = None,
+) -> dict[str, Any]:
+    """Train `config` into `job` on this process; returns the results for job.json (and fills `timings`)."""
+    cfg = config.train
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = resolve_device(cfg.device)
+    data = prepare_data(config.data, progress=progress)
+    job.update(dataset=data.summary())
+    for problem in data.excluded:
+        job.log(f"excluded {problem.path}: {problem.reason}")
+    model = build_model(config, data.num_classes)
+    if model.weights_report:
+        job.log(model.weights_report.summary())
+        job.update(weights=model.weights_report.to_dict())
+    _warn_about_a_frozen_random_backbone(job, config, progress)
+    preprocessing = model.preprocessing(config.data.image_size)
+    setup = setup_training(model, data, preprocessing, config, device, progress=progress)
+    timings["initialization"] = time.perf_counter() - started
+    timings["feature_cache"] = setup.cache_seconds
+    run = TrainingRun(job, config, data, model, preprocessing, setup, device, progress, on_finding=on_finding)
+    module = setup.module.to(device)
+    optimizer = make_optimizer(module.parameters(), cfg)
+    has_valid = "valid" in setup.loaders
+    stopper = EarlyStopping(
+        cfg.early_stopping.metric,
+        cfg.early_stopping.patience,
+        cfg.early_stopping.min_delta,
+        best_path=job.checkpoint_dir / BEST_CHECKPOINT,
+        enabled=cfg.early_stopping.enabled and has_valid,
+    )
+    trainer = Trainer(
+        module,
+        optimizer,
+        setup.loaders,
+        epochs=cfg.epochs,
+        num_classes=data.num_classes,
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        device=device,
+        scheduler=make_scheduler(optimizer, cfg),
+        callbacks=[
+            MetricsWriter(job),
+            stopper,
+            Checkpointer(job.checkpoint_dir / LAST_CHECKPOINT, run.class_ids),
+            ProgressBar(progress),
+            *plugins.callbacks(run),
+            *callbacks,
+        ],
+        amp_dtype=amp_dtype(cfg.mixed_precision, device),
+        seed=cfg.seed,
+        log=job.log,
+    )
+    start_epoch = 1
+    last = job.checkpoint_dir / LAST_CHECKPOINT
+    if resuming and last.exists():
+        start_epoch = restore_checkpoint(trainer, last, run.class_ids)
+        job.truncate_metrics(start_epoch - 1)
+        job.log(f"resumed after epoch {start_epoch - 1}")
+    elif resuming:  # killed before its first epoch ended: start over
+        job.truncate_metrics(0)
+        plugins.call("on_start_over", run)
+    job.update(
+        training_mode=setup.mode,
+        feature_backend=setup.feature_backend,
+        feature_extraction=setup.extraction,  # did the backbone wait for data? (None: features from the cache)
+        resumed_from_epoch=start_epoch - 1 if resuming else None,
+    )
+    loop_started = time.perf_counter()
+    try:
+        trainer.fit(start_epoch)
+    except BaseException:
+        plugins.call("on_fit_abort", run)
+        raise
+    timings["training_loop"] = timings.get("training_loop", 0.0) + time.perf_counter() - loop_started
+    finalize_started = time.perf_counter()
+    restored = cfg.early_stopping.restore_best and has_valid and stopper.restore_best(module)
+    results: dict[str, Any] = {
+        "epochs_run": len(trainer.history),
+        "stop_reason": trainer.stop_reason,
+        "best_epoch": stopper.best_epoch if has_valid else None,
+        "restored_best": bool(restored),
+        "best": _best_record(trainer.history, stopper.best_epoch if restored else None),
+        "callback_failures": trainer.runner.failures,
+    }
+    if "test" in setup.loaders and cfg.evaluate_test:
+        test = trainer.evaluate("test", confusion=True)
+        results["test"] = {
+            **test.summary(),
+            "per_class_accuracy": {c.id: acc for c, acc in zip(data.classes, test.per_class_accuracy(), strict=True)},
+            "confusion_matrix": test.confusion.tolist(),
+        }
+        job.log(f"test accuracy {test.accuracy:.4f} top-5 {test.top5:.4f} on {test.samples} images")
+    module.cpu()
+    plugins.call("on_fit_end", run, results)
+    timings["finalization"] = time.perf_counter() - finalize_started
+    timings["total"] = time.perf_counter() - started
+    return results
+
+
+def _warn_about_a_frozen_random_backbone(job: Job, config: JobConfig, progress: bool) -> None:
+    if config.model.pretrained != "none" or config.model.weights or config.model.freeze == "none":
+        return
+    warning = (
+        f"the backbone has random weights and is frozen ({config.model.freeze}): its features carry little "
+        "information and only the head learns; use --freeze none to train the whole network"
+    )
+    job.log(f"warning: {warning}")
+    job.update(warnings=[warning])
+    if progress:
+        console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+
+
+def _best_record(history: list[dict[str, Any]], best_epoch: int | None) -> dict[str, Any] | None:
+    """The record of the epoch whose weights the model keeps: early stopping's best, else the last."""
+    for record in history:
+        if record["epoch"] == best_epoch:
+            return record
+    return history[-1] if history else None
