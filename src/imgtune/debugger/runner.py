@@ -1,8 +1,8 @@
 """Running rules: online as a Trainer callback, offline over a stored job.
 
-Each rule has a status: InProgress while it runs, then NoIssuesFound, IssuesFound (with the step and
-evidence of each finding) or Error (the rule itself failed, with the reason). Actions on a finding: log it,
-call the user's callback, and stop training when the rule is in `stop_on`.
+Each rule has a status (imgtune.rules.Status): InProgress while it runs, then NoIssuesFound, IssuesFound
+(with the step and evidence of each finding) or Error (the rule itself failed, with the reason). Actions on a
+finding: log it, call the user's callback, and stop training when the rule is in `stop_on`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from imgtune.core.io import atomic_write_json, now_iso
 from imgtune.debugger.rules.base import Finding, Rule
 from imgtune.debugger.store import RULES_FILE, Trial
+from imgtune.rules import RuleResult, Status
 from imgtune.training.callbacks import Callback, StopTraining
 
 if TYPE_CHECKING:
@@ -42,43 +43,38 @@ class RuleRunner:
         self.log = log
         self._evaluated = -1
         self._written: list[tuple[str, int]] | None = None
-        self.results: dict[str, dict[str, Any]] = {
-            rule.name: {
-                "rule": rule.name,
-                "status": "InProgress",
-                "parameters": rule.params,
-                "findings": [],
-                "finding_count": 0,
-                "error": None,
-            }
+        self.results: dict[str, RuleResult] = {
+            rule.name: RuleResult(rule.name, Status.IN_PROGRESS, parameters=rule.params, findings=[], finding_count=0)
             for rule in rules
         }
 
     def _add(self, rule: Rule, finding: Finding) -> bool:
         result = self.results[rule.name]
-        result["finding_count"] += 1
-        if len(result["findings"]) < MAX_FINDINGS_KEPT:
-            result["findings"].append(finding.to_dict())
-        if result["finding_count"] == 1 and self.log:
-            self.log(f"rule {rule.name} found an issue at step {finding.step}: {finding.message}")
+        result.finding_count += 1
+        if len(result.findings) < MAX_FINDINGS_KEPT:
+            result.findings.append(finding)
+        if result.finding_count == 1:
+            result.message = finding.message
+            if self.log:
+                self.log(f"rule {rule.name} found an issue at step {finding.step}: {finding.message}")
         if self.on_finding:
             try:
                 self.on_finding(rule.name, finding)
             except Exception as exc:  # the user's action must not switch the rules off
                 if self.log:
                     self.log(f"on_finding action failed for rule {rule.name}: {type(exc).__name__}: {exc}")
-        # a rule's own stop_training_on_fire parameter (StalledTraining's, as in SageMaker) acts like stop_on
+        # a rule's own stop_training_on_fire parameter (as in SageMaker's StalledTraining) acts like stop_on
         return rule.name in self.stop_on or bool(rule.params.get("stop_training_on_fire"))
 
     def _guarded(self, rule: Rule, call: Callable[[], Any]) -> Any:
-        if self.results[rule.name]["status"] == "Error":
+        result = self.results[rule.name]
+        if result.status == Status.ERROR:
             return None
         try:
             return call()
         except Exception as exc:
-            self.results[rule.name].update(
-                status="Error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()
-            )
+            result.status, result.traceback = Status.ERROR, traceback.format_exc()
+            result.error = result.message = f"{type(exc).__name__}: {exc}"
             if self.log:
                 self.log(f"rule {rule.name} failed: {type(exc).__name__}: {exc}")
             return None
@@ -96,38 +92,43 @@ class RuleRunner:
         return stop
 
     def finish(self, trial: Trial) -> dict[str, dict[str, Any]]:
-        """Run end-of-training checks and settle every status.
+        """Run end-of-training checks and settle every status; every rule's result (RuleResult.to_dict()).
 
         A rule whose required data was never saved ends in Error with the reason, not in NoIssuesFound.
         """
         self.evaluate(trial)
         for rule in self.rules:
+            result = self.results[rule.name]
             missing = rule.missing_data(trial)
-            if missing and not self.results[rule.name]["finding_count"]:
-                self.results[rule.name].update(status="Error", error=missing)
+            if missing and not result.finding_count:
+                result.status, result.error, result.message = Status.ERROR, missing, missing
                 continue
             for finding in self._guarded(rule, lambda rule=rule: rule.finish(trial)) or []:
                 self._add(rule, finding)
-            result = self.results[rule.name]
-            if result["status"] != "Error":
-                result["status"] = "IssuesFound" if result["finding_count"] else "NoIssuesFound"
-        return self.results
+            if result.status != Status.ERROR:
+                result.status = Status.ISSUES if result.finding_count else Status.NO_ISSUES
+        return self.dicts()
+
+    def dicts(self) -> dict[str, dict[str, Any]]:
+        """Every rule's result as it stands, as rules.json holds it (rule name -> RuleResult.to_dict())."""
+        return {name: result.to_dict() for name, result in self.results.items()}
 
     def write(self, directory: Path, durable: bool = False) -> None:
         """Write rules.json when a status or finding count changed since the last write (or when durable)."""
-        signature = [(r["status"], r["finding_count"]) for r in self.results.values()]
+        signature = [(r.status, r.finding_count) for r in self.results.values()]
         if signature == self._written and not durable:
             return
         self._written = signature
-        data = {"updated": now_iso(), "rules": list(self.results.values())}
+        data = {"updated": now_iso(), "rules": list(self.dicts().values())}
         atomic_write_json(directory / RULES_FILE, data, durable)
 
 
 class RuleCallback(Callback):
     """Runs rules online after every batch, writes their status, and stops training on request.
 
-    With StalledTraining among the rules, a watchdog thread also reports a stall while it lasts (a hung
-    data loader never reaches the next step, so a per-step check alone would never see it).
+    When a rule has an `idle_threshold()` (StalledTraining does), a watchdog thread also calls its `on_idle`
+    while no step comes (a hung data loader never reaches the next step, so a per-step check alone would
+    never see it).
     """
 
     order = 26
@@ -147,29 +148,27 @@ class RuleCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self.runner.write(self.directory)
-        stalled = next((r for r in self.runner.rules if r.name == "StalledTraining"), None)
-        if stalled is not None and self._watchdog is None:
+        watched = [(rule, float(t)) for rule in self.runner.rules if (t := rule.idle_threshold()) is not None]
+        if watched and self._watchdog is None:
             self._last_step_time = time.monotonic()
-            self._watchdog = threading.Thread(target=self._watch, args=(trainer, stalled), daemon=True)
+            self._watchdog = threading.Thread(target=self._watch, args=(trainer, watched), daemon=True)
             self._watchdog.start()
 
-    def _watch(self, trainer: Trainer, rule: Rule) -> None:
-        threshold = float(rule.params["threshold"])
-        reported_for = None
-        while not self._stopped.wait(min(max(threshold / 4, 0.05), 5.0)):
+    def _watch(self, trainer: Trainer, watched: list[tuple[Rule, float]]) -> None:
+        reported_for: dict[str, float] = {}  # rule -> the last step time whose pause it was told about
+        pause = min(min(max(threshold / 4, 0.05), 5.0) for _, threshold in watched)
+        while not self._stopped.wait(pause):
             with self._lock:
                 idle = time.monotonic() - self._last_step_time
-                if idle > threshold and reported_for != self._last_step_time:
-                    reported_for = self._last_step_time
+                for rule, threshold in watched:
+                    if idle <= threshold or reported_for.get(rule.name) == self._last_step_time:
+                        continue
+                    reported_for[rule.name] = self._last_step_time
                     trial = self.trial_source()
-                    rule.stall_reported = True  # the step that ends this stall need not report it again
-                    finding = Finding(
-                        trial.steps()[-1] + 1 if trial.steps() else 0,  # the step being waited for
-                        f"no step for {idle:.1f} s (> {threshold:g} s): training is stalled",
-                        "loss",
-                        {"seconds": idle, "watchdog": True},
+                    finding = self.runner._guarded(
+                        rule, lambda rule=rule, trial=trial, idle=idle: rule.on_idle(trial, idle)
                     )
-                    if self.runner._add(rule, finding):
+                    if finding is not None and self.runner._add(rule, finding):
                         trainer.request_stop(f"debugger rule {rule.name}: {finding.message}")
                     self.runner.write(self.directory)
 

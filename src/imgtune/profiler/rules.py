@@ -1,9 +1,11 @@
 """The profiler's rules, with SageMaker Debugger's names, parameters and defaults, over a job's ProfileData.
 
-Each rule returns a RuleResult: ``IssuesFound`` (with how many datapoints triggered it and a
-recommendation in plain words), ``NoIssuesFound``, or ``NotApplicable`` where the run cannot tell (e.g. a GPU
-rule on a machine without a GPU, which says so instead of firing falsely). Where a CPU-only reading is
-meaningful (data loading dominating the step, one core saturated, memory growing), the rule reads that.
+A profiler rule is an `imgtune.rules.Rule` of kind "profiler": `evaluate(data)` returns a RuleResult,
+``IssuesFound`` (with how many datapoints triggered it, and the rule's `advice` as its recommendation),
+``NoIssuesFound``, ``InsufficientData`` (too few datapoints yet), or ``NotApplicable`` where the run cannot
+tell (e.g. a GPU rule on a machine without a GPU, which says so instead of firing falsely). Where a CPU-only
+reading is meaningful (data loading dominating the step, one core saturated, memory growing), the rule reads
+that.
 
 `patience` is, as in SageMaker, the number of first datapoints skipped (initialisation); `window` the
 number of datapoints over which percentiles are taken.
@@ -13,64 +15,53 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 
-from imgtune.core.errors import ConfigError
+from imgtune import rules as contract
 from imgtune.profiler.data import ProfileData, percentiles
+from imgtune.rules import RuleResult, Status
 
-ISSUES, NO_ISSUES, NOT_APPLICABLE = "IssuesFound", "NoIssuesFound", "NotApplicable"
+KIND = "profiler"
+ISSUES, NO_ISSUES, NOT_APPLICABLE = Status.ISSUES, Status.NO_ISSUES, Status.NOT_APPLICABLE
+INSUFFICIENT = Status.INSUFFICIENT
+
+__all__ = [
+    "INSUFFICIENT",
+    "ISSUES",
+    "NOT_APPLICABLE",
+    "NO_ISSUES",
+    "RULES",
+    "ProfilerRule",
+    "RuleResult",
+    "evaluate_rules",
+    "jensen_shannon",
+    "make_profiler_rules",
+    "system_usage_table",
+]
 
 
-@dataclass
-class RuleResult:
-    rule: str
-    status: str
-    message: str
-    datapoints: int = 0
-    triggers: int = 0
-    recommendation: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
+class ProfilerRule(contract.Rule, register=False):
+    """Base class of profiler rules: subclasses set `parameters`, `description`, `advice` and implement
+    `evaluate(data)`, which returns a RuleResult (made with `self.result`)."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    kind: ClassVar[str] = KIND
 
-
-class ProfilerRule:
-    """A rule: `parameters` (name -> default) readable as attributes; `evaluate(data)` gives a RuleResult."""
-
-    parameters: ClassVar[dict[str, Any]] = {}
-    description: ClassVar[str] = ""
-
-    def __init__(self, **overrides: Any):
-        unknown = sorted(set(overrides) - set(self.parameters))
-        if unknown:
-            raise ConfigError(
-                f"{self.name} has no parameter(s) {unknown}",
-                f"its parameters: {', '.join(self.parameters) or 'none'}",
-            )
-        self.params = {**self.parameters, **overrides}
-
-    def __getattr__(self, key: str) -> Any:
-        params = self.__dict__.get("params", {})
-        if key in params:
-            return params[key]
-        raise AttributeError(key)
-
-    @property
-    def name(self) -> str:
-        return type(self).__name__
-
-    def result(self, status: str, message: str, **kwargs: Any) -> RuleResult:
-        return RuleResult(self.name, status, message, **kwargs)
+    def result(self, status: Status, message: str, **kwargs: Any) -> RuleResult:
+        """A result of this rule; one with issues recommends the rule's advice unless given a recommendation."""
+        defaults = {
+            "datapoints": 0,
+            "triggers": 0,
+            "recommendation": self.advice if status == ISSUES else "",
+            "details": {},
+            "parameters": self.params,
+        }
+        return RuleResult(self.name, status, message, **{**defaults, **kwargs})
 
     def evaluate(self, data: ProfileData) -> RuleResult:
         raise NotImplementedError
-
-
-INSUFFICIENT = "InsufficientData"
 
 
 def _after_patience(values: np.ndarray, patience: int) -> np.ndarray:
@@ -102,6 +93,10 @@ class LowGPUUtilization(ProfilerRule):
 
     parameters = {"threshold_p95": 70, "threshold_p5": 10, "window": 500, "patience": 1000}
     description = "GPU under-utilised or fluctuating"
+    advice = (
+        "Use a larger batch size, more data loader workers, or a smaller (cheaper) instance; if "
+        "utilisation fluctuates, look for data loading or synchronisation stalls in the step timeline."
+    )
 
     def evaluate(self, data: ProfileData) -> RuleResult:
         if not data.gpu_count:
@@ -129,8 +124,6 @@ class LowGPUUtilization(ProfilerRule):
             f"GPU {worst['gpu']} {worst['kind']}: p95 {worst['p95']:.0f}%, p5 {worst['p5']:.0f}%",
             datapoints=datapoints,
             triggers=triggers,
-            recommendation="Use a larger batch size, more data loader workers, or a smaller (cheaper) instance; "
-            "if utilisation fluctuates, look for data loading or synchronisation stalls in the step timeline.",
             details={"windows": evidence[:20]},
         )
 
@@ -146,6 +139,11 @@ class CPUBottleneck(ProfilerRule):
 
     parameters = {"threshold": 50, "gpu_threshold": 10, "cpu_threshold": 90, "patience": 1000}
     description = "the CPU holds the training back"
+    advice = (
+        "Move data preparation off the critical path: more data loader workers, cached features "
+        "(freeze the backbone; train.feature_cache), smaller images (data.image_size), or a machine with more "
+        "cores (per GPU)."
+    )
 
     def evaluate(self, data: ProfileData) -> RuleResult:
         if data.gpu_count and len(data.samples) <= self.patience:
@@ -164,8 +162,6 @@ class CPUBottleneck(ProfilerRule):
                     f"{self.gpu_threshold}%",
                     datapoints=n,
                     triggers=bottleneck,
-                    recommendation="Move preprocessing off the critical path: more data loader workers, cached "
-                    "features (train.feature_cache), smaller images, or a machine with more cores per GPU.",
                     details={"share_percent": share},
                 )
             return self.result(
@@ -186,8 +182,6 @@ class CPUBottleneck(ProfilerRule):
                 f"{busy:.0f}% busy (median)",
                 datapoints=int(totals.size),
                 triggers=1,
-                recommendation="Decoding and augmenting images takes the cores the model needs: train the head on "
-                "cached features (freeze the backbone), lower data.image_size, or use a machine with more cores.",
                 details=details,
             )
         return self.result(
@@ -204,6 +198,10 @@ class IOBottleneck(ProfilerRule):
 
     parameters = {"threshold": 50, "io_threshold": 50, "gpu_threshold": 10, "patience": 1000}
     description = "storage holds the training back"
+    advice = (
+        "Read from faster storage: copy the dataset to a local disk (s3:// sources are cached once), "
+        "use more loader workers to overlap reads, or cache features."
+    )
 
     def evaluate(self, data: ProfileData) -> RuleResult:
         if len(data.samples) <= self.patience:
@@ -222,8 +220,6 @@ class IOBottleneck(ProfilerRule):
                 f"{share:.0f}% of samples waited on I/O above {self.io_threshold}%",
                 datapoints=int(waiting.size),
                 triggers=int(waiting.sum()),
-                recommendation="Read from faster storage: copy the dataset to a local disk (s3:// sources are cached "
-                "once), use more loader workers to overlap reads, or cache features.",
                 details=details,
             )
         return self.result(NO_ISSUES, f"I/O-bound samples: {share:.0f}%", datapoints=int(waiting.size), details=details)
@@ -242,6 +238,10 @@ class BatchSize(ProfilerRule):
         "window": 500,
     }
     description = "the batch is too small for the hardware"
+    advice = (
+        "Try a larger batch size (train.batch_size), scaling the learning rate with it, or a smaller "
+        "machine. On a CPU, also check that torch uses all cores (torch.set_num_threads)."
+    )
 
     def evaluate(self, data: ProfileData) -> RuleResult:
         if len(data.samples) <= max(self.patience, self.window):
@@ -272,8 +272,6 @@ class BatchSize(ProfilerRule):
             f"{what} under-used (p95 CPU {evidence[0]['cpu_p95']:.0f}%) in {triggers} window(s)",
             datapoints=int(cpu.size),
             triggers=triggers,
-            recommendation="Try a larger batch size (train.batch_size), scaling the learning rate with it, or a "
-            "smaller machine. On a CPU, also check that torch uses all cores (torch.set_num_threads).",
             details={"windows": evidence[:20]},
         )
 
@@ -288,6 +286,10 @@ class StepOutlier(ProfilerRule):
 
     parameters = {"stddev": 3, "mode": None, "n_outliers": 10}
     description = "some steps take far longer than the rest"
+    advice = (
+        "Look at the step timeline around the outliers: periodic ones are usually checkpoints, evaluation "
+        "or garbage collection; data-wait spikes point at slow files or too few loader workers."
+    )
 
     def evaluate(self, data: ProfileData) -> RuleResult:
         phases = [self.mode] if self.mode else data.phases()
@@ -326,8 +328,6 @@ class StepOutlier(ProfilerRule):
             f"(mean {evidence[worst]['mean_s'] * 1000:.1f} ms)",
             datapoints=total_steps,
             triggers=triggers,
-            recommendation="Look at the step timeline around the outliers: periodic ones are usually checkpoints, "
-            "evaluation or garbage collection; data-wait spikes point at slow files or too few loader workers.",
             details=evidence,
         )
 
@@ -338,6 +338,7 @@ class Dataloader(ProfilerRule):
 
     parameters = {"min_threshold": 70, "max_threshold": 200}
     description = "the data loader's worker count does not fit the machine"
+    advice = "Set data.num_workers near the number of cores the job may use; keep pin_memory on for GPUs."
 
     def evaluate(self, data: ProfileData) -> RuleResult:
         meta = data.meta
@@ -363,7 +364,6 @@ class Dataloader(ProfilerRule):
                 "; ".join(problems),
                 datapoints=1,
                 triggers=len(problems),
-                recommendation=f"Set data.num_workers near the core count ({cores}); keep pin_memory on for GPUs.",
                 details=details,
             )
         return self.result(NO_ISSUES, f"{workers} loader workers for {cores} cores", datapoints=1, details=details)
@@ -376,6 +376,10 @@ class GPUMemoryIncrease(ProfilerRule):
 
     parameters = {"increase": 5, "patience": 1000, "window": 10}
     description = "memory use jumps"
+    advice = (
+        "If the footprint nears the device's memory, use a smaller batch or a larger device; if it keeps "
+        "rising, something holds tensors across steps (e.g. summing losses without .item())."
+    )
 
     def evaluate(self, data: ProfileData) -> RuleResult:
         if len(data.samples) <= self.patience:
@@ -404,8 +408,6 @@ class GPUMemoryIncrease(ProfilerRule):
                 f"{what} rose by up to {max(jumps[worst]):.1f} points of the total between samples ({worst})",
                 datapoints=len(data.samples),
                 triggers=triggers,
-                recommendation="If the footprint nears the device's memory, use a smaller batch or a larger device; "
-                "if it keeps rising, something holds tensors across steps (e.g. summing losses without .item()).",
                 details={"jumps_percent_points": {k: v[:20] for k, v in jumps.items()}},
             )
         return self.result(NO_ISSUES, f"{what} had no jumps above {self.increase} points", datapoints=len(data.samples))
@@ -416,6 +418,10 @@ class MaxInitializationTime(ProfilerRule):
 
     parameters = {"threshold": 20}
     description = "initialisation takes too long"
+    advice = (
+        "Most of it is usually data: copy s3:// data once (it is cached), keep the feature cache "
+        "between jobs, and check `imgtune data check` for very large images."
+    )
 
     def evaluate(self, data: ProfileData) -> RuleResult:
         seconds = data.timings.get("initialization")
@@ -428,8 +434,6 @@ class MaxInitializationTime(ProfilerRule):
                 f"initialisation took {seconds / 60:.1f} min (> {self.threshold} min)",
                 datapoints=1,
                 triggers=1,
-                recommendation="Most of it is usually data: copy s3:// data once (it is cached), keep the feature "
-                "cache between jobs, and check `imgtune data check` for very large images.",
                 details=details,
             )
         return self.result(NO_ISSUES, f"initialisation took {seconds:.1f} s", datapoints=1, details=details)
@@ -442,6 +446,11 @@ class LoadBalancing(ProfilerRule):
 
     parameters = {"threshold": 0.5, "patience": 1000}
     description = "work is unevenly spread"
+    advice = (
+        "Balance the work: across GPUs, equal per-device batches and no rank doing extra work (evaluation, "
+        "logging) alone; on a CPU, one saturated core is a single-threaded stage: use data loader workers "
+        "(data.num_workers) and check that torch.get_num_threads() matches the cores."
+    )
 
     def evaluate(self, data: ProfileData) -> RuleResult:
         if data.gpu_count >= 2:
@@ -460,8 +469,6 @@ class LoadBalancing(ProfilerRule):
                     f"GPUs {worst[1]} and {worst[2]} were used unevenly (distance {worst[0]:.2f})",
                     datapoints=len(data.samples),
                     triggers=1,
-                    recommendation="Balance the work across GPUs (equal per-device batches, no rank doing extra "
-                    "work such as evaluation or logging alone).",
                 )
             return self.result(NO_ISSUES, "GPU load was even", datapoints=len(data.samples))
         if len(data.samples) <= self.patience:
@@ -481,8 +488,6 @@ class LoadBalancing(ProfilerRule):
                 f"(at most {float(np.max(others)):.0f}%)",
                 datapoints=int(cores.shape[0]),
                 triggers=1,
-                recommendation="A single-threaded stage is the bottleneck: use data loader workers "
-                "(data.num_workers), and check torch.get_num_threads() matches the cores.",
                 details=details,
             )
         return self.result(
@@ -536,6 +541,10 @@ class OverallSystemUsage(ProfilerRule):
 
     parameters = {}
     description = "system usage summary"
+    advice = (
+        "A summary, not a check: compare each resource's p95 with what the machine has; resources "
+        "that stay idle point at a larger batch or a smaller machine."
+    )
 
     def evaluate(self, data: ProfileData) -> RuleResult:
         if not data.samples:
@@ -555,6 +564,10 @@ class OverallFrameworkMetrics(ProfilerRule):
 
     parameters = {}
     description = "framework metrics summary"
+    advice = (
+        "A summary, not a check: speed up first the step segment that takes the most time (data, "
+        "forward, backward, optimizer); the top operators say where inside it."
+    )
 
     def evaluate(self, data: ProfileData) -> RuleResult:
         if not data.steps:
@@ -576,32 +589,12 @@ class OverallFrameworkMetrics(ProfilerRule):
         )
 
 
-RULES: dict[str, type[ProfilerRule]] = {
-    cls.__name__: cls
-    for cls in (
-        LowGPUUtilization,
-        CPUBottleneck,
-        IOBottleneck,
-        BatchSize,
-        StepOutlier,
-        Dataloader,
-        GPUMemoryIncrease,
-        MaxInitializationTime,
-        LoadBalancing,
-        OverallSystemUsage,
-        OverallFrameworkMetrics,
-    )
-}
+RULES: Mapping[str, type[ProfilerRule]] = contract.rules_of(KIND)  # the profiler rules by name (a live view)
 
 
 def make_profiler_rules(names: list[str], parameters: dict[str, dict[str, Any]] | None = None) -> list[ProfilerRule]:
-    parameters = parameters or {}
-    rules = []
-    for name in names:
-        if name not in RULES:
-            raise ConfigError(f"unknown profiler rule {name!r}", f"known: {', '.join(RULES)}")
-        rules.append(RULES[name](**parameters.get(name, {})))
-    return rules
+    """Instantiate profiler rules by name with their parameter overrides (name -> {key: value})."""
+    return contract.make_rules(KIND, names, parameters)
 
 
 def evaluate_rules(rules: list[ProfilerRule], data: ProfileData) -> dict[str, dict[str, Any]]:
@@ -613,5 +606,6 @@ def evaluate_rules(rules: list[ProfilerRule], data: ProfileData) -> dict[str, di
                 warnings.simplefilter("ignore", RuntimeWarning)
                 results[rule.name] = rule.evaluate(data).to_dict()
         except Exception as exc:
-            results[rule.name] = RuleResult(rule.name, "Error", f"{type(exc).__name__}: {exc}").to_dict()
+            error = f"{type(exc).__name__}: {exc}"
+            results[rule.name] = rule.result(Status.ERROR, error, error=error).to_dict()
     return results

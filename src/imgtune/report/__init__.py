@@ -23,6 +23,7 @@ from imgtune.profiler import read_rule_results
 from imgtune.profiler.data import PROFILER_DIR, ProfileData
 from imgtune.profiler.rules import ISSUES, system_usage_table
 from imgtune.profiler.timeline import SEGMENTS
+from imgtune.rules import advice_for
 from imgtune.storage.jobs import Job
 
 REPORT_FILE = "report.html"
@@ -282,33 +283,20 @@ def _profiler_section(figures: Figures, job: Job, timings: dict[str, float]) -> 
 
 
 def _recommendations(profiler: dict[str, Any] | None, debugger: dict[str, Any] | None) -> list[dict[str, str]]:
+    import imgtune.debugger.rules  # noqa: F401  (registers the debugger's built-in rules: their advice is read here)
+
     out = []
     for rule in (profiler or {}).get("rules", []):
         if rule.get("status") == ISSUES:
-            out.append({"rule": rule["rule"], "what": rule["message"], "do": rule.get("recommendation", "")})
+            do = rule.get("recommendation") or advice_for("profiler", rule["rule"])
+            out.append({"rule": rule["rule"], "what": rule["message"], "do": do})
     for rule in (debugger or {}).get("rules", []):
         if rule.get("status") == ISSUES:
             first = (rule.get("findings") or [{}])[0]
             out.append(
-                {"rule": rule["rule"], "what": first.get("message", ""), "do": DEBUGGER_ADVICE.get(rule["rule"], "")}
+                {"rule": rule["rule"], "what": first.get("message", ""), "do": advice_for("debugger", rule["rule"])}
             )
     return out
-
-
-DEBUGGER_ADVICE = {
-    "VanishingGradient": "Gradients are vanishing: use ReLU-family activations, normalisation layers, or a higher "
-    "learning rate for the layers that stop learning.",
-    "ExplodingTensor": "Values overflowed: lower the learning rate, clip gradients, or check the inputs for NaN.",
-    "PoorWeightInitialization": "The start was poor: check the head's initialisation and the input normalisation.",
-    "LossNotDecreasing": "The loss stopped falling: raise or schedule the learning rate, or check the labels.",
-    "Overfit": "Validation loss departs from training loss: add augmentation (train.augment_views), dropout, weight "
-    "decay, or stop earlier.",
-    "Overtraining": "Validation stopped improving: stop earlier (train.early_stopping) — the best epoch is kept.",
-    "ClassImbalance": "Some classes dominate: balance the data or weight the loss.",
-    "DeadRelu": "Many ReLUs never fire: lower the learning rate or use LeakyReLU.",
-    "SaturatedActivation": "Activations saturate: normalise inputs or use non-saturating activations.",
-    "StalledTraining": "Training made no progress for a while: check the data loader and the machine.",
-}
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

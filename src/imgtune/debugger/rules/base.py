@@ -1,8 +1,9 @@
-"""The Rule contract, the registry of built-in rules, and loading custom rules from a file.
+"""The debugger's part of the Rule contract (imgtune.rules), and loading custom rules from a file.
 
-A rule is a small class: SageMaker's parameter names and defaults in `parameters`, the collections it reads
-in `requirements()`, and `invoke_at_step(trial, step)` that returns a Finding (or None) for one step. The
-same rule runs online (the RuleRunner calls it as steps are saved) and offline over a stored job.
+A debugger rule is an `imgtune.rules.Rule` of kind "debugger": besides its parameters, description and
+advice, it names the collections it reads in `requirements()` and implements `invoke_at_step(trial, step)`,
+which returns a Finding (or None) for one step. The same rule runs online (the RuleRunner calls it as steps
+are saved) and offline over a stored job.
 """
 
 from __future__ import annotations
@@ -10,66 +11,27 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import sys
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+from imgtune import rules as contract
 from imgtune.core.errors import ConfigError
 from imgtune.debugger.capture import Requirement
 from imgtune.debugger.store import Trial
+from imgtune.rules import Finding
 
-REGISTRY: dict[str, type[Rule]] = {}
+KIND = "debugger"
+REGISTRY: Mapping[str, type[Rule]] = contract.rules_of(KIND)  # the debugger rules by name (a live view)
 
-
-@dataclass
-class Finding:
-    """One issue a rule found: at which step, in which tensor, why, and the numbers behind it."""
-
-    step: int
-    message: str
-    tensor: str | None = None
-    evidence: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = ["KIND", "REGISTRY", "Finding", "Rule", "load_rule_file", "make_rules", "saved"]
 
 
-class Rule:
-    """Base class of debugger rules. Subclasses set `parameters` and implement `invoke_at_step`.
+class Rule(contract.Rule, register=False):
+    """Base class of debugger rules. Subclasses set `parameters`, `description`, `advice` and implement
+    `invoke_at_step` (and, where needed, `requirements`, `finish`, `missing_data`, the idle watchdog)."""
 
-    Parameters given to the constructor override the defaults; unknown names are refused, and string values
-    (from the command line) are converted to the default's type.
-    """
-
-    parameters: ClassVar[dict[str, Any]] = {}
-    description: ClassVar[str] = ""
-
-    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if register and not inspect.isabstract(cls):
-            REGISTRY[cls.__name__] = cls
-
-    def __init__(self, **params: Any):
-        unknown = sorted(set(params) - set(self.parameters))
-        if unknown:
-            raise ConfigError(
-                f"rule {self.name} has no parameter(s) {', '.join(unknown)}",
-                f"its parameters: {', '.join(self.parameters) or 'none'}",
-            )
-        self.params = {
-            **self.parameters,
-            **{k: _convert(v, self.parameters[k], k, self.name) for k, v in params.items()},
-        }
-
-    @property
-    def name(self) -> str:
-        return type(self).__name__
-
-    def __getattr__(self, item: str) -> Any:
-        params = self.__dict__.get("params", {})
-        if item in params:
-            return params[item]
-        raise AttributeError(item)
+    kind: ClassVar[str] = KIND
 
     def requirements(self) -> list[Requirement]:
         """What must be captured for this rule (the runner asks the capture for it)."""
@@ -91,6 +53,19 @@ class Rule:
         """Called once when training ends (or at the end of an offline run); for whole-run checks."""
         return []
 
+    def idle_threshold(self) -> float | None:
+        """Seconds without a new step after which the online runner's watchdog calls `on_idle` (None: never).
+
+        A step that never comes (a hung data loader) is invisible to `invoke_at_step`; a rule that wants to
+        see it says how long it waits here.
+        """
+        return None
+
+    def on_idle(self, trial: Trial, seconds: float) -> Finding | None:
+        """Called from the watchdog thread, once per pause, when no step came for more than `idle_threshold()`
+        seconds (`seconds` so far); return a Finding to report the pause while it lasts."""
+        return None
+
 
 def saved(trial: Trial, requirement: Requirement) -> bool:
     """Did the job save what `requirement` asks for?"""
@@ -102,26 +77,6 @@ def saved(trial: Trial, requirement: Requirement) -> bool:
             for record in records.values()
         )
     return bool(trial.tensor_names(collection=requirement.collection, regex=requirement.regex))
-
-
-def _convert(value: Any, default: Any, key: str, rule: str) -> Any:
-    if not isinstance(value, str) or isinstance(default, str):
-        return value
-    if default is None:  # an optional number or name: a number when it reads as one
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    try:
-        if isinstance(default, bool):
-            if value.lower() in ("true", "1", "yes"):
-                return True
-            if value.lower() in ("false", "0", "no"):
-                return False
-            raise ValueError(value)
-        return type(default)(value)
-    except ValueError:
-        raise ConfigError(f"rule {rule}: {key}={value!r} is not a {type(default).__name__}") from None
 
 
 def load_rule_file(path: str | Path) -> list[type[Rule]]:
@@ -150,15 +105,9 @@ def load_rule_file(path: str | Path) -> list[type[Rule]]:
 def make_rules(
     names: list[str], parameters: dict[str, dict[str, Any]] | None = None, rule_files: list[str] | None = None
 ) -> list[Rule]:
-    """Instantiate rules by name (built-in or from `rule_files`) with their parameter overrides."""
+    """Instantiate debugger rules by name (built-in or from `rule_files`) with their parameter overrides."""
     import imgtune.debugger.rules.builtin  # noqa: F401  (registers the built-in rules)
 
     for path in rule_files or []:
         load_rule_file(path)
-    parameters = parameters or {}
-    rules = []
-    for name in names:
-        if name not in REGISTRY:
-            raise ConfigError(f"unknown rule {name!r}", f"built-in rules: {', '.join(sorted(REGISTRY))}")
-        rules.append(REGISTRY[name](**parameters.get(name, {})))
-    return rules
+    return contract.make_rules(KIND, names, parameters)

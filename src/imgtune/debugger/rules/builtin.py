@@ -52,6 +52,10 @@ class VanishingGradient(Rule):
 
     parameters = {"threshold": 0.0000001}
     description = "gradients too small to train"
+    advice = (
+        "Gradients are vanishing: use ReLU-family activations, normalisation layers, or a higher "
+        "learning rate for the layers that stop learning."
+    )
 
     def requirements(self) -> list[Requirement]:
         return [Requirement("gradients")]
@@ -78,6 +82,7 @@ class ExplodingTensor(Rule):
 
     parameters = {"collection_names": None, "tensor_regex": None, "only_nan": False}
     description = "NaN or infinite values"
+    advice = "Values overflowed: lower the learning rate, clip gradients, or check the inputs for NaN."
 
     def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
         for name in _names_at(trial, step, self.collection_names, self.tensor_regex, default_all=True):
@@ -111,6 +116,7 @@ class PoorWeightInitialization(Rule):
         "steps": 10,
     }
     description = "a bad start: uneven activations, no gradient spread, or a loss that does not fall"
+    advice = "The start was poor: check the head's initialisation and the input normalisation."
 
     def requirements(self) -> list[Requirement]:
         return [
@@ -217,6 +223,7 @@ class LossNotDecreasing(Rule):
         "mode": None,
     }
     description = "the loss stopped falling"
+    advice = "The loss stopped falling: raise or schedule the learning rate, or check the labels."
 
     def __init__(self, **params: Any):
         super().__init__(**params)
@@ -287,6 +294,10 @@ class Overfit(Rule):
 
     parameters = {"tensor_regex": None, "start_step": 0, "patience": 1, "ratio_threshold": 0.1}
     description = "validation loss well above training loss"
+    advice = (
+        "Validation loss departs from training loss: add augmentation (train.augment_views), dropout, "
+        "weight decay, or stop earlier."
+    )
 
     def missing_data(self, trial: Trial) -> str | None:
         if not trial.has_tensor("valid_loss"):
@@ -319,6 +330,7 @@ class Overtraining(Rule):
 
     parameters = {"patience_train": 5, "patience_validation": 10, "delta": 0.01}
     description = "training goes on without improving"
+    advice = "Validation stopped improving: stop earlier (train.early_stopping) — the best epoch is kept."
 
     def requirements(self) -> list[Requirement]:
         return [Requirement("metrics")]
@@ -385,6 +397,7 @@ class ClassImbalance(_JudgedOnceRule):
         "predictions_regex": ".*predictions",
     }
     description = "some classes are rare or mostly mispredicted"
+    advice = "Some classes dominate: balance the data or weight the loss."
 
     def requirements(self) -> list[Requirement]:
         return [Requirement("predictions", until_step=int(self.samples))]
@@ -466,6 +479,7 @@ class DeadRelu(Rule):
 
     parameters = {"tensor_regex": ".*relu_output", "threshold_inactivity": 1.0, "threshold_layer": 50.0}
     description = "ReLU units that never fire"
+    advice = "Many ReLUs never fire: lower the learning rate or use LeakyReLU."
 
     def requirements(self) -> list[Requirement]:
         return [Requirement("activations", self.tensor_regex, activity=(0.0, math.inf))]
@@ -490,6 +504,7 @@ class SaturatedActivation(Rule):
         "threshold_layer": 50.0,
     }
     description = "tanh/sigmoid units stuck in their flat ends"
+    advice = "Activations saturate: normalise inputs or use non-saturating activations."
 
     def requirements(self) -> list[Requirement]:
         bounds = {
@@ -517,6 +532,10 @@ class WeightUpdateRatio(Rule):
 
     parameters = {"num_steps": None, "large_threshold": 10.0, "small_threshold": 0.00000001, "epsilon": 0.000000001}
     description = "weight updates far too large or too small for their weights"
+    advice = (
+        "Updates are far out of scale with their weights: lower the learning rate when they are too "
+        "large; when they are too small, raise it, or check that the layer is not frozen or starved of gradient."
+    )
 
     def requirements(self) -> list[Requirement]:
         return [Requirement("weights"), Requirement("weight_updates")]
@@ -563,6 +582,10 @@ class AllZero(_ScopedRule):
 
     parameters = {"collection_names": None, "tensor_regex": None, "threshold": 100.0}
     description = "tensors that are all zeros"
+    advice = (
+        "A tensor is all zeros: check that its layer gets input and gradient (not disconnected, frozen by "
+        "mistake, initialised to zero, or behind dead ReLUs)."
+    )
 
     def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
         for name, mode, record in self.records_at(trial, step):
@@ -585,6 +608,10 @@ class UnchangedTensor(_ScopedRule):
         "equal_nan": False,
     }
     description = "tensors that stop changing"
+    advice = (
+        "A tensor stopped changing: check that its parameters are given to the optimizer and not frozen "
+        "by mistake, that the learning rate is not zero, and that gradients reach the layer."
+    )
 
     def __init__(self, **params: Any):
         super().__init__(**params)
@@ -617,6 +644,10 @@ class TensorVariance(_ScopedRule):
 
     parameters = {"collection_names": None, "tensor_regex": None, "max_threshold": None, "min_threshold": None}
     description = "tensor variance out of bounds"
+    advice = (
+        "A variance out of bounds: too high points at exploding values (lower the learning rate, clip "
+        "gradients, normalise inputs); too low at collapsed ones (check the initialisation and for dead units)."
+    )
 
     def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
         for name, mode, record in self.records_at(trial, step):
@@ -635,11 +666,25 @@ class StalledTraining(Rule):
 
     parameters = {"threshold": 1800, "stop_training_on_fire": False, "training_job_name_prefix": None}
     description = "no progress for a long time"
+    advice = "Training made no progress for a while: check the data loader and the machine."
 
     def __init__(self, **params: Any):
         super().__init__(**params)
         self._last_time: float | None = None
         self.stall_reported = False  # set by the online watchdog
+
+    def idle_threshold(self) -> float | None:
+        return float(self.threshold)
+
+    def on_idle(self, trial: Trial, seconds: float) -> Finding | None:
+        self.stall_reported = True  # the step that ends this stall need not report it again
+        steps = trial.steps()
+        return Finding(
+            steps[-1] + 1 if steps else 0,  # the step being waited for
+            f"no step for {seconds:.1f} s (> {float(self.threshold):g} s): training is stalled",
+            "loss",
+            {"seconds": seconds, "watchdog": True},
+        )
 
     def invoke_at_step(self, trial: Trial, step: int) -> Finding | None:
         if not trial.has_tensor("loss"):
@@ -668,6 +713,10 @@ class CheckInputImages(_JudgedOnceRule):
 
     parameters = {"threshold_mean": 0.2, "threshold_samples": 500, "regex": "inputs_channel.*_mean", "channel": 1}
     description = "input images not normalised"
+    advice = (
+        "Normalise the input images with the mean and standard deviation the backbone was pretrained "
+        "with (the preprocessing of the model's weights), so each channel is centred near 0."
+    )
 
     def requirements(self) -> list[Requirement]:
         return [Requirement("inputs", until_step=int(self.threshold_samples))]
