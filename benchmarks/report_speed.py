@@ -22,8 +22,8 @@ from overhead import DOGS_MINI, MOBILENET_WEIGHTS, machine
 from imgtune.config import build_config
 from imgtune.profiler import analyze_job
 from imgtune.report import write_report
-from imgtune.storage.jobs import Job
 from imgtune.runs.train import run_training_job
+from imgtune.storage.jobs import Job
 
 HOUR = 3600.0
 

@@ -13,10 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from imgtune.config import build_config
-from imgtune.config import ServeOptions
-from imgtune.serving.server import BackgroundEndpoint
+from imgtune.config import ServeOptions, build_config
 from imgtune.runs.train import run_training_job
+from imgtune.serving.server import BackgroundEndpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMGTUNE_SHARED", ROOT.parent / "shared"))

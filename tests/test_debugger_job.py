@@ -18,8 +18,8 @@ from imgtune.config import DEFAULT_RULES, build_config
 from imgtune.core.errors import JobError
 from imgtune.core.io import read_jsonl
 from imgtune.debugger.store import Trial, open_trial
-from imgtune.storage.jobs import Job
 from imgtune.runs.train import run_training_job
+from imgtune.storage.jobs import Job
 
 runner = CliRunner()
 

@@ -16,8 +16,8 @@ from imgtune.core.io import read_jsonl
 from imgtune.profiler.data import ProfileData
 from imgtune.profiler.monitor import SystemMonitor
 from imgtune.profiler.timeline import SEGMENTS
-from imgtune.storage.jobs import Job
 from imgtune.runs.train import run_training_job
+from imgtune.storage.jobs import Job
 
 runner = CliRunner()
 

@@ -7,8 +7,8 @@ import pytest
 
 from browser import assert_rendered_offline, render_report
 from imgtune.config import build_config
-from imgtune.storage.jobs import Job
 from imgtune.runs.train import run_training_job
+from imgtune.storage.jobs import Job
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from typer.testing import CliRunner
 from bad_data import make_bad_dataset
 from imgtune.cli import app
 from imgtune.config import build_config
-from imgtune.serving.predictor import Predictor
 from imgtune.runs.train import run_training_job
+from imgtune.serving.predictor import Predictor
 from servers import running_server
 
 runner = CliRunner()

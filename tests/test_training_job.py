@@ -20,9 +20,9 @@ from imgtune.core.errors import JobError, WeightsError
 from imgtune.data.transforms import load_image
 from imgtune.models.bundle import load_bundle
 from imgtune.models.factory import create_model
-from imgtune.storage.jobs import Job, list_jobs
 from imgtune.runs.evaluate import evaluate_job
 from imgtune.runs.train import run_training_job
+from imgtune.storage.jobs import Job, list_jobs
 
 runner = CliRunner()
 

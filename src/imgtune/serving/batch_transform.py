@@ -12,7 +12,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +119,31 @@ def _batches(items: list[str], size: int) -> Iterator[list[str]]:
         yield items[start : start + size]
 
 
+def classify_files(
+    predictor: Predictor,
+    names: list[str],
+    read: Callable[[str], bytes],
+    top_k: int = 5,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    map_: Callable[..., Iterable[Any]] = map,
+) -> list[dict[str, Any]]:
+    """Each file's top-k classes, `{"file", "classes"}`, or why it is not a usable image, `{"file", "error"}`,
+    in order; the usable ones go through the model in one forward pass. `map_` may load them in threads."""
+
+    def load(name: str) -> tuple[str, Any, str | None]:
+        return name, *predictor.tensor_from(lambda: read(name), Path(name).suffix.lower(), max_image_pixels)
+
+    loaded = list(map_(load, names))
+    good = [tensor for _, tensor, error in loaded if error is None]
+    rows = iter(predictor.logits(good) if good else [])
+    return [
+        {"file": name, "error": error}
+        if error is not None
+        else {"file": name, "classes": predictor.classes(next(rows), top_k)}
+        for name, _, error in loaded
+    ]
+
+
 def batch_transform(
     predictor: Predictor,
     source: str,
@@ -143,10 +168,6 @@ def batch_transform(
     output.parent.mkdir(parents=True, exist_ok=True)
     fresh = not output.exists() or output.stat().st_size == 0
 
-    def load(name: str) -> tuple[str, Any, str | None]:
-        read = lambda: inputs.read(name)  # noqa: E731
-        return name, *predictor.tensor_from(read, Path(name).suffix.lower(), max_image_pixels)
-
     from imgtune.core.progress import progress_bar
 
     with (
@@ -158,16 +179,14 @@ def batch_transform(
             handle.write(",".join(CSV_COLUMNS) + "\n")
         task = bar.add_task("batch transform", total=len(todo), info=f"{len(done)} done earlier")
         for batch in _batches(todo, batch_size):
-            loaded = list(pool.map(load, batch))
-            good = [(name, tensor) for name, tensor, error in loaded if error is None]
-            rows = predictor.logits([tensor for _, tensor in good]) if good else []
-            classes = {name: predictor.classes(row, top_k) for (name, _), row in zip(good, rows, strict=True)}
-            for name, _, error in loaded:
-                handle.write(_row(name, kind, classes.get(name), error))
+            results = classify_files(predictor, batch, inputs.read, top_k, max_image_pixels, pool.map)
+            for result in results:
+                handle.write(_row(result["file"], kind, result.get("classes"), result.get("error")))
             handle.flush()
             os.fsync(handle.fileno())
-            predicted += len(good)
-            failed += len(batch) - len(good)
+            bad = sum("error" in result for result in results)
+            predicted += len(batch) - bad
+            failed += bad
             bar.update(task, advance=len(batch), info=f"{failed} unreadable")
     seconds = time.perf_counter() - started
     return TransformSummary(str(output), len(names), predicted, failed, len(names) - len(todo), seconds)

@@ -45,15 +45,23 @@ def serve(
 class BackgroundEndpoint:
     """An endpoint served from a thread of this process (the pipeline's); `url` once it answers /ping.
 
-    Use as a context manager; leaving it stops the server gracefully.
+    Use as a context manager (or `start()` and `stop()`); leaving it stops the server gracefully.
     """
 
-    def __init__(self, source: str | Path, options: ServeOptions, *, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        source: str | Path,
+        options: ServeOptions,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        workspace: str | Path | None = None,
+    ):
         import uvicorn
 
         self.host = host
         self.port = port or _free_port(host)
-        app = build_app(source, options)
+        app = build_app(source, options, workspace)
         config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread: threading.Thread | None = None
@@ -65,6 +73,8 @@ class BackgroundEndpoint:
     def start(self, timeout: float = 300.0) -> BackgroundEndpoint:
         from imgtune.core.errors import JobError
 
+        if self.thread is not None and self.thread.is_alive():
+            return self
         self.thread = threading.Thread(target=self.server.run, name="imgtune-endpoint", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + timeout
