@@ -108,6 +108,19 @@ def test_failing_callback_is_reported_and_switched_off():
     assert "boom" in trainer.runner.failures[0]["error"]
 
 
+def test_a_failing_core_callback_fails_the_run():
+    class LosingCheckpoints(Callback):
+        core = True  # like the checkpointer: training must not go on without it
+
+        def on_epoch_end(self, trainer):
+            raise OSError("No space left on device")
+
+    trainer = make_trainer([LosingCheckpoints()], epochs=3)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.fit()
+    assert len(trainer.history) == 1 and trainer.runner.failures == []
+
+
 def test_stop_training_ends_the_run_with_its_reason():
     class StopAtStep(Callback):
         def on_after_step(self, trainer):

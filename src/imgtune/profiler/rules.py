@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from imgtune import rules as contract
+import imgtune.rules as contract
 from imgtune.profiler.data import ProfileData, percentiles
 from imgtune.rules import RuleResult, Status
 

@@ -1,8 +1,10 @@
 """The Trainer's events and the Callback base class.
 
 The loop emits events; callbacks observe them through methods named ``on_<event>``. None of them edits the
-loop. A callback that raises is reported and switched off, and training goes on; a callback that wants training
-to end raises `StopTraining` (fastai's CancelFitException), which the loop honours cleanly.
+loop. An optional callback that raises is reported and switched off, and training goes on; a `core` callback
+that raises (the metrics file, checkpoints, early stopping: a job must not end "completed" without them) fails
+the job. A callback that wants training to end raises `StopTraining` (fastai's CancelFitException), which the
+loop honours cleanly.
 
 Order of events in one fit::
 
@@ -50,9 +52,11 @@ class StopTraining(Exception):  # noqa: N818 - a signal, not an error
 
 
 class Callback:
-    """Base class: override the `on_<event>` methods you need. Lower `order` runs first."""
+    """Base class: override the `on_<event>` methods you need. Lower `order` runs first; a `core` callback's
+    failure fails the job (an optional one's is reported and switches it off)."""
 
     order: int = 0
+    core: bool = False
 
     @property
     def name(self) -> str:
@@ -67,7 +71,7 @@ class Callback:
 
 
 class CallbackRunner:
-    """Dispatches events to callbacks in order; isolates failures."""
+    """Dispatches events to callbacks in order; isolates optional callbacks' failures."""
 
     def __init__(self, callbacks: list[Callback]):
         self.callbacks = sorted(callbacks, key=lambda cb: cb.order)
@@ -88,6 +92,8 @@ class CallbackRunner:
             except StopTraining as exc:
                 stop = stop or exc
             except Exception as exc:
+                if cb.core:
+                    raise
                 self._disabled.add(id(cb))
                 self.failures.append(
                     {

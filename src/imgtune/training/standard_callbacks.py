@@ -28,6 +28,7 @@ class MetricsWriter(Callback):
     """Appends each finished epoch's record to the job's metrics.jsonl."""
 
     order = 10
+    core = True
 
     def __init__(self, job: Job):
         self.job = job
@@ -53,6 +54,7 @@ class EarlyStopping(Callback):
     """
 
     order = 20
+    core = True
 
     def __init__(
         self,
@@ -117,6 +119,7 @@ class Checkpointer(Callback):
     """Saves everything a resumed job needs after each epoch, atomically, to `last.pt`."""
 
     order = 30
+    core = True
 
     def __init__(self, path: Path, class_ids: list[str]):
         self.path = path

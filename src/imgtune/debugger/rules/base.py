@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from imgtune import rules as contract
+import imgtune.rules as contract
 from imgtune.core.errors import ConfigError
 from imgtune.debugger.capture import Requirement
 from imgtune.debugger.store import Trial
