@@ -57,16 +57,16 @@ class ProfilerSession:
 
 def analyze_job(job: Job, config: ProfilerConfig | None = None) -> dict[str, Any]:
     """Evaluate the profiler rules over a job's stored profile into `profiler/rules.json`; returns a summary."""
-    record = job.read()
+    record = job.record()
     if config is None:
-        config = ProfilerConfig.model_validate(record.get("config", {}).get("profiler", {}))
+        config = ProfilerConfig.model_validate((record.config or {}).get("profiler", {}))
     directory = job.path / PROFILER_DIR
     trace = directory / TRACE_FILE
     if trace.exists():
         meta = directory / TRACE_META_FILE
         operators = {"steps": json.loads(meta.read_text())["steps"] if meta.exists() else None, **top_operators(trace)}
         atomic_write_json(directory / OPERATORS_FILE, operators, durable=False)
-    data = ProfileData.load(job.path, record.get("timings", {}))
+    data = ProfileData.load(job.path, record.timings)
     results = evaluate_rules(make_profiler_rules(config.rules, config.rule_parameters), data)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_json(directory / RULES_FILE, results, durable=False)

@@ -310,17 +310,18 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def build_context(job: Job) -> dict[str, Any]:
-    record = job.read()
+    record = job.record()
     metrics = job.read_metrics()
     figures = Figures()
-    classes = {c["id"]: c.get("name") or c["id"] for c in record.get("dataset", {}).get("classes", [])}
-    timings = record.get("timings", {})
+    dataset = record.dataset or {}
+    classes = {c["id"]: c.get("name") or c["id"] for c in dataset.get("classes", [])}
+    timings = record.timings
     debugger = _debugger_section(figures, job)
     profiler = _profiler_section(figures, job, timings)
-    config = record.get("config", {})
+    config = record.config or {}
     return {
         "job": record,
-        "name": record.get("name", job.name),
+        "name": record.name or job.name,
         "status": job.status(),
         "timings": timings,
         "config": config,
@@ -332,10 +333,10 @@ def build_context(job: Job) -> dict[str, Any]:
             **{k: config.get("train", {}).get(k) for k in ("epochs", "batch_size", "lr", "optimizer", "weight_decay")},
             "image_size": config.get("data", {}).get("image_size"),
         },
-        "dataset": record.get("dataset", {}),
+        "dataset": dataset,
         "curves": _training_curves(figures, metrics),
-        "test": record.get("test"),
-        "test_plots": _test_figures(figures, record["test"], classes) if record.get("test") else [],
+        "test": record.test,
+        "test_plots": _test_figures(figures, record.test, classes) if record.test else [],
         "debugger": debugger,
         "profiler": profiler,
         "recommendations": _recommendations(profiler, debugger),
@@ -355,7 +356,7 @@ def render_report(job: Job) -> str:
 def write_report(job: Job, out: Path | None = None) -> Path:
     """Render the job's report (a training or a tuning job's) to `out` (default JOB/report.html)."""
     path = out or job.path / REPORT_FILE
-    if job.read().get("kind") == "tuning":
+    if job.record().kind == "tuning":
         from imgtune.report.tuning import render_tuning_report
 
         html_text = render_tuning_report(job)

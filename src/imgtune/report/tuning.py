@@ -28,10 +28,10 @@ def _numeric(values: list[Any]) -> tuple[list[float], list[str] | None]:
 def build_tuning_context(job: Job) -> dict[str, Any]:
     import plotly.graph_objects as go
 
-    record = job.read()
-    options = record.get("options", {})
+    record = job.record()
+    options = record.options or {}
     objective = options.get("objective", "valid_accuracy")
-    trials = record.get("trials", [])
+    trials = record.trials or []
     keys = list(options.get("space", {}))
     figures = Figures()
     plots = []
@@ -115,7 +115,7 @@ def build_tuning_context(job: Job) -> dict[str, Any]:
         )
         plots.append(figures.div(curves, 420))
     return {
-        "name": record.get("name", job.name),
+        "name": record.name or job.name,
         "status": job.status(),
         "record": record,
         "options": options,
@@ -124,7 +124,7 @@ def build_tuning_context(job: Job) -> dict[str, Any]:
         "objective": objective,
         "keys": keys,
         "trials": trials,
-        "best": record.get("best"),
+        "best": record.best,
         "plots": plots,
         "figure_count": figures.count,
         "plotly_js": plotly_js(),
