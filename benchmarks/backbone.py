@@ -1,9 +1,9 @@
 """Backbone feature extraction, images/s end to end from JPEG files, in one run: the naive baseline (what the
 original scripts did: torchvision ImageFolder, PIL, fp32 NCHW eager, batch 32) vs imgtune's path (its loader,
-and the inference path `auto` chooses on this device: the fastest whose outputs agree with fp32 eager), for
+and the inference backend `auto` chooses on this device: the fastest whose outputs agree with fp32 eager), for
 resnet50 and mobilenet_v2 at 224 px. Both use the same DataLoader worker count and batch size.
 
-Also the model step alone (a preloaded batch) on every inference path, against the measured GEMM bound as the
+Also the model step alone (a preloaded batch) on every inference backend, against the measured GEMM bound as the
 issue defines it: this machine's fp32 matrix multiply GFLOP/s (2n^3 per n x n product) divided by the model's
 usual GFLOP figure per image (ResNet-50 4.1, MobileNetV2 0.3; these count multiply-adds). ResNet-50 uses a
 fixed seed's weights (no ImageNet ResNet-50 weights are reachable here; speed does not depend on the values);
@@ -30,8 +30,8 @@ from torchvision import transforms as v1
 from imgtune.core.resources import default_workers
 from imgtune.data.dataset import Sample
 from imgtune.data.transforms import load_image
+from imgtune.models.backends import agreement, backend_names, choose_backend, make_backend
 from imgtune.models.factory import create_model
-from imgtune.models.inference import PATHS, agreement, choose_path, make_path
 from imgtune.training.feature_cache import example_images, extract_features
 
 GFLOP_PER_IMAGE = {"resnet50": 4.1, "mobilenet_v2": 0.3}
@@ -79,23 +79,21 @@ def naive(backbone: torch.nn.Module, folder: Path, workers: int) -> float:
     return seen / (time.perf_counter() - started)
 
 
-def imgtune_path(backbone: torch.nn.Module, photos: list[Path], preprocessing, workers: int, onnx: Path):
+def imgtune_backend(backbone: torch.nn.Module, photos: list[Path], preprocessing, workers: int):
     samples = [Sample(str(p), 0, "") for p in photos]
     transform = preprocessing.eval_transform()
     started = time.perf_counter()
-    path, choice = choose_path(
-        backbone, example_images(samples, transform), torch.device("cpu"), "auto", onnx_file=onnx
-    )
+    backend, choice = choose_backend(backbone, example_images(samples, transform), torch.device("cpu"), "auto")
     choosing = time.perf_counter() - started
     stats: dict[str, float] = {}
     started = time.perf_counter()
     extract_features(
-        path, samples, transform, device=torch.device("cpu"), batch_size=BATCH, num_workers=workers,
+        backend, samples, transform, device=torch.device("cpu"), batch_size=BATCH, num_workers=workers,
         progress=False, stats=stats,
     )  # fmt: skip
     rate = len(samples) / (time.perf_counter() - started)
     wait = stats["data_wait_seconds"] / (stats["data_wait_seconds"] + stats["backbone_seconds"])
-    return rate, path.name, choosing, choice, wait
+    return rate, backend.name, choosing, choice, wait
 
 
 def decode_rates(photos: list[Path], preprocessing) -> dict[str, float]:
@@ -123,19 +121,19 @@ def decode_rates(photos: list[Path], preprocessing) -> dict[str, float]:
     return rates
 
 
-def model_step(backbone: torch.nn.Module, example: torch.Tensor, onnx: Path) -> dict[str, tuple[float, float]]:
-    """images/s of each path on a preloaded batch, and its mean cosine agreement with fp32 eager."""
-    reference = make_path("eager", backbone, torch.device("cpu"))(example)
+def model_step(backbone: torch.nn.Module, example: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """images/s of each backend on a preloaded batch, and its mean cosine agreement with fp32 eager."""
+    reference = make_backend("eager", backbone, torch.device("cpu"))(example)
     results = {}
-    for name in PATHS:
+    for name in backend_names():
         try:
             started = time.perf_counter()
-            path = make_path(name, backbone, torch.device("cpu"), onnx_file=onnx)
-            outputs = path(example)  # warm-up (and, for compile, the compilation)
+            backend = make_backend(name, backbone, torch.device("cpu"))
+            outputs = backend(example)  # warm-up (and, for compile, the compilation)
             setup = time.perf_counter() - started
             started = time.perf_counter()
             for _ in range(3):
-                path(example)
+                backend(example)
             rate = 3 * example.shape[0] / (time.perf_counter() - started)
             results[name] = (rate, agreement(outputs, reference)["mean_cosine"], setup)
         except Exception as exc:
@@ -143,17 +141,17 @@ def model_step(backbone: torch.nn.Module, example: torch.Tensor, onnx: Path) -> 
     return results
 
 
-def loader_sweep(backbone, photos: list[Path], preprocessing, path_name: str, onnx: Path) -> None:
+def loader_sweep(backbone, photos: list[Path], preprocessing, backend_name: str) -> None:
     """imgtune's extraction at other worker counts and batch sizes (does the backbone wait for data?)."""
     samples = [Sample(str(p), 0, "") for p in photos]
-    path = make_path(path_name, backbone, torch.device("cpu"), onnx_file=onnx)
+    backend = make_backend(backend_name, backbone, torch.device("cpu"))
     warnings.filterwarnings("ignore", message="This DataLoader will create")  # 3 workers on 2 cores: on purpose
     for workers in (0, 1, 2, 3):
         for batch in (32, 64):
             stats: dict[str, float] = {}
             started = time.perf_counter()
             extract_features(
-                path, samples, preprocessing.eval_transform(), device=torch.device("cpu"), batch_size=batch,
+                backend, samples, preprocessing.eval_transform(), device=torch.device("cpu"), batch_size=batch,
                 num_workers=workers, progress=False, stats=stats,
             )  # fmt: skip
             rate = len(samples) / (time.perf_counter() - started)
@@ -200,7 +198,7 @@ def main() -> None:
     print(f"fp32 GEMM (2048x2048, best of 5 rounds): {gflops:.0f} GFLOP/s")
     print(f"{args.photos} imagewoof train photos, batch {BATCH}, {workers} DataLoader workers on both sides\n")
     with tempfile.TemporaryDirectory(prefix="imgtune-backbone-") as tmp:
-        os.environ["IMGTUNE_CACHE"] = str(Path(tmp) / "cache")  # measure the choice of path, do not recall it
+        os.environ["IMGTUNE_CACHE"] = str(Path(tmp) / "cache")  # measure the choice of backend, do not recall it
         folder = Path(tmp) / "photos"
         photos = photo_folder(SHARED / "data/imagewoof/train", folder, args.photos)
         print("data path, one process, JPEG file to normalised 224 px tensor:")
@@ -214,12 +212,11 @@ def main() -> None:
             weights = str(MOBILENET_WEIGHTS) if name == "mobilenet_v2" else None
             model = create_model(name, 10, pretrained="none", weights=weights)
             backbone, preprocessing = model.backbone, model.preprocessing(224)
-            onnx = Path(tmp) / f"{name}.onnx"
             print(f"{name}:")
             baseline = naive(backbone, folder, workers)
-            fast, chosen, choosing, choice, wait = imgtune_path(backbone, photos, preprocessing, workers, onnx)
+            fast, chosen, choosing, choice, wait = imgtune_backend(backbone, photos, preprocessing, workers)
             print(f"  end to end: naive {baseline:.1f} images/s, imgtune ({chosen}) {fast:.1f} images/s: "
-                  f"{fast / baseline:.2f}x (choosing the path took {choosing:.1f} s, once per device); the backbone "
+                  f"{fast / baseline:.2f}x (choosing the backend took {choosing:.1f} s, once per device); the backbone "
                   f"waited for data {100 * wait:.0f}% of the time")  # fmt: skip
             for trial in choice.get("trials", []):
                 status = "ok" if trial["accepted"] else f"rejected: {trial['reason']}"
@@ -227,15 +224,15 @@ def main() -> None:
             bound = gflops / GFLOP_PER_IMAGE[name]
             example = torch.stack([preprocessing.eval_transform()(load_image(p)) for p in photos[:BATCH]])
             print(f"  model step on a preloaded batch of {BATCH} (GEMM bound {bound:.1f} images/s):")
-            for path_name, (rate, cosine, setup) in model_step(backbone, example, onnx).items():
-                print(f"    {path_name:>13}: {rate:6.1f} images/s = {100 * rate / bound:5.1f}% of the bound, "
+            for backend_name, (rate, cosine, setup) in model_step(backbone, example).items():
+                print(f"    {backend_name:>13}: {rate:6.1f} images/s = {100 * rate / bound:5.1f}% of the bound, "
                       f"mean cosine vs fp32 eager {cosine:.5f}, setup {setup:.1f} s")  # fmt: skip
             macs, seconds = depthwise_share(backbone, example)
             print(f"  depthwise convolutions: {100 * macs:.0f}% of the multiply-adds, {100 * seconds:.0f}% of the "
                   "eager fp32 convolution time")  # fmt: skip
             if name == "mobilenet_v2":
                 print(f"  imgtune's extraction ({chosen}) at other loader settings:")
-                loader_sweep(backbone, photos, preprocessing, chosen, onnx)
+                loader_sweep(backbone, photos, preprocessing, chosen)
             print()
 
 

@@ -1,5 +1,6 @@
-"""Inference paths (imgtune.models.inference): measured, checked against fp32 eager on the shared photos,
-remembered, and used by the feature cache, evaluation and the endpoint's Predictor."""
+"""Inference backends (imgtune.models.backends) on a real job: measured, checked against fp32 eager on the
+shared photos, remembered, and used by the feature cache, evaluation and the endpoint's Predictor.
+(tests/test_backends.py holds the conformance checks every registered backend must pass.)"""
 
 from __future__ import annotations
 
@@ -12,18 +13,18 @@ import torch
 from imgtune.config import build_config
 from imgtune.core.errors import ConfigError
 from imgtune.data.transforms import load_image
-from imgtune.models.inference import (
-    AUTO_CANDIDATES,
+from imgtune.models.backends import (
     FEATURE_AGREEMENT,
-    TorchPath,
+    EagerBackend,
     agreement,
+    auto_candidates,
     bf16_supported,
-    choose_path,
-    measure_paths,
+    choose_backend,
+    measure_backends,
 )
+from imgtune.runs.train import run_training_job
 from imgtune.serving.predictor import Predictor
 from imgtune.storage.jobs import Job
-from imgtune.runs.train import run_training_job
 
 CPU = torch.device("cpu")
 
@@ -50,7 +51,7 @@ def all_photos(dogs_mini) -> list[Path]:
 
 class LayoutBug(torch.nn.Module):
     """The model, but wrong whenever its input is channels-last: how a broken kernel for one memory format
-    would look. Its own fp32 eager path is right, so the check against eager must catch the other one."""
+    would look. Its own fp32 eager backend is right, so the check against eager must catch the other one."""
 
     def __init__(self, inner: torch.nn.Module):
         super().__init__()
@@ -63,41 +64,39 @@ class LayoutBug(torch.nn.Module):
         return logits
 
 
-def batches(path, images: torch.Tensor, size: int = 50) -> torch.Tensor:
-    return torch.cat([path(images[i : i + size]) for i in range(0, len(images), size)])
+def batches(backend, images: torch.Tensor, size: int = 50) -> torch.Tensor:
+    return torch.cat([backend(images[i : i + size]) for i in range(0, len(images), size)])
 
 
-def test_the_chosen_path_agrees_with_fp32_eager_on_every_shared_photo(dogs_job, all_photos, imgtune_cache):
+def test_the_chosen_backend_agrees_with_fp32_eager_on_every_shared_photo(dogs_job, all_photos, imgtune_cache):
     predictor = Predictor.load(dogs_job)  # auto: measured on this CPU
     choice = predictor.choice
     # measured here, or earlier in this session for a job with the very same weights (training is deterministic)
-    assert choice["chosen_by"] in ("measurement", "remembered measurement") and choice["path"] in AUTO_CANDIDATES
+    assert choice["chosen_by"] in ("measurement", "remembered measurement") and choice["backend"] in auto_candidates()
     names = [t["name"] for t in choice["trials"]]
-    assert names == list(AUTO_CANDIDATES)  # every candidate was timed or said why it could not run
-    chosen = next(t for t in choice["trials"] if t["name"] == choice["path"])
+    assert names == list(auto_candidates())  # every candidate was timed or said why it could not run
+    chosen = next(t for t in choice["trials"] if t["name"] == choice["backend"])
     accepted = [t for t in choice["trials"] if t["accepted"]]
     assert chosen["ms_per_image"] == min(t["ms_per_image"] for t in accepted)  # the fastest that agrees
     images = torch.stack([predictor.transform(load_image(p)) for p in all_photos])
     assert len(images) == 500
-    reference = batches(TorchPath("eager", predictor.bundle.model, CPU), images)
-    logits = batches(predictor.path, images)
+    reference = batches(EagerBackend(predictor.bundle.model, CPU), images)
+    logits = batches(predictor.backend, images)
     measured = agreement(logits, reference)
     assert measured["top1_agreement"] >= 0.995, measured  # the issue's bound, on all 500 shared photos
     assert measured["mean_cosine"] >= FEATURE_AGREEMENT["mean_cosine"], measured
-    # the backbone's features too: the path the feature cache used for this job
+    # the backbone's features too: the backend the feature cache used for this job
     record = Job(dogs_job).read()
-    assert record["feature_backend"] in AUTO_CANDIDATES
+    assert record["feature_backend"] in auto_candidates()
     again = Predictor.load(dogs_job)
-    assert again.choice["chosen_by"] == "remembered measurement" and again.path.name == choice["path"]
+    assert again.choice["chosen_by"] == "remembered measurement" and again.backend.name == choice["backend"]
 
 
-def test_every_path_is_timed_and_checked_and_bad_agreement_is_refused(dogs_job, all_photos, tmp_path):
+def test_every_backend_is_timed_and_checked_and_bad_agreement_is_refused(dogs_job, all_photos, tmp_path):
     predictor = Predictor.load(dogs_job, backend="eager")
     model = predictor.bundle.model
     example = torch.stack([predictor.transform(load_image(p)) for p in all_photos[::25]])
-    trials, built = measure_paths(
-        model, example, CPU, ("eager", "channels_last", "bf16", "onnx"), onnx_file=tmp_path / "m.onnx"
-    )
+    trials, built = measure_backends(model, example, CPU, ("eager", "channels_last", "bf16", "onnx"))
     by_name = {t.name: t for t in trials}
     for name in ("eager", "channels_last", "onnx"):
         assert by_name[name].accepted and by_name[name].ms_per_image > 0 and name in built
@@ -110,30 +109,28 @@ def test_every_path_is_timed_and_checked_and_bad_agreement_is_refused(dogs_job, 
         )
     else:
         assert not bf16.accepted and "no bfloat16 support" in bf16.reason
-    # a path that does not agree with fp32 eager is left out by auto, and refused when named
+    # a backend that does not agree with fp32 eager is left out by auto, and refused when named
     broken = LayoutBug(model)
-    trials, built = measure_paths(broken, example, CPU, ("channels_last", "onnx"), onnx_file=tmp_path / "b.onnx")
+    trials, built = measure_backends(broken, example, CPU, ("channels_last", "onnx"))
     assert not trials[0].accepted and "differ from fp32 eager" in trials[0].reason and trials[1].accepted
-    path, summary = choose_path(
-        broken, example, CPU, "auto", onnx_file=tmp_path / "b.onnx", record_file=tmp_path / "c.json"
-    )
-    assert path.name != "channels_last"
+    backend, summary = choose_backend(broken, example, CPU, "auto", record_file=tmp_path / "c.json")
+    assert backend.name != "channels_last"
     with pytest.raises(ConfigError, match="differ from fp32 eager"):
-        choose_path(broken, example, CPU, "channels_last")
-    path, summary = choose_path(model, example, CPU, "onnx", onnx_file=tmp_path / "m.onnx")
-    assert path.name == "onnx" and summary["chosen_by"] == "configuration" and summary["trials"][0]["accepted"]
-    with pytest.raises(ConfigError, match="unknown inference path"):
-        choose_path(model, example, CPU, "fp8")
+        choose_backend(broken, example, CPU, "channels_last")
+    backend, summary = choose_backend(model, example, CPU, "onnx")
+    assert backend.name == "onnx" and summary["chosen_by"] == "configuration" and summary["trials"][0]["accepted"]
+    with pytest.raises(ConfigError, match="unknown backend"):
+        choose_backend(model, example, CPU, "fp8")
 
 
-def test_the_inference_path_is_part_of_the_feature_cache_key(dogs_job, dogs_mini, mobilenet_weights, tmp_path):
+def test_the_backend_is_part_of_the_feature_cache_key(dogs_job, dogs_mini, mobilenet_weights, tmp_path):
     base = json.loads((dogs_job / "job.json").read_text())["config"]
-    base["model"]["inference"] = "eager"
+    base["model"]["backend"] = "eager"
     base["name"] = "eager-features"
     job = run_training_job(build_config(base), workspace=tmp_path, progress=False)
     record = job.read()
     assert record["feature_backend"] == "eager" and record["timings"]["feature_cache"] > 0
-    extraction = record["feature_extraction"]  # computed, not found: a new key for the eager path
+    extraction = record["feature_extraction"]  # computed, not found: a new key for the eager backend
     assert extraction["images"] == 500 and 0 <= extraction["data_wait_fraction"] < 1
     assert extraction["backbone_seconds"] > 0 and extraction["images_per_second"] > 0
     assert record["status"] == "completed"

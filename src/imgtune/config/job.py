@@ -65,11 +65,23 @@ class ModelConfig(_Section):
     freeze: Literal["backbone", "all_but_last", "none"] = Field(
         "backbone", description="What is frozen: the whole backbone, all but its last stage, or nothing."
     )
-    inference: Literal["auto", "eager", "channels_last", "bf16", "onnx", "compile"] = Field(
+    # The names of imgtune.models.backends' registry (config may not import models; a test keeps them equal).
+    backend: Literal["auto", "eager", "channels_last", "bf16", "onnx", "compile"] = Field(
         "auto",
-        description="How the frozen backbone computes features and evaluation runs the model: 'auto' takes the "
-        "fastest path on this device whose outputs agree with fp32 eager (measured once, remembered).",
+        description="Inference backend the frozen backbone computes features with and evaluation runs the model "
+        "on: 'auto' takes the fastest on this device whose outputs agree with fp32 eager (measured once, "
+        "remembered).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inference_is_now_backend(cls, data: Any) -> Any:
+        """Job configs written by older imgtune name the backend `inference`; an explicit `backend` wins (an
+        old job resumed with --set model.backend=...)."""
+        if isinstance(data, dict) and "inference" in data:
+            data = dict(data)
+            data.setdefault("backend", data.pop("inference"))
+        return data
 
 
 class EarlyStoppingConfig(_Section):

@@ -72,7 +72,9 @@ def evaluate_job(
     """
     handle = Job.open(job, workspace)
     config = handle.record().config or {}
-    predictor = Predictor.load(handle.model_dir, backend=config.get("model", {}).get("inference", "auto"))
+    model = config.get("model", {})
+    backend = model.get("backend", model.get("inference", "auto"))  # `inference`: job configs of older imgtune
+    predictor = Predictor.load(handle.model_dir, backend=backend)
     bundle = predictor.bundle
     job_data = {**config["data"], "num_workers": num_workers}
     index_of = {c.id: i for i, c in enumerate(bundle.classes)}
@@ -93,7 +95,7 @@ def evaluate_job(
     metrics = PhaseMetrics(len(bundle.classes), confusion=True)
     loss_fn = torch.nn.CrossEntropyLoss()
     for images, targets in loader:
-        logits = predictor.path(images)  # the fastest inference path that agrees with fp32 eager, by default
+        logits = predictor.backend(images)  # the fastest backend that agrees with fp32 eager, by default
         metrics.update(logits, targets, loss_fn(logits, targets))
     result = {
         "data": data_path,

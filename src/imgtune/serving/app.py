@@ -32,6 +32,7 @@ from starlette.formparsers import MultiPartException
 from imgtune.config import ServeOptions
 from imgtune.core.errors import ConfigError
 from imgtune.data.check import BadImage, decode_image
+from imgtune.models.backends import BACKEND_CHOICES as BACKENDS
 from imgtune.serving.batching import DynamicBatcher, QueueFull
 from imgtune.serving.inputs import (
     ACCEPTED_TYPES,
@@ -47,7 +48,7 @@ from imgtune.serving.inputs import (
     media_type,
     parse_options,
 )
-from imgtune.serving.predictor import BACKENDS, Predictor
+from imgtune.serving.predictor import Predictor
 
 log = logging.getLogger("imgtune.serving")
 TEMPLATES = Path(__file__).parent / "templates"

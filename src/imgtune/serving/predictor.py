@@ -1,7 +1,7 @@
 """A model bundle ready to answer: decoded images in, top-k classes (and raw logits) out.
 
-The logits come from an inference path (imgtune.models.inference): `auto` (the default) measures the paths
-this device offers on a few of the job's own photos and keeps the fastest whose outputs agree with fp32
+The logits come from an inference backend (imgtune.models.backends): `auto` (the default) measures the
+backends this device offers on a few of the job's own photos and keeps the fastest whose outputs agree with fp32
 eager; `torch` (fp32 channels-last), `onnx` (ONNX Runtime on an export made once per bundle, kept in the cache),
 `bf16`, `eager` or `compile` name one, which is still checked against fp32 eager before it serves.
 """
@@ -19,17 +19,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgtune.core.errors import ConfigError, JobError
-from imgtune.core.io import cache_dir
+from imgtune.core.errors import JobError
 from imgtune.data.check import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, BadImage, decode_image
 from imgtune.data.transforms import load_image, to_rgb
+from imgtune.models.backends import AUTO, Backend, choose_backend, remembered_backend, resolve_backend_name
 from imgtune.models.bundle import WEIGHTS_FILE, Bundle, load_bundle
-from imgtune.models.inference import CHOICES, InferencePath, choose_path, remembered_path
 from imgtune.storage.jobs import Job
 
-BACKENDS = ("auto", "torch", *(c for c in CHOICES if c != "auto"))
-ALIASES = {"torch": "channels_last"}
-EXAMPLE_IMAGES = 16  # photos the paths are timed and checked on
+EXAMPLE_IMAGES = 16  # photos the backends are timed and checked on
 
 
 @dataclass
@@ -53,12 +50,6 @@ def top_k(logits: np.ndarray, labels: list[tuple[str, str]], k: int) -> list[Cla
 
 def weights_sha256(bundle: Bundle) -> str:
     return bundle.manifest["files"][WEIGHTS_FILE]["sha256"]  # checked against the file when the bundle loaded
-
-
-def onnx_file_for(bundle: Bundle) -> Path:
-    """Where the bundle's ONNX export is kept: in the cache, named by the weights' checksum (the bundle's own
-    directory stays as training wrote it, and may be read-only)."""
-    return cache_dir() / "inference" / f"bundle-{weights_sha256(bundle)[:24]}.onnx"
 
 
 def example_batch(bundle: Bundle, model_dir: Path) -> tuple[torch.Tensor, bool]:
@@ -85,13 +76,13 @@ def example_batch(bundle: Bundle, model_dir: Path) -> tuple[torch.Tensor, bool]:
 
 
 class Predictor:
-    """Preprocesses images as the model was trained and evaluated, and computes logits on one inference path."""
+    """Preprocesses images as the model was trained and evaluated, and computes logits on one inference backend."""
 
-    def __init__(self, bundle: Bundle, path: InferencePath, choice: dict | None = None, model_dir: Path | None = None):
+    def __init__(self, bundle: Bundle, backend: Backend, choice: dict | None = None, model_dir: Path | None = None):
         self.bundle = bundle
-        self.path = path
+        self.backend = backend
         self.model_dir = model_dir
-        self.choice = choice or {"path": path.name}
+        self.choice = choice or {"backend": backend.name}
         self.transform = bundle.preprocessing.eval_transform()
         self.labels = [(c.id, c.name) for c in bundle.classes]
 
@@ -99,20 +90,20 @@ class Predictor:
     def load(
         cls, source: str | Path, backend: str = "auto", threads: int | None = None, workspace: str | Path | None = None
     ) -> Predictor:
-        """From a job (name or directory, in the workspace) or a bundle directory, on the `backend` path."""
-        if backend not in BACKENDS:
-            raise ConfigError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
+        """From a job (name or directory, in the workspace) or a bundle directory, on `backend` (a name or alias
+        of imgtune.models.backends, or auto). The ONNX export, if any, is kept in the cache, named by the weights'
+        checksum: the bundle's own directory stays as training wrote it, and may be read-only."""
+        choice, cpu = resolve_backend_name(backend), torch.device("cpu")
         if threads:
             torch.set_num_threads(threads)
         model_dir = resolve_model_dir(source, workspace)
         bundle = load_bundle(model_dir)
-        choice, cpu = ALIASES.get(backend, backend), torch.device("cpu")
-        common = {"onnx_file": onnx_file_for(bundle), "threads": threads, "fingerprint": weights_sha256(bundle)}
+        common = {"threads": threads, "fingerprint": weights_sha256(bundle)}
         size = bundle.preprocessing.image_size
-        hit = remembered_path(bundle.model, cpu, (3, size, size), **common) if choice == "auto" else None
-        if hit is None:  # measure (auto) or check (a named path) on the job's own photos
+        hit = remembered_backend(bundle.model, cpu, (3, size, size), **common) if choice == AUTO else None
+        if hit is None:  # measure (auto) or check (a named backend) on the job's own photos
             example, real_photos = example_batch(bundle, model_dir)
-            hit = choose_path(bundle.model, example, cpu, choice, remember=real_photos, **common)
+            hit = choose_backend(bundle.model, example, cpu, choice, remember=real_photos, **common)
         return cls(bundle, *hit, model_dir=model_dir)
 
     @property
@@ -135,7 +126,7 @@ class Predictor:
             return None, f"unreadable: {exc.strerror or exc}"
 
     def logits(self, tensors: list[torch.Tensor]) -> np.ndarray:
-        return self.path(torch.stack(tensors)).numpy()
+        return self.backend(torch.stack(tensors)).numpy()
 
     def classes(self, logits: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
         """One image's top-k classes as dicts (index, id, label, probability), most probable first."""
@@ -151,13 +142,13 @@ class Predictor:
             "backbone": manifest["architecture"]["backbone"],
             "classes": len(self.labels),
             "image_size": self.image_size,
-            "backend": self.path.name,
+            "backend": self.backend.name,
             "chosen_by": self.choice.get("chosen_by"),
             "checked_against_fp32_eager": next(
                 (
                     {k: t[k] for k in ("mean_cosine", "min_cosine", "top1_agreement")}
                     for t in self.choice.get("trials", [])
-                    if t["name"] == self.path.name
+                    if t["name"] == self.backend.name
                 ),
                 None,
             ),  # fmt: skip

@@ -23,7 +23,7 @@ from imgtune.core.io import atomic_output
 from imgtune.core.progress import progress_bar
 from imgtune.data.dataset import ImageFileDataset, Sample, make_loader
 from imgtune.data.transforms import Preprocessing, load_image
-from imgtune.models.inference import InferencePath, choose_path, weights_fingerprint
+from imgtune.models.backends import Backend, choose_backend, weights_fingerprint
 
 _CACHE_VERSION = 1
 
@@ -34,7 +34,7 @@ def module_fingerprint(module: nn.Module, name: str = "") -> str:
 
 
 def example_images(samples: list[Sample], transform, count: int = 16) -> torch.Tensor:
-    """A batch of the first usable images (spread over the list), for choosing and checking inference paths."""
+    """A batch of the first usable images (spread over the list), for choosing and checking backends."""
     step = max(1, len(samples) // count)
     images = []
     for sample in samples[::step][:count]:
@@ -42,24 +42,22 @@ def example_images(samples: list[Sample], transform, count: int = 16) -> torch.T
     return torch.stack(images)
 
 
-def backbone_path(
+def backbone_backend(
     backbone: nn.Module,
     backbone_fp: str,
     samples: list[Sample],
     transform,
     device: torch.device,
     choice: str,
-    cache_root: Path,
-) -> tuple[InferencePath, dict]:
-    """The inference path the backbone's features are computed with (imgtune.models.inference);
+) -> tuple[Backend, dict]:
+    """The inference backend the backbone's features are computed with (imgtune.models.backends);
     `backbone_fp` is its module_fingerprint."""
-    onnx_file = cache_root / "inference" / f"{backbone_fp[:24]}.onnx"
     example = example_images(samples, transform)
-    return choose_path(backbone, example, device, choice, onnx_file=onnx_file, fingerprint=backbone_fp)
+    return choose_backend(backbone, example, device, choice, fingerprint=backbone_fp)
 
 
 def extract_features(
-    path: InferencePath,
+    backend: Backend,
     samples: list[Sample],
     transform,
     *,
@@ -72,7 +70,7 @@ def extract_features(
     description: str = "features",
     stats: dict[str, float] | None = None,
 ) -> torch.Tensor:
-    """Run the backbone's inference path over the samples' images; returns float32 features [N, D] on the CPU.
+    """Run the backbone's inference backend over the samples' images; returns float32 features [N, D] on the CPU.
 
     `stats`, when given, receives the seconds spent waiting for the loader and running the backbone, so that a
     job can say whether its backbone waited for data.
@@ -89,7 +87,7 @@ def extract_features(
     chunks = []
     waited = computed = 0.0
     with progress_bar(enabled=progress, transient=True) as bar:
-        task = bar.add_task(description, total=len(samples), info=path.name)
+        task = bar.add_task(description, total=len(samples), info=backend.name)
         batches = iter(loader)
         while True:
             started = time.perf_counter()
@@ -98,7 +96,7 @@ def extract_features(
             except StopIteration:
                 break
             ready = time.perf_counter()
-            chunks.append(path(images))
+            chunks.append(backend(images))
             waited, computed = waited + ready - started, computed + time.perf_counter() - ready
             bar.advance(task, images.shape[0])
     if stats is not None:
@@ -114,12 +112,12 @@ class FeatureCache:
     def __init__(self, root: Path):
         self.root = root
 
-    def key(self, backbone_fp: str, preprocessing: Preprocessing, split_fp: str, view: str, path: str) -> str:
-        """`path`: the inference path's name (bf16 features are not fp32 features)."""
+    def key(self, backbone_fp: str, preprocessing: Preprocessing, split_fp: str, view: str, backend: str) -> str:
+        """`backend`: the inference backend's name (bf16 features are not fp32 features)."""
         import torchvision
 
         versions = [torch.__version__, torchvision.__version__, _CACHE_VERSION]
-        text = json.dumps([backbone_fp, preprocessing.to_dict(), split_fp, view, path, versions], sort_keys=True)
+        text = json.dumps([backbone_fp, preprocessing.to_dict(), split_fp, view, backend, versions], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def path(self, key: str) -> Path:

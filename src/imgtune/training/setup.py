@@ -21,12 +21,12 @@ from imgtune.core.io import cache_dir
 from imgtune.core.version import __version__
 from imgtune.data.dataset import ImageFileDataset, PreparedData, make_loader, prepare_data
 from imgtune.data.transforms import Preprocessing
+from imgtune.models.backends import known_backend_name
 from imgtune.models.factory import ImageClassifier, create_model
-from imgtune.models.inference import known_path_name
 from imgtune.training.feature_cache import (
     FeatureCache,
     FeatureLoader,
-    backbone_path,
+    backbone_backend,
     extract_features,
     module_fingerprint,
 )
@@ -142,15 +142,14 @@ def setup_training(
         cache = FeatureCache((cache_root or cache_dir()) / "features")
         backbone_fp = module_fingerprint(model.backbone, model.spec.backbone)
         size = preprocessing.image_size
-        path: Any = None  # built on the first cache miss
-        choice = config.model.inference
-        path_name = known_path_name(model.backbone, choice, device, (3, size, size), fingerprint=backbone_fp)
-        if path_name is None:  # auto, never measured on this device: measure now
-            path, _ = backbone_path(
-                model.backbone, backbone_fp, data.splits["train"], preprocessing.eval_transform(), device,
-                choice, cache_root or cache_dir(),
-            )  # fmt: skip
-            path_name = path.name
+        backend: Any = None  # built on the first cache miss
+        choice = config.model.backend
+        backend_name = known_backend_name(model.backbone, choice, device, (3, size, size), fingerprint=backbone_fp)
+        if backend_name is None:  # auto, never measured on this device: measure now
+            backend, _ = backbone_backend(
+                model.backbone, backbone_fp, data.splits["train"], preprocessing.eval_transform(), device, choice
+            )
+            backend_name = backend.name
         loaders: dict[str, Any] = {}
         extraction: dict[str, float] = {}
         for split, samples in data.splits.items():
@@ -159,17 +158,16 @@ def setup_training(
             for view in views:
                 # An augmented view's random stream depends on the seed and on how samples meet workers.
                 view_id = "eval" if view == 0 else f"augment-{view}-seed-{cfg.seed}-workers-{workers}"
-                key = cache.key(backbone_fp, preprocessing, data.fingerprint(split), view_id, path_name)
+                key = cache.key(backbone_fp, preprocessing, data.fingerprint(split), view_id, backend_name)
                 features = cache.load(key)
                 if features is None or features.shape[0] != len(samples):
                     transform = preprocessing.eval_transform() if view == 0 else preprocessing.train_transform()
-                    if path is None:
-                        path, _ = backbone_path(
-                            model.backbone, backbone_fp, samples, preprocessing.eval_transform(), device,
-                            path_name, cache_root or cache_dir(),
-                        )  # fmt: skip
+                    if backend is None:
+                        backend, _ = backbone_backend(
+                            model.backbone, backbone_fp, samples, preprocessing.eval_transform(), device, backend_name
+                        )
                     features = extract_features(
-                        path,
+                        backend,
                         samples,
                         transform,
                         device=device,
@@ -192,7 +190,7 @@ def setup_training(
             extraction["data_wait_fraction"] = extraction["data_wait_seconds"] / busy if busy else 0.0
             extraction["images_per_second"] = extraction["images"] / busy if busy else 0.0
         seconds = time.perf_counter() - started
-        return TrainingSetup(model.head, loaders, "features", seconds, path_name, extraction or None)
+        return TrainingSetup(model.head, loaders, "features", seconds, backend_name, extraction or None)
     loaders = {}
     for split, samples in data.splits.items():
         transform = preprocessing.train_transform() if split == "train" else preprocessing.eval_transform()
