@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from imgtune.config import build_config
+from imgtune.config import ServeOptions, build_config
 from imgtune.config.job import ModelConfig, apply_overrides
 from imgtune.core.errors import ConfigError
 from imgtune.data.transforms import Preprocessing, load_image
@@ -177,6 +177,8 @@ def test_the_job_configs_backend_choices_are_the_registrys():
     choices = typing.get_args(ModelConfig.model_fields["backend"].annotation)
     assert sorted(choices) == sorted([AUTO, *backend_names()])
     assert ModelConfig().backend == AUTO
+    served = typing.get_args(ServeOptions.model_fields["backend"].annotation)  # the endpoint's take the alias too
+    assert sorted(served) == sorted(BACKEND_CHOICES)
 
 
 def test_model_backend_set_and_an_older_jobs_model_inference_still_loads():

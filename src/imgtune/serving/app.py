@@ -30,9 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from imgtune.config import ServeOptions
-from imgtune.core.errors import ConfigError
 from imgtune.data.check import BadImage, decode_image
-from imgtune.models.backends import BACKEND_CHOICES as BACKENDS
 from imgtune.serving.batching import DynamicBatcher, QueueFull
 from imgtune.serving.inputs import (
     ACCEPTED_TYPES,
@@ -106,8 +104,6 @@ class Endpoint:
 
     def __init__(self, model: Predictor | Callable[[], Predictor], options: ServeOptions):
         self.model = model
-        if options.backend not in BACKENDS:
-            raise ConfigError(f"unknown backend {options.backend!r}", f"use one of {', '.join(BACKENDS)}")
         self.options = options
         self.metrics = EndpointMetrics()
         self.predictor: Predictor | None = None
