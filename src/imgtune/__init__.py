@@ -38,6 +38,8 @@ _EXPORTS = {
     # reading jobs and data
     "open_job": "imgtune.runs.api",
     "list_jobs": "imgtune.runs.api",
+    "open_tuning_job": "imgtune.runs.api",
+    "workspace_label": "imgtune.runs.api",
     "job_summary": "imgtune.runs.inspect",
     "job_details": "imgtune.runs.inspect",
     "jobs_overview": "imgtune.runs.inspect",

@@ -111,17 +111,14 @@ def tune(
     cpus_per_trial, gpus_per_trial, time_budget_s, stop_after_no_improvement, seed, ray_address, warm_start, name.
     Trials run with the debugger and profiler off; `train_best` trains the final model with them on.
     """
-    from imgtune.tuning import use_ray_address
-
-    if resume is not None:
-        use_ray_address((open_job(resume, workspace).record().options or {}).get("ray_address"))
-    else:
-        use_ray_address(options.get("ray_address"))  # before Ray is imported
     from imgtune.config import TuneOptions
-    from imgtune.runs.tune import run_tuning_job
-    from imgtune.tuning.space import load_space, parse_space
+    from imgtune.tuning import use_ray_address
+    from imgtune.tuning.space import load_space, parse_space  # (no Ray here)
 
     if resume is not None:
+        use_ray_address((open_job(resume, workspace).record().options or {}).get("ray_address"))  # before Ray loads
+        from imgtune.runs.tune import run_tuning_job
+
         return run_tuning_job(workspace=workspace, resume=resume, progress=progress, on_trial=on_trial, force=force)
     flags = {
         "data": {"path": str(data) if data is not None else None},
@@ -133,6 +130,9 @@ def tune(
     }
     search_space = parse_space(space) if isinstance(space, dict) else load_space(space)
     tune_options = TuneOptions(base=job_config(config, flags, overrides), space=search_space.to_dict(), **options)
+    use_ray_address(tune_options.ray_address)  # before Ray is imported
+    from imgtune.runs.tune import run_tuning_job
+
     return run_tuning_job(tune_options, workspace=workspace, progress=progress, on_trial=on_trial)
 
 
@@ -146,6 +146,7 @@ def train_best(
 
 
 def open_tuning_job(job: str | Path | Job, workspace: Workspace = None) -> Job:
+    """A tuning job by name or path (an error if the job is of another kind)."""
     handle = job if isinstance(job, Job) else open_job(job, workspace)
     if handle.record().kind != "tuning":
         raise ImgtuneError(f"{handle.name} is not a tuning job", "`imgtune jobs` lists jobs and their kinds")
@@ -320,3 +321,10 @@ def list_jobs(workspace: Workspace = None) -> list[Job]:
     from imgtune.storage.jobs import list_jobs as jobs_in
 
     return list(jobs_in(workspace))
+
+
+def workspace_label(workspace: Workspace = None) -> str:
+    """How to show a workspace to a person: its s3:// address, or its folder."""
+    from imgtune.storage.jobs import workspace_label as label
+
+    return label(workspace)

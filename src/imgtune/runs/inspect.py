@@ -141,7 +141,7 @@ def parse_rule_parameters(params: list[str], rules: list[str]) -> dict[str, dict
 
 
 def debug_rules(
-    job: str | Path,
+    job: str | Path | Job,
     *,
     rules: list[str] | None = None,
     params: list[str] | None = None,
@@ -154,7 +154,7 @@ def debug_rules(
     from imgtune.debugger.runner import run_rules_offline
     from imgtune.debugger.store import open_trial
 
-    handle = open_job(job, workspace)
+    handle = job if isinstance(job, Job) else open_job(job, workspace)
     debug_config = handle.record().base_config.get("debugger", {})
     names = list(rules or debug_config.get("rules") or [])
     parameters = {**debug_config.get("rule_parameters", {}), **parse_rule_parameters(params or [], names)}

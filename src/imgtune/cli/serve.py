@@ -1,0 +1,124 @@
+"""`imgtune deploy`, `imgtune predict`, `imgtune batch-transform`: a job's model answering for images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+import imgtune
+from imgtune.cli import render
+from imgtune.cli.common import (
+    JsonOption,
+    WorkspaceOption,
+    api_default,
+    command_help,
+    err,
+    field_option,
+    friendly_errors,
+    print_json,
+)
+from imgtune.config import ServeOptions
+
+ModelArgument = Annotated[str, typer.Argument(help="Job name or path (or a model bundle directory).")]
+_MB = 1024 * 1024
+
+
+def _backend_option(default: str) -> Any:
+    return field_option(ServeOptions, "backend", default=default)
+
+
+@friendly_errors
+def deploy(
+    job: ModelArgument,
+    host: str = typer.Option(
+        api_default(imgtune.deploy, "host"), help="Address to listen on; 0.0.0.0 exposes it to the network."
+    ),
+    port: int = typer.Option(api_default(imgtune.deploy, "port"), help="Port to listen on."),
+    backend: str = _backend_option(ServeOptions.model_fields["backend"].default),
+    max_batch_size: int = field_option(ServeOptions, "max_batch_size"),
+    max_batch_delay_ms: float = field_option(ServeOptions, "max_batch_delay_ms"),
+    max_queue: int = field_option(ServeOptions, "max_queue"),
+    max_payload_mb: float = field_option(
+        ServeOptions,
+        "max_payload_bytes",
+        "--max-payload-mb",
+        default=ServeOptions.model_fields["max_payload_bytes"].default / _MB,
+    ),  # fmt: skip
+    api_key: str | None = field_option(ServeOptions, "api_key", envvar="IMGTUNE_API_KEY"),
+    allow_url_scheme: Annotated[
+        list[str] | None,
+        typer.Option("--allow-url-scheme", help='Also fetch {"url": ...} images with this scheme (s3 always).'),
+    ] = None,
+    endpoint_name: str | None = field_option(ServeOptions, "endpoint_name"),
+    threads: int | None = field_option(ServeOptions, "threads"),
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Serve a job's model over HTTP (FastAPI on uvicorn), speaking the managed endpoint's protocol.
+
+    POST /invocations (images, multipart, JSON with base64 or s3:// URLs; boto3's sagemaker-runtime client works),
+    GET /ping, /health/live, /health/ready, /metrics (Prometheus) and a page at / to try a photo.
+    """
+    schemes = tuple(dict.fromkeys(["s3", *(s.lower().removesuffix("://") for s in allow_url_scheme or [])]))
+    options = ServeOptions(  # checked before the "serving" line: a bad option is the only line printed
+        backend=backend,
+        max_batch_size=max_batch_size,
+        max_batch_delay_ms=max_batch_delay_ms,
+        max_queue=max_queue,
+        max_payload_bytes=int(max_payload_mb * _MB),
+        api_key=api_key,
+        allowed_url_schemes=schemes,
+        endpoint_name=endpoint_name,
+        threads=threads,
+    )
+    err.print(f"serving {job} on http://{host}:{port} ({backend}); Ctrl-C stops it", highlight=False)
+    imgtune.deploy(job, host=host, port=port, workspace=workspace, **options.model_dump())
+
+
+@friendly_errors
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    job: Annotated[str | None, typer.Option(help="Predict in-process with this job's model.")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="Or ask a running endpoint (http://127.0.0.1:8080).")] = None,
+    top_k: int = typer.Option(api_default(imgtune.predict, "top_k"), "--top-k", help="Classes to show per image."),
+    api_key: Annotated[str | None, typer.Option(envvar="IMGTUNE_API_KEY", help="The endpoint's API key.")] = None,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The top-k classes of each image, from a job's model (--job) or a running endpoint (--endpoint).
+
+    A file that is not a usable image is reported, and the others are still classified (exit code 1).
+    """
+    results = imgtune.predict(images, job=job, endpoint=endpoint, top_k=top_k, api_key=api_key, workspace=workspace)
+    print_json(results) if as_json else render.predictions(results)
+    if any("error" in result for result in results):
+        raise typer.Exit(1)
+
+
+@friendly_errors
+def batch_transform(
+    job: ModelArgument,
+    source: Annotated[str, typer.Argument(help="Folder of images or s3:// prefix.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="FILE.csv or FILE.jsonl (appended to, resumable).")],
+    top_k: int = typer.Option(api_default(imgtune.batch_transform, "top_k"), "--top-k", help="Classes per image."),
+    batch_size: int = typer.Option(api_default(imgtune.batch_transform, "batch_size"), help="Images per forward pass."),
+    backend: str = _backend_option(api_default(imgtune.batch_transform, "backend")),
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Classify every file under a folder or s3:// prefix into a CSV or JSON Lines file (resumable).
+
+    Bad files become rows with the reason; a killed run, started again, skips what is already in the output.
+    """
+    summary = imgtune.batch_transform(
+        job, source, output, top_k=top_k, batch_size=batch_size, backend=backend, workspace=workspace,
+        progress=not as_json,
+    ).to_dict()  # fmt: skip
+    print_json(summary) if as_json else render.batch_transform(summary)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(help=command_help(deploy))(deploy)
+    app.command(help=command_help(predict))(predict)
+    app.command("batch-transform", help=command_help(batch_transform))(batch_transform)
