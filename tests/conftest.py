@@ -1,4 +1,9 @@
-"""Shared test fixtures.
+"""Shared test fixtures, and markers from what a test uses.
+
+Tests are laid out by kind: `unit/` (one module or contract, no jobs, servers or Ray), `integration/` (real jobs,
+servers, Ray, S3 or a browser, one feature at a time), `e2e/` (whole workflows: the pipeline, the README tour,
+jobs in a bucket, Ray clusters). Markers: `slow` (left out of the fast subset `pytest -m "not slow"`), `ray`,
+`s3` (given here to every test that uses the moto fixtures), `browser`, `gpu`.
 
 Every test runs with `IMGTUNE_CACHE` pointing into a session temp folder and `IMGTUNE_WORKSPACE` into a
 per-test temp folder, so no test reads or writes `~/.cache/imgtune` or `./imgtune-runs`.
@@ -133,3 +138,13 @@ def s3_client(s3_env: str):
     import boto3
 
     return boto3.client("s3")  # endpoint and credentials from the environment, as s3fs gets them
+
+
+S3_FIXTURES = {"s3_server", "s3_env", "s3_client"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`s3` for every test that starts the moto server (through any of its fixtures)."""
+    for item in items:
+        if S3_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.s3)

@@ -124,6 +124,7 @@ def test_no_debugger_flag(tmp_path, dogs_mini, mobilenet_weights):
         open_trial("quiet", tmp_path)
 
 
+@pytest.mark.slow
 def test_reader_follows_a_running_job_and_survives_a_kill_and_resume(tmp_path, dogs_mini, mobilenet_weights):
     env = {**os.environ, "IMGTUNE_WORKSPACE": str(tmp_path)}
     cmd = train_command(dogs_mini, mobilenet_weights, "watched", "--epochs", "3", *SLOW_IMAGE_TRAINING)

@@ -99,6 +99,8 @@ def feature_files(cache: Path) -> set[Path]:
     return set((cache / "features").rglob("*")) if (cache / "features").exists() else set()
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_bayesian_tuning_shares_one_feature_cache_and_never_sees_test(
     tmp_path, dogs_mini, mobilenet_weights, imgtune_cache
 ):
@@ -139,6 +141,8 @@ def test_bayesian_tuning_shares_one_feature_cache_and_never_sees_test(
     assert feature_files(imgtune_cache) == cached_after_first_job
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_grid_runs_every_combination(tmp_path, dogs_mini, mobilenet_weights):
     from imgtune.config import TuneOptions
     from imgtune.runs.tune import run_tuning_job
@@ -155,6 +159,8 @@ def test_grid_runs_every_combination(tmp_path, dogs_mini, mobilenet_weights):
     assert combos == {(0.001, 32), (0.001, 64), (0.01, 32), (0.01, 64)}
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_crashing_trial_is_recorded_and_the_job_goes_on(tmp_path, dogs_mini, mobilenet_weights):
     from imgtune.config import TuneOptions
     from imgtune.runs.tune import run_tuning_job
@@ -176,6 +182,8 @@ def test_a_crashing_trial_is_recorded_and_the_job_goes_on(tmp_path, dogs_mini, m
     assert record["best"]["hyperparameters"]["train.device"] == "cpu"
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_random_with_median_stopping_and_warm_start(tmp_path, dogs_mini, mobilenet_weights):
     from imgtune.config import TuneOptions
     from imgtune.runs.tune import run_tuning_job
@@ -199,6 +207,8 @@ def test_random_with_median_stopping_and_warm_start(tmp_path, dogs_mini, mobilen
     assert len(second.read()["trials"]) == 2
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_cli_tune_show_and_train_the_best(tmp_path, dogs_mini, mobilenet_weights, monkeypatch):
     # relative paths, as a user types them: trials run in Ray workers with another working directory
     monkeypatch.chdir(tmp_path)
@@ -250,6 +260,8 @@ def test_trials_say_when_a_cluster_node_lacks_the_shared_paths(tmp_path, dogs_mi
     assert "every node mounts" in error.value.hint
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_resume_after_the_driver_is_killed(tmp_path, dogs_mini, mobilenet_weights):
     import os
     import signal

@@ -55,6 +55,7 @@ def on_another_machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: st
     return cache
 
 
+@pytest.mark.slow
 def test_a_job_is_kept_in_the_bucket_and_used_from_another_machine(
     bucket, tmp_path, dogs_mini, mobilenet_weights, monkeypatch
 ):
@@ -106,6 +107,7 @@ def test_a_job_is_kept_in_the_bucket_and_used_from_another_machine(
     assert again.exit_code == 2 and "a job named 'shared' already exists" in again.output
 
 
+@pytest.mark.slow
 def test_a_killed_job_resumes_on_another_machine_from_the_bucket(bucket, tmp_path, dogs_mini, mobilenet_weights):
     env = {**os.environ, "IMGTUNE_WORKSPACE": WORKSPACE, "IMGTUNE_PUSH_INTERVAL": "0",
            "IMGTUNE_CACHE": str(tmp_path / "machine-a")}  # fmt: skip
@@ -216,6 +218,8 @@ def test_a_mirror_keeps_its_own_changes_never_overwrites_another_writers_and_pro
             if p.is_file() and not p.name.startswith(".record.json")} == stored  # fmt: skip
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_tuning_job_whose_driver_died_resumes_on_another_machine_from_the_bucket(
     bucket, tmp_path, dogs_mini, mobilenet_weights
 ):

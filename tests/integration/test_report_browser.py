@@ -10,6 +10,8 @@ from imgtune.config import build_config
 from imgtune.runs.train import run_training_job
 from imgtune.storage.jobs import Job
 
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
 
 @pytest.fixture(scope="module")
 def reported_job(tmp_path_factory, dogs_mini, mobilenet_weights) -> Job:

@@ -142,6 +142,7 @@ def test_cli_data_check_s3_json(s3_dogs: dict[str, bytes], tmp_path: Path, monke
     assert Path(problems[0]).is_relative_to(tmp_path / "cache" / "sources")
 
 
+@pytest.mark.slow
 def test_cli_train_reads_its_data_from_s3(s3_dogs: dict[str, bytes], mobilenet_weights: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app,

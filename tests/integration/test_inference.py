@@ -68,6 +68,7 @@ def batches(backend, images: torch.Tensor, size: int = 50) -> torch.Tensor:
     return torch.cat([backend(images[i : i + size]) for i in range(0, len(images), size)])
 
 
+@pytest.mark.slow
 def test_the_chosen_backend_agrees_with_fp32_eager_on_every_shared_photo(dogs_job, all_photos, imgtune_cache):
     predictor = Predictor.load(dogs_job)  # auto: measured on this CPU
     choice = predictor.choice
@@ -92,6 +93,7 @@ def test_the_chosen_backend_agrees_with_fp32_eager_on_every_shared_photo(dogs_jo
     assert again.choice["chosen_by"] == "remembered measurement" and again.backend.name == choice["backend"]
 
 
+@pytest.mark.slow
 def test_every_backend_is_timed_and_checked_and_bad_agreement_is_refused(dogs_job, all_photos, tmp_path):
     predictor = Predictor.load(dogs_job, backend="eager")
     model = predictor.bundle.model
@@ -123,6 +125,7 @@ def test_every_backend_is_timed_and_checked_and_bad_agreement_is_refused(dogs_jo
         choose_backend(model, example, CPU, "fp8")
 
 
+@pytest.mark.slow
 def test_the_backend_is_part_of_the_feature_cache_key(dogs_job, dogs_mini, mobilenet_weights, tmp_path):
     base = json.loads((dogs_job / "job.json").read_text())["config"]
     base["model"]["backend"] = "eager"

@@ -69,6 +69,7 @@ def test_real_features_learn_the_breeds(finished_job: Job):
     assert sum(map(sum, test["confusion_matrix"])) == 100
 
 
+@pytest.mark.slow
 def test_bundle_reloads_and_agrees_with_the_job(finished_job: Job, dogs_mini: Path):
     bundle = load_bundle(finished_job.model_dir)
     assert [c.id for c in bundle.classes][:2] == ["001.Shih-Tzu", "002.Rhodesian_ridgeback"]
@@ -96,6 +97,7 @@ def test_bundle_with_damaged_weights_is_refused(finished_job: Job, tmp_path: Pat
         load_bundle(copy)
 
 
+@pytest.mark.slow
 def test_feature_cache_is_computed_once_and_shared(tmp_path, dogs_mini, mobilenet_weights, monkeypatch):
     monkeypatch.setenv("IMGTUNE_CACHE", str(tmp_path / "cache"))
     config = build_config(mobilenet_config(dogs_mini, mobilenet_weights, epochs=1, augment_views=2))
@@ -120,6 +122,7 @@ def test_partial_fine_tuning_on_images(tmp_path, dogs_mini, mobilenet_weights):
     assert load_bundle(job.model_dir).model.spec.freeze == "all_but_last"
 
 
+@pytest.mark.slow
 def test_resnet50_from_scratch_runs_end_to_end_from_the_cli(tmp_path, dogs_mini):
     result = runner.invoke(
         app,
@@ -206,6 +209,7 @@ def test_training_on_bad_data_completes_and_reports_exclusions(tmp_path, dogs_mi
     assert all(Path(rel).name in log for rel in bad_files)
 
 
+@pytest.mark.slow
 def test_killed_job_resumes_without_losing_epochs(tmp_path, dogs_mini, mobilenet_weights):
     workspace = tmp_path / "ws"
     env = {**os.environ, "IMGTUNE_WORKSPACE": str(workspace)}
@@ -291,6 +295,7 @@ def test_config_file_and_overrides(tmp_path, dogs_mini, mobilenet_weights):
     assert bad.exit_code == 2 and "train.lr" in bad.output
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_job_cleanly(tmp_path, dogs_mini, mobilenet_weights):
     env = {**os.environ, "IMGTUNE_WORKSPACE": str(tmp_path)}
     cmd = train_command(

@@ -16,7 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 TOUR_BUCKET = "my-imgtune-bucket"
 
 

@@ -27,6 +27,9 @@ from imgtune.runs.train import run_training_job
 from imgtune.serving.predictor import Predictor
 from servers import running_server
 
+pytestmark = [pytest.mark.slow]
+
+
 runner = CliRunner()
 JOB = "dogs"
 API_KEY = "s3cret-test-key"
@@ -359,6 +362,7 @@ def test_ping_answers_200_only_once_the_model_is_loaded(workspace):
 # -- the web page ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.browser
 def test_the_web_page_classifies_an_uploaded_photo_in_chromium(endpoint, predictor, photos):
     from browser import artifacts_dir, chromium_page
 

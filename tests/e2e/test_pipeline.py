@@ -14,6 +14,9 @@ from imgtune.cli import app
 from imgtune.storage.jobs import Job
 from servers import http_status
 
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
 runner = CliRunner()
 
 

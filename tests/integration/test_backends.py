@@ -77,7 +77,11 @@ def build_or_skip(name: str, module: nn.Module, **options):
         pytest.skip(f"backend {name} is unavailable on this machine (it raised BackendUnavailable: {exc})")
 
 
-@pytest.mark.parametrize("name", backend_names())
+# compile takes tens of seconds to compile on a small CPU: in the full suite, not the fast subset
+EVERY_BACKEND = [pytest.param(name, marks=pytest.mark.slow) if name == "compile" else name for name in backend_names()]
+
+
+@pytest.mark.parametrize("name", EVERY_BACKEND)
 def test_backend_agrees_with_fp32_eager_at_every_batch_size(name: str, photos, reference):
     backend = build_or_skip(name, tiny_model())
     assert backend.name == name
@@ -91,7 +95,7 @@ def test_backend_agrees_with_fp32_eager_at_every_batch_size(name: str, photos, r
         assert measured["min_cosine"] >= FEATURE_AGREEMENT["min_cosine"], (size, measured)
 
 
-@pytest.mark.parametrize("name", backend_names())
+@pytest.mark.parametrize("name", EVERY_BACKEND)
 def test_backend_named_is_checked_and_chosen(name: str, photos, tmp_path):
     build_or_skip(name, tiny_model())  # skipped here only for the same reason as above
     backend, summary = choose_backend(tiny_model(), photos, CPU, name, record_file=tmp_path / "choices.json")

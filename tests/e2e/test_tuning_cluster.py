@@ -26,6 +26,9 @@ import pytest
 from imgtune.storage.jobs import Job
 from servers import free_port
 
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
 RAY = Path(sys.executable).with_name("ray")
 
 
