@@ -50,6 +50,7 @@ _EXPORTS = {
     "debug_rules": "imgtune.runs.inspect",
     "debug_results": "imgtune.runs.inspect",
     "plot_tensor": "imgtune.runs.inspect",
+    "open_trial": "imgtune.debugger.store",
     # types
     "JobConfig": "imgtune.config",
     "TuneOptions": "imgtune.config",

@@ -1,7 +1,7 @@
-"""The README's tour runs as written: every ```bash block of its "## Tour" section, in order, in one bash shell,
-in an empty folder beside `shared/` (so `../shared/...` resolves as in the README), and each file a step says
-it writes is there afterwards. Step 10's bucket is moto's S3 server on 127.0.0.1 (AWS_ENDPOINT_URL), as a
-user's MinIO would be."""
+"""The README runs as written: every ```bash block of its "## Tour" section, in order, in one bash shell, in an
+empty folder beside `shared/` (so `../shared/...` resolves as in the README), and each file a step says it writes
+is there afterwards; step 10's bucket is moto's S3 server on 127.0.0.1 (AWS_ENDPOINT_URL), as a user's MinIO
+would be. The Python example of its "## Architecture" section runs the same way, through the public API."""
 
 from __future__ import annotations
 
@@ -103,3 +103,23 @@ def test_the_readme_tour_runs_as_written(tmp_path, shared, s3_client: Any):
     assert pipeline["status"] == "completed" and len(pipeline["sample_predictions"]) == 10
     listed = s3_client.get_object(Bucket=TOUR_BUCKET, Key="team/dogs/job.json")["Body"].read()
     assert json.loads(listed)["status"] == "completed"
+
+
+def test_the_architecture_sections_python_example_runs_as_written(tmp_path, shared):
+    text = README.read_text()
+    section = text[text.index("\n## Architecture\n") :]
+    example = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    (tmp_path / "shared").symlink_to(shared)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "IMGTUNE_WORKSPACE"}
+    done = subprocess.run(
+        [sys.executable, "-c", example], cwd=work, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert 0.5 < float(lines[0].split()[-1]) <= 1 and 0.5 < float(lines[1].split()[-1]) <= 1
+    answers = lines[2:]
+    assert len(answers) == 3 and all(line.startswith("../shared/data/dogs-mini/test/") for line in answers)
+    jobs = {path.parent.name for path in (work / "imgtune-runs").glob("*/job.json")}
+    assert len(jobs) == 3  # the first job, the tuning job (its trials inside it) and the final job
