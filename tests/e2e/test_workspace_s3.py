@@ -74,7 +74,7 @@ def test_a_job_is_kept_in_the_bucket_and_used_from_another_machine(
     # The bucket holds the whole job, byte for byte as the machine that ran it has it.
     stored = objects(bucket, "team/shared/")
     local_files = {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*")
-                   if p.is_file() and not p.name.startswith(".imgtune-sync.json")}  # fmt: skip
+                   if p.is_file() and not p.name.startswith(".imgtune-")}  # fmt: skip
     assert stored == local_files
     assert {"job.json", "metrics.jsonl", "model/model.safetensors", "model/manifest.json", "report.html",
             "checkpoints/last.pt", "debugger/rules.json", "profiler/rules.json"} <= stored.keys()  # fmt: skip

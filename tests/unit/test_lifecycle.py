@@ -3,6 +3,8 @@ statuses, timings, hooks in order, optional and core plugins failing, the lock, 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from imgtune.core.errors import JobError
@@ -103,7 +105,7 @@ def test_an_optional_plugin_that_fails_is_switched_off_and_reported(tmp_path):
     assert record.plugin_failures == [
         {"plugin": "failing", "hook": "on_job_start", "error": "RuntimeError: monitor broke"}
     ]
-    assert not failing.ended  # switched off: its later hooks are not called
+    assert failing.ended  # switched off, it still gets on_job_end, to release what it holds
     assert recording.calls[-1] == ("end", "completed")
 
 
@@ -156,3 +158,44 @@ def test_job_json_fields_are_typed_and_a_misspelt_field_is_refused(tmp_path):
     assert record.evaluations[0]["accuracy"] == 0.9 and record.stop_reason == "early stopping"
     with pytest.raises(ValueError, match="no field"):
         job.update(stop_raeson="typo")
+
+
+def test_the_lock_is_released_when_a_command_fails_before_the_job_runs(tmp_path):
+    def failing(life):
+        raise ValueError("first run failed")
+
+    with pytest.raises(ValueError):
+        new_job(tmp_path).run(failing)
+    with pytest.raises(RuntimeError, match="bad stored config"), JobLifecycle.resume("j", tmp_path, "training"):
+        raise RuntimeError("bad stored config")  # e.g. the job's config no longer validates
+    with Job.open("j", tmp_path).lock():  # not held by the failed command
+        pass
+
+
+def test_system_exit_stops_the_job(tmp_path):
+    with pytest.raises(SystemExit):
+        new_job(tmp_path).run(lambda life: sys.exit(3))
+    record = Job.open("j", tmp_path).record()
+    assert record.status == "stopped" and record.error == "SystemExit"
+
+
+def test_a_plugin_switched_off_still_releases_what_it_holds():
+    class Holding(JobPlugin):
+        name = "holding"
+        released = False
+
+        def on_start_over(self, run):
+            raise OSError("disk full")
+
+        def on_fit_end(self, run, results):
+            results["holding"] = "finished"  # never reached: it was switched off
+
+        def on_fit_abort(self, run):
+            self.released = True  # a watchdog stopped, a store closed
+
+    plugin, results = Holding(), {}
+    plugins = PluginSet([plugin])
+    plugins.call("on_start_over", None)
+    plugins.call("on_fit_end", None, results)
+    assert plugin.released and results == {}
+    assert plugins.failures == [{"plugin": "holding", "hook": "on_start_over", "error": "OSError: disk full"}]

@@ -28,14 +28,17 @@ def cache_dir() -> Path:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    mask = os.umask(0)  # (the only way to read it; done once, at import, before threads write files)
     os.umask(mask)
     return mask
 
 
+_UMASK = _umask()
+
+
 def default_file_mode() -> int:
     """The mode a plain `open(path, "w")` would give (mkstemp's files are owner-only)."""
-    return 0o666 & ~_umask()
+    return 0o666 & ~_UMASK
 
 
 @contextlib.contextmanager

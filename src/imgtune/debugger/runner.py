@@ -164,10 +164,12 @@ class RuleCallback(Callback):
                     if idle <= threshold or reported_for.get(rule.name) == self._last_step_time:
                         continue
                     reported_for[rule.name] = self._last_step_time
-                    trial = self.trial_source()
-                    finding = self.runner._guarded(
-                        rule, lambda rule=rule, trial=trial, idle=idle: rule.on_idle(trial, idle)
-                    )
+                    try:  # (also when the rule's per-step check failed: a hang must still be told)
+                        finding = rule.on_idle(self.trial_source(), idle)
+                    except Exception as exc:
+                        if self.runner.log:
+                            self.runner.log(f"rule {rule.name}'s stall check failed: {type(exc).__name__}: {exc}")
+                        continue
                     if finding is not None and self.runner._add(rule, finding):
                         trainer.request_stop(f"debugger rule {rule.name}: {finding.message}")
                     self.runner.write(self.directory)

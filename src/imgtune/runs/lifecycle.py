@@ -16,7 +16,7 @@ import contextlib
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,17 @@ from imgtune.storage.jobs import Job, push_interval, remote_url, workspace_dir
 from imgtune.storage.record import JobRecord
 from imgtune.training.plugin import PluginSet
 
-KIND_LABEL = {"training": "job", "tuning": "tuning job", "pipeline": "pipeline"}
+KIND_LABEL = {"training": "training job", "tuning": "tuning job", "pipeline": "pipeline"}
 
 
 class JobLifecycle:
-    """One job's life in this process. Make one with `create` or `resume`, then `run(body)`."""
+    """One job's life in this process. Make one with `create` or `resume` and use it as a context manager (it
+    holds the job's lock until the block ends, whatever happens before `run`), then `run(body)`::
+
+        with JobLifecycle.resume("my-job", workspace, "training") as life:
+            life.use_plugins(...)
+            life.run(body)
+    """
 
     def __init__(self, job: Job, *, resumed: bool, must_push: bool = True, timings: dict[str, float] | None = None):
         self.job = job
@@ -56,9 +62,10 @@ class JobLifecycle:
             push_interval()  # a bad IMGTUNE_PUSH_INTERVAL: refuse before a job directory exists
         job = Job.create(workspace, record.name or None, prefix=prefix)
         life = cls(job, resumed=False, must_push=must_push)
-        life._hold.enter_context(job.lock())
-        job.write(record.model_copy(update={"name": job.name, "created": now_iso()}))
-        life.use_plugins(list(plugins))
+        with life._releasing_on_error():
+            life._hold.enter_context(job.lock())
+            job.write(record.model_copy(update={"name": job.name, "created": now_iso()}))
+            life.use_plugins(list(plugins))
         return life
 
     @classmethod
@@ -79,17 +86,27 @@ class JobLifecycle:
         if record.kind != kind:
             raise JobError(f"{job.name} is not a {label}", "`imgtune jobs` lists jobs and their kinds")
         life = cls(job, resumed=True, must_push=must_push, timings=record.timings)
-        life._hold.enter_context(job.lock())
-        if job.status() == "completed":
-            life._hold.close()
-            raise JobError(f"{label} {job.name} has already completed", "start a new one instead")
-        try:
+        with life._releasing_on_error():
+            life._hold.enter_context(job.lock())
+            if job.status() == "completed":
+                raise JobError(f"{label} {job.name} has already completed", "start a new one instead")
             check_resumable(job, force)
-        except JobError:
-            life._hold.close()
-            raise
-        job.log("resuming")
+            job.log("resuming")
         return life
+
+    @contextlib.contextmanager
+    def _releasing_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self._hold.close()
+            raise
+
+    def __enter__(self) -> JobLifecycle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hold.close()
 
     def use_plugins(self, plugins: list[Any]) -> None:
         self.plugins = PluginSet(list(plugins), log=self.job.log)
@@ -101,17 +118,18 @@ class JobLifecycle:
         job = self.job
         try:
             self.started = time.perf_counter()
-            job.update(status="running", started=now_iso(), error=None, **running_fields)
+            job.update(status="running", started=now_iso(), error=None, plugin_failures=None, **running_fields)
             job.mark_running()
             self.plugins.call("on_job_start", job)
             try:
                 results = body(self)
-            except KeyboardInterrupt:
-                self._end("stopped", {"error": "interrupted by the user"}, "stopped by the user")
-                raise
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 self._end("failed", {"error": error}, f"failed: {error}\n{traceback.format_exc()}")
+                raise
+            except BaseException as exc:  # Ctrl-C, SIGTERM (the CLI raises KeyboardInterrupt), SystemExit
+                reason = "interrupted by the user" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__
+                self._end("stopped", {"error": reason}, f"stopped: {reason}")
                 raise
             self._end("completed", results, "completed")
         finally:

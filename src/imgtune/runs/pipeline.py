@@ -47,7 +47,6 @@ def run_pipeline(
     """Run every step; `keep_serving(url)`, when given, is called while the endpoint is still up (it returns when
     serving should stop). Returns the pipeline's job, whose job.json holds the summary."""
     record = JobRecord(name=options.name or "", kind="pipeline", options=options.model_dump(mode="json"))
-    life = JobLifecycle.create(workspace, record, prefix="pipeline")
     steps: dict[str, float] = {}
 
     def pipeline(life: JobLifecycle) -> dict[str, Any]:
@@ -126,4 +125,5 @@ def run_pipeline(
             artifacts["kept_in"] = job.remote.rsplit("/", 1)[0]
         return {"artifacts": artifacts}
 
-    return life.run(pipeline)
+    with JobLifecycle.create(workspace, record, prefix="pipeline") as life:
+        return life.run(pipeline)

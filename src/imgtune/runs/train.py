@@ -46,8 +46,9 @@ def run_training_job(
             (a tuning trial does not: its tuning job pushes it again at the end).
     """
     if resume is not None:
-        life = JobLifecycle.resume(resume, workspace, "training", force=force, must_push=must_push)
-        config = build_config(life.job.record().config or {}, f"config of job {life.job.name}")
+        with JobLifecycle.resume(resume, workspace, "training", force=force, must_push=must_push) as life:
+            config = build_config(life.job.record().config or {}, f"config of job {life.job.name}")
+            return _train(life, config, callbacks, progress, on_finding)
     else:
         if config is None:
             raise ConfigError("run_training_job needs a config or a job to resume")
@@ -55,7 +56,17 @@ def run_training_job(
             raise DataError(f"dataset folder not found: {config.data.path}", "check the path given to --data")
         check_plugins(config)  # unknown rules or parameters: refused before a job directory exists
         record = JobRecord(name=config.name or "", kind="training", config=config.model_dump(mode="json"))
-        life = JobLifecycle.create(workspace, record, prefix=config.model.backbone, must_push=must_push)
+        with JobLifecycle.create(workspace, record, prefix=config.model.backbone, must_push=must_push) as life:
+            return _train(life, config, callbacks, progress, on_finding)
+
+
+def _train(
+    life: JobLifecycle,
+    config: JobConfig,
+    callbacks: Iterable[Callback],
+    progress: bool,
+    on_finding: Callable[[str, Any], None] | None,
+) -> Job:
     life.use_plugins(training_plugins(config))
 
     def train(life: JobLifecycle) -> dict[str, Any]:

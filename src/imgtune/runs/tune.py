@@ -31,7 +31,7 @@ from imgtune.storage.jobs import JOB_FILE, Job
 from imgtune.storage.record import JobRecord
 from imgtune.training.plugin import JobPlugin
 from imgtune.training.setup import warm_feature_cache
-from imgtune.tuning.space import apply_values, parse_space
+from imgtune.tuning.space import SearchSpace, apply_values, parse_space
 from imgtune.tuning.tuner import (
     TRIAL_PREFIX,
     TRIALS_DIR,
@@ -74,8 +74,6 @@ def run_tuning_job(
     job recorded as running on another machine (that machine is gone); its unfinished trials continue too."""
     if resume is not None:
         life = JobLifecycle.resume(resume, workspace, "tuning", force=force)
-        options = TuneOptions(**(life.job.record().options or {}))
-        space, warm = validate(options), []
     elif options is None:
         raise ConfigError("run_tuning_job needs options or a job to resume")
     else:
@@ -86,38 +84,51 @@ def run_tuning_job(
             name=options.name or "", kind="tuning", options=options.model_dump(mode="json"), warm_start_points=len(warm)
         )
         life = JobLifecycle.create(workspace, record, prefix="tune")
-    life.use_plugins([TuningReportPlugin(), TrialsPush()])
-
-    def tune(life: JobLifecycle) -> dict[str, Any]:
-        job = life.job
-        trials_dir = job.path / TRIALS_DIR
-        trials_dir.mkdir(exist_ok=True)
-        nodes = connect(options.ray_address)  # first: a wrong address or a missing token fails before any work
-        features_shared = shares_features(space, options.base)
-        if features_shared:
-            started = time.perf_counter()
-            warm_feature_cache(build_config(options.base), progress=progress)
-            job.update(feature_cache_seconds=time.perf_counter() - started)
-            job.log(f"feature cache ready in {time.perf_counter() - started:.1f} s, shared by every trial")
-        job.update(ray={"address": options.ray_address or "in-process", "nodes": nodes})
-        job.log(f"Ray: {options.ray_address or 'in-process'}, nodes {', '.join(n['address'] for n in nodes)}")
-        context = {
-            "base": options.base,
-            "space": options.space,
-            "trials_dir": str(trials_dir),
-            "objective": options.objective,
-            "cpus_per_trial": options.cpus_per_trial,
-            "cache": str(cache_dir()),
-            "features_shared": features_shared,
-        }
-        tuner = build_tuner(job, run_trial, context, options, space, warm, life.resumed)
-        return fit(tuner, job, options, space, progress, on_trial)
-
-    return life.run(tune)
+    with life:
+        if life.resumed:
+            options = TuneOptions(**(life.job.record().options or {}))
+            space, warm = validate(options), []
+        life.use_plugins([TuningReportPlugin(), TrialsPush()])
+        return life.run(lambda life: _tune(life, options, space, warm, progress, on_trial))
 
 
-def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
-    """One trial, in a Ray worker: a training job with the trial's hyperparameters, reporting every epoch."""
+def _tune(
+    life: JobLifecycle,
+    options: TuneOptions,
+    space: SearchSpace,
+    warm: list[tuple[dict, float]],
+    progress: bool,
+    on_trial: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    job = life.job
+    trials_dir = job.path / TRIALS_DIR
+    trials_dir.mkdir(exist_ok=True)
+    nodes = connect(options.ray_address)  # first: a wrong address or a missing token fails before any work
+    features_shared = shares_features(space, options.base)
+    if features_shared:
+        started = time.perf_counter()
+        warm_feature_cache(build_config(options.base), progress=progress)
+        job.update(feature_cache_seconds=time.perf_counter() - started)
+        job.log(f"feature cache ready in {time.perf_counter() - started:.1f} s, shared by every trial")
+    job.update(ray={"address": options.ray_address or "in-process", "nodes": nodes})
+    job.log(f"Ray: {options.ray_address or 'in-process'}, nodes {', '.join(n['address'] for n in nodes)}")
+    context = {
+        "base": options.base,
+        "space": options.space,
+        "trials_dir": str(trials_dir),
+        "objective": options.objective,
+        "cpus_per_trial": options.cpus_per_trial,
+        "cache": str(cache_dir()),
+        "features_shared": features_shared,
+    }
+    tuner = build_tuner(job, _trial, context, options, space, warm, life.resumed)
+    return fit(tuner, job, options, space, progress, on_trial)
+
+
+def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
+    """One trial, in a Ray worker: a training job with the trial's hyperparameters, reporting every epoch.
+
+    (Ray saves this function's name with the experiment and refuses to restore it under another: keep it.)"""
     import torch
     from ray import tune
 

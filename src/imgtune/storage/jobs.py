@@ -310,16 +310,21 @@ class Job:
 
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / LOCK_FILE, "a") as handle:
+            locked = True
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise JobError(
                     f"job {self.name} is being run by another process on this machine", "wait for it or stop it first"
                 ) from None
+            except OSError as exc:  # a file system without locks (NFS without lockd): the status check must do
+                self.log(f"could not lock the job ({exc.strerror or exc}); running it unlocked")
+                locked = False
             try:
                 yield
             finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                if locked:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
 
     # -- metrics.jsonl -------------------------------------------------------------------------------
 

@@ -6,8 +6,9 @@ config and calls the hooks; the training loop knows only this contract, never a 
 
 Where a hook runs: on rank 0 only (the default: it writes into the job directory), or on every rank of a
 data-parallel job when decorated with `@every_rank`. A plugin that is not `core` is optional: when one of its
-hooks fails, the failure goes to the job's log and `plugin_failures`, the plugin is switched off, and the job
-goes on. A failing core plugin (the model bundle) fails the job.
+hooks fails, the failure goes to the job's log and `plugin_failures`, the plugin is switched off (it still gets
+`on_fit_abort` when training ends, instead of `on_fit_end`, and `on_job_end`, so it can release what it holds),
+and the job goes on. A failing core plugin (the model bundle) fails the job.
 
 Order of the hooks in one job::
 
@@ -106,6 +107,10 @@ class JobPlugin:
         pass
 
 
+# What a switched-off plugin still gets: the hooks that release what it holds (threads, files, hooks).
+RELEASING = {"on_fit_end": "on_fit_abort", "on_fit_abort": "on_fit_abort", "on_job_end": "on_job_end"}
+
+
 class PluginSet:
     """The plugins of one job, called hook by hook on this process's rank; isolates optional plugins' failures."""
 
@@ -117,22 +122,29 @@ class PluginSet:
         self._off: set[int] = set()
 
     def call(self, hook: str, *args: Any) -> list[Any]:
-        """Call `hook` on every plugin that is on and runs on this rank; returns their answers."""
+        """Call `hook` on every plugin that is on and runs on this rank; returns their answers. A plugin switched
+        off gets only the hooks that release what it holds (`on_fit_end` becomes `on_fit_abort`; `on_job_end`)."""
         answers = []
         for plugin in self.plugins:
-            method = getattr(plugin, hook)
-            if id(plugin) in self._off or not runs_on(method, self.rank):
+            name = hook
+            if id(plugin) in self._off:
+                name = RELEASING.get(hook, "")
+                if not name:
+                    continue
+            method = getattr(plugin, name)
+            if not runs_on(method, self.rank):
                 continue
             try:
-                answers.append(method(*args))
+                answers.append(method(*args) if name == hook else method(args[0]))  # on_fit_abort(run)
             except Exception as exc:
                 if plugin.core:
                     raise
-                self._off.add(id(plugin))
-                failure = {"plugin": plugin.name, "hook": hook, "error": f"{type(exc).__name__}: {exc}"}
-                self.failures.append(failure)
+                error = f"{type(exc).__name__}: {exc}"
+                if id(plugin) not in self._off:
+                    self._off.add(id(plugin))
+                    self.failures.append({"plugin": plugin.name, "hook": name, "error": error})
                 if self.log is not None:
-                    self.log(f"plugin {plugin.name} failed in {hook} and was switched off: {failure['error']}")
+                    self.log(f"plugin {plugin.name} failed in {name} and was switched off: {error}")
         return answers
 
     def callbacks(self, run: TrainingRun) -> list[Callback]:
