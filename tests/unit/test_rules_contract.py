@@ -176,3 +176,11 @@ def test_statuses_and_results_are_one_shape_for_both_kinds(tmp_path, test_rules)
     assert fired["parameters"] == {**PARAMETERS, "threshold": 1.0} and slow["parameters"]["threshold"] == 10
     assert {"findings", "finding_count"} <= set(fired) and not {"datapoints", "recommendation"} & set(fired)
     assert {"datapoints", "triggers", "recommendation", "details"} <= set(slow) and "findings" not in slow
+
+
+def test_the_configs_rule_names_are_the_registrys():
+    # config may not import the rules, so it keeps its own lists: this keeps them equal to the built-in rules
+    from imgtune.config import DEFAULT_RULES, PROFILER_RULES
+
+    assert set(PROFILER_RULES) == set(rules_of("profiler"))
+    assert set(DEFAULT_RULES) <= set(rules_of("debugger"))
