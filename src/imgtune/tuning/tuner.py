@@ -1,20 +1,6 @@
-"""Ray Tune for tuning jobs: searchers and schedulers, the trial reporter, the Tuner, trial results.
-
-The tuning job's life (imgtune.runs.tune) uses this module; every trial is a training job (the same code path)
-inside the tuning job.
-
-Layout of a tuning job::
-
-    JOB/
-      job.json      kind "tuning": options, search space, status, trials (best first), best hyperparameters
-      trials/       one training job per trial (trial-<id>), with its own metrics, checkpoints and model
-      ray/          Ray Tune's experiment state (what `--resume` restores)
-      logs.txt
-
-The objective is a validation metric reported every epoch (never the test split: trials do not evaluate
-it). With a frozen backbone, the feature cache is computed once before trials start, so a trial costs only
-head training. Strategies: bayesian (Optuna's TPE through OptunaSearch), random, grid, hyperband (ASHA).
-"""
+"""Ray Tune for tuning jobs: searchers and schedulers (bayesian: Optuna's TPE through OptunaSearch; random, grid;
+hyperband: ASHA), the trial reporter, the Tuner and the trials' results. The tuning job's life and its layout are
+imgtune.runs.tune's; every trial is a training job inside it, judged on a validation metric every epoch."""
 
 from __future__ import annotations
 
