@@ -118,8 +118,7 @@ class JobLifecycle:
         job = self.job
         try:
             self.started = time.perf_counter()
-            job.update(status="running", started=now_iso(), error=None, plugin_failures=None, **running_fields)
-            job.mark_running()
+            job.mark_running(started=now_iso(), error=None, plugin_failures=None, **running_fields)
             self.plugins.call("on_job_start", job)
             try:
                 results = body(self)

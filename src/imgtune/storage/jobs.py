@@ -42,7 +42,6 @@ DEFAULT_WORKSPACE = "imgtune-runs"
 JOB_FILE = "job.json"
 METRICS_FILE = "metrics.jsonl"
 
-STATUSES = ("running", "completed", "failed", "stopped", "interrupted")
 MIRRORS_DIR = "workspaces"  # in the cache: local mirrors of remote workspaces
 LOCK_FILE = ".imgtune-lock"  # in a job: held by the process running it (Job.lock)
 SYNC_RECORD = ".imgtune-sync.json"  # in a mirrored job: what was pushed or pulled (see imgtune.remote)
@@ -287,10 +286,11 @@ class Job:
             self.push(min_interval=0.0 if "status" in fields else push_interval(), strict=False)
         return data
 
-    def mark_running(self) -> None:
-        """Record this process as the job's runner; in a remote workspace its pushes then always win."""
+    def mark_running(self, **fields: Any) -> None:
+        """Record this process as the job's runner (with `fields`, in the same write); in a remote workspace its
+        pushes then always win."""
         _running_here.add(self.path)
-        self.update(status="running", pid=os.getpid(), host=socket.gethostname())
+        self.update(status="running", pid=os.getpid(), host=socket.gethostname(), **fields)
 
     def status(self) -> str:
         """The recorded status, or 'interrupted' for a 'running' job whose process is gone."""

@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Status = Literal["running", "completed", "failed", "stopped", "interrupted", "unknown"]
 Kind = Literal["training", "tuning", "pipeline"]
-STATUSES: tuple[str, ...] = ("running", "completed", "failed", "stopped", "interrupted")
 
 
 class JobRecord(BaseModel):
