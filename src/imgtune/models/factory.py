@@ -70,8 +70,28 @@ class ImageClassifier(nn.Module):
         )
 
 
-def make_head(kind: str, num_features: int, num_classes: int, hidden: int = 128, dropout: float = 0.0) -> nn.Module:
-    """The original's Linear(features,hidden)-ReLU-Linear(hidden,N) ('mlp') or a single Linear ('linear')."""
+def make_head(
+    kind: str,
+    num_features: int,
+    num_classes: int,
+    hidden: int = 128,
+    dropout: float = 0.0,
+    *,
+    seed: int | None = None,
+) -> nn.Module:
+    """The original's Linear(features,hidden)-ReLU-Linear(hidden,N) ('mlp') or a single Linear ('linear').
+
+    With `seed`, the head's initial weights depend on the seed alone (not on what drew random numbers before,
+    such as building the backbone), so a head trained with others (imgtune.training.batched_heads) starts
+    exactly as it would alone."""
+    if seed is None:
+        return _head_layers(kind, num_features, num_classes, hidden, dropout)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _head_layers(kind, num_features, num_classes, hidden, dropout)
+
+
+def _head_layers(kind: str, num_features: int, num_classes: int, hidden: int, dropout: float) -> nn.Module:
     layers: list[nn.Module] = []
     if kind == "mlp":
         if dropout:
@@ -222,6 +242,7 @@ def create_model(
     weights: str | None = None,
     head_hidden: int = 128,
     dropout: float = 0.0,
+    head_seed: int | None = None,
 ) -> ImageClassifier:
     """A backbone with a new head for `num_classes`.
 
@@ -234,6 +255,7 @@ def create_model(
         weights: a local state dict for the backbone instead of the library's download.
         head_hidden: hidden width of the mlp head.
         dropout: dropout before the head's Linear layers.
+        head_seed: initialise the head from this seed alone (see make_head).
 
     Raises:
         ConfigError: unknown backbone, head or freeze mode.
@@ -248,7 +270,7 @@ def create_model(
     trunk, num_features, norm, report = build(backbone, pretrained, weights)
     spec = ModelSpec(backbone, num_classes, head, head_hidden, dropout, freeze, source)
     model = ImageClassifier(
-        trunk, make_head(head, num_features, num_classes, head_hidden, dropout), spec, num_features, norm
+        trunk, make_head(head, num_features, num_classes, head_hidden, dropout, seed=head_seed), spec, num_features, norm
     )
     model.weights_report = report
     if freeze != "none":

@@ -120,6 +120,7 @@ def build_model(config: JobConfig, num_classes: int) -> ImageClassifier:
         weights=m.weights,
         head_hidden=m.head_hidden,
         dropout=m.dropout,
+        head_seed=config.train.seed,
     )
 
 
