@@ -99,7 +99,11 @@ def assert_same_record(together: dict, alone: dict) -> None:
         ),
         pytest.param(  # dropout drawn per head, as nn.Dropout draws it; SGD's momentum per head; cosine schedule
             {"epochs": 3, "optimizer": "sgd", "schedule": "cosine"},
-            [{"lr": 0.05, "dropout": 0.3}, {"lr": 0.1, "momentum": 0.5, "head_hidden": 64}, {"lr": 0.02, "dropout": 0.1}],
+            [
+                {"lr": 0.05, "dropout": 0.3},
+                {"lr": 0.1, "momentum": 0.5, "head_hidden": 64},
+                {"lr": 0.02, "dropout": 0.1},
+            ],
             id="sgd-momentum-dropout-cosine",
         ),
         pytest.param(  # early stopping ends heads at different epochs and restores their best weights

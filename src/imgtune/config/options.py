@@ -56,7 +56,13 @@ class TuneOptions(Options):
     early_stopping: TrialStopping = Field(
         "none", description="Stop poor trials early: none | median | asha (hyperband implies asha)."
     )
-    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs each trial reserves.")
+    heads_per_worker: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="With a frozen backbone's cached features: trials a worker trains at once as one batch of heads.",
+    )
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs each trial (on cached features: each worker) takes.")
     gpus_per_trial: float = Field(0.0, ge=0, description="GPUs each trial reserves.")
     time_budget_s: float | None = Field(None, gt=0, description="Stop starting trials after this many seconds.")
     stop_after_no_improvement: int | None = Field(

@@ -270,7 +270,11 @@ def create_model(
     trunk, num_features, norm, report = build(backbone, pretrained, weights)
     spec = ModelSpec(backbone, num_classes, head, head_hidden, dropout, freeze, source)
     model = ImageClassifier(
-        trunk, make_head(head, num_features, num_classes, head_hidden, dropout, seed=head_seed), spec, num_features, norm
+        trunk,
+        make_head(head, num_features, num_classes, head_hidden, dropout, seed=head_seed),
+        spec,
+        num_features,
+        norm,
     )
     model.weights_report = report
     if freeze != "none":

@@ -117,14 +117,11 @@ class JobLifecycle:
         job recorded them."""
         job = self.job
         try:
-            self.started = time.perf_counter()
-            job.mark_running(started=now_iso(), error=None, plugin_failures=None, **running_fields)
-            self.plugins.call("on_job_start", job)
+            self.begin(**running_fields)
             try:
                 results = body(self)
             except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                self._end("failed", {"error": error}, f"failed: {error}\n{traceback.format_exc()}")
+                self.fail(exc, traceback.format_exc())
                 raise
             except BaseException as exc:  # Ctrl-C, SIGTERM (the CLI raises KeyboardInterrupt), SystemExit
                 reason = "interrupted by the user" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__
@@ -134,6 +131,29 @@ class JobLifecycle:
         finally:
             self._hold.close()
         return job
+
+    # `run` in steps, for a process that runs many jobs side by side (tuning trials trained as one batch):
+    # `begin`, then `complete` or `fail`; each of these two ends the job and releases its lock.
+
+    def begin(self, **running_fields: Any) -> None:
+        """Mark the job running (with `running_fields`) and call its plugins' `on_job_start`."""
+        self.started = time.perf_counter()
+        self.job.mark_running(started=now_iso(), error=None, plugin_failures=None, **running_fields)
+        self.plugins.call("on_job_start", self.job)
+
+    def complete(self, results: dict[str, Any]) -> None:
+        try:
+            self._end("completed", results, "completed")
+        finally:
+            self._hold.close()
+
+    def fail(self, exc: BaseException, trace: str) -> None:
+        """End the job `failed` with `exc`; `trace` (its traceback text) goes to the job's log."""
+        error = f"{type(exc).__name__}: {exc}"
+        try:
+            self._end("failed", {"error": error}, f"failed: {error}\n{trace}")
+        finally:
+            self._hold.close()
 
     def _end(self, status: str, fields: dict[str, Any], message: str) -> None:
         job = self.job

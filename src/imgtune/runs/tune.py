@@ -27,10 +27,12 @@ from imgtune.core.io import cache_dir
 from imgtune.report.plugin import TuningReportPlugin
 from imgtune.runs.lifecycle import JobLifecycle, amend_job
 from imgtune.runs.train import run_training_job
+from imgtune.runs.trial_batches import TrialBatchWorker
 from imgtune.storage.jobs import JOB_FILE, Job
 from imgtune.storage.record import JobRecord
 from imgtune.training.plugin import JobPlugin
 from imgtune.training.setup import warm_feature_cache
+from imgtune.tuning.batched import BatchedTuning, can_batch
 from imgtune.tuning.space import SearchSpace, apply_values, parse_space
 from imgtune.tuning.tuner import (
     TRIAL_PREFIX,
@@ -121,8 +123,39 @@ def _tune(
         "cache": str(cache_dir()),
         "features_shared": features_shared,
     }
+    if _trains_batches(job, options, features_shared, life.resumed):
+        job.update(trials_batched=True)
+        job.log(f"trials train as batches of up to {options.heads_per_worker} heads, {options.max_parallel} at once")
+        tuning = BatchedTuning(
+            job,
+            options,
+            space,
+            warm,
+            resumed=life.resumed,
+            worker=TrialBatchWorker,
+            context=context,
+            make_config=lambda values, name: trial_config(options.base, values, name),
+            progress=progress,
+            on_trial=on_trial,
+        )
+        return tuning.run()
     tuner = build_tuner(job, _trial, context, options, space, warm, life.resumed)
     return fit(tuner, job, options, space, progress, on_trial)
+
+
+def _trains_batches(job: Job, options: TuneOptions, features_shared: bool, resumed: bool) -> bool:
+    """Trials on shared features train as batches of heads; a resumed job keeps the way it started."""
+    if resumed:
+        return bool(job.record().trials_batched)
+    return features_shared and can_batch(options.base)
+
+
+def trial_config(base: dict[str, Any], values: dict[str, Any], name: str) -> dict[str, Any]:
+    """A trial's raw job config: the tuning job's base with the trial's values, never evaluating test."""
+    raw = apply_values(base, values)
+    raw["name"] = name
+    raw.setdefault("train", {})["evaluate_test"] = False
+    return raw
 
 
 def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:

@@ -46,6 +46,7 @@ class JobRecord(BaseModel):
     feature_backend: str | None = None  # the inference backend that computed the backbone's features
     feature_extraction: dict[str, float] | None = None  # data wait vs backbone time, when features were computed
     resumed_from_epoch: int | None = None
+    trained_in_batch_of: int | None = None  # a tuning trial trained with others as one batch of heads: how many
     epochs_run: int | None = None
     stop_reason: str | None = None
     best_epoch: int | None = None
@@ -62,6 +63,7 @@ class JobRecord(BaseModel):
     warm_start_points: int | None = None
     feature_cache_seconds: float | None = None
     ray: dict[str, Any] | None = None
+    trials_batched: bool | None = None  # trials trained as batches of heads (imgtune.tuning.batched), not one by one
     trials: list[dict[str, Any]] | None = None
     trials_count: int | None = None
     final_job: str | None = None  # tuning and pipeline jobs: the final training job's name
