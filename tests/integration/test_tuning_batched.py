@@ -96,7 +96,14 @@ def test_a_thousand_trials_finish_and_stay_readable(tmp_path, dogs_mini, mobilen
     assert statuses == {"completed", "early-stopped"}  # ASHA stopped some after their first epoch
     assert len({t["trial"] for t in record["trials"]}) == 1000
     assert len(list((job.path / "trials").iterdir())) == 1000
-    assert len(json.loads(runner.invoke(app, ["tune", "show", job.name, "--workspace", str(tmp_path), "--json"]).stdout)["trials"]) == 1000
+    assert (
+        len(
+            json.loads(runner.invoke(app, ["tune", "show", job.name, "--workspace", str(tmp_path), "--json"]).stdout)[
+                "trials"
+            ]
+        )
+        == 1000
+    )
     assert (job.path / "report.html").is_file()
     listed = runner.invoke(app, ["jobs", "--workspace", str(tmp_path), "--json"])
     assert listed.exit_code == 0 and job.name in listed.stdout
@@ -118,3 +125,59 @@ def test_trials_that_train_on_images_run_one_by_one_on_ray_tune(tmp_path, dogs_m
     for trial in record["trials"]:
         trial_record = Job(job.path / trial["job"]).read()
         assert trial_record["training_mode"] == "images" and not math.isnan(trial["objective"])
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_batched_tuning_job_resumes_after_its_driver_is_killed(tmp_path, dogs_mini, mobilenet_weights):
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    cmd = [sys.executable, "-m", "imgtune", "tune", "--data", str(dogs_mini), "--backbone", "mobilenet_v2",
+           "--weights", str(mobilenet_weights), "--epochs", "20", "--max-trials", "30", "--max-parallel", "1",
+           "--heads-per-worker", "1", "--strategy", "bayesian", "--name", "killed", "--workspace", str(tmp_path),
+           "--set", "data.num_workers=0", "--set", "data.image_size=96"]  # fmt: skip
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    trials = tmp_path / "killed" / "trials"
+
+    def completed() -> dict[str, str]:
+        done = {}
+        for job_file in trials.glob("*/job.json"):
+            with contextlib.suppress(ValueError):  # (being written)
+                record = json.loads(job_file.read_text())
+                if record.get("status") == "completed":
+                    done[job_file.parent.name] = record["finished"]
+        return done
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not completed():
+        time.sleep(0.02)
+    before = completed()
+    assert before, "no trial finished before the deadline"
+    family = [driver.pid, *(p.pid for p in psutil.Process(driver.pid).children(recursive=True))]
+    for pid in family:  # the driver and the local Ray it started, as if the machine had gone down
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    driver.wait()
+    assert Job.open("killed", tmp_path).status() == "interrupted"
+    assert len(before) < 30
+
+    result = runner.invoke(app, ["tune", "--resume", "killed", "--workspace", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "completed" and len(summary["trials"]) == 30
+    assert {t["status"] for t in summary["trials"]} == {"completed"}
+    assert sorted(p.name for p in trials.iterdir()) == sorted(t["trial"] for t in summary["trials"])
+    after = completed()
+    assert len(after) == 30
+    assert all(after[name] == finished for name, finished in before.items())  # finished trials were not re-run
+    for trial in summary["trials"]:  # each trial's objective is its own job's best epoch, re-run or not
+        metrics = Job(tmp_path / "killed" / trial["job"]).read_metrics()
+        assert trial["objective"] == max(m["valid_accuracy"] for m in metrics)
+        assert [m["epoch"] for m in metrics] == list(range(1, len(metrics) + 1))
