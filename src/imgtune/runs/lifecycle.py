@@ -56,11 +56,14 @@ class JobLifecycle:
         prefix: str,
         plugins: list[Any] = (),
         must_push: bool = True,
+        durable: bool = True,
     ) -> JobLifecycle:
-        """A new job directory named `record.name` (or PREFIX-TIME), locked, with `record` as its job.json."""
+        """A new job directory named `record.name` (or PREFIX-TIME), locked, with `record` as its job.json;
+        `durable`: see Job.durable."""
         if remote_url(workspace_dir(workspace)) is not None:
             push_interval()  # a bad IMGTUNE_PUSH_INTERVAL: refuse before a job directory exists
         job = Job.create(workspace, record.name or None, prefix=prefix)
+        job.durable = durable
         life = cls(job, resumed=False, must_push=must_push)
         with life._releasing_on_error():
             life._hold.enter_context(job.lock())

@@ -84,18 +84,20 @@ def _features_key(config: JobConfig) -> str:
 class _Group:
     """Trials trained together: one HeadBatch, its loaders, the trials' lifecycles."""
 
-    def __init__(self, names: list[str], lives: list[JobLifecycle], batch: HeadBatch, loaders: dict, started: float):
+    def __init__(self, names: list[str], lives: list[JobLifecycle], batch: HeadBatch, loaders: dict):
         self.names, self.lives, self.batch, self.loaders = names, lives, batch, loaders
         self.epoch = 0
-        self.started = started
-        self.loop_seconds = 0.0
         self.finished: set[int] = set()
 
 
 class TrialBatchWorker:
     """A Ray actor training batches of trials; `start` a batch, then call `epoch` until every trial is final.
 
-    `context`: trials_dir, cache (IMGTUNE_CACHE), cpus_per_trial, base (for require_shared_paths)."""
+    `context`: trials_dir, cache (IMGTUNE_CACHE), cpus_per_trial, base (for require_shared_paths).
+
+    Each trial's timings say what it cost: `training_loop` (its share of its batch's epochs: its own work) and
+    `worker_share` (its share of the worker's wall time while it ran: its work, writing its files, waiting for
+    the driver), so that `worker_share - training_loop` is what the trial cost beyond its own work."""
 
     def __init__(self, context: dict[str, Any]):
         require_shared_paths(context)
@@ -106,6 +108,8 @@ class TrialBatchWorker:
         self.prepared: OrderedDict[str, _Prepared] = OrderedDict()
         self.groups: list[_Group] = []
         self.outcomes: dict[str, dict[str, Any]] = {}
+        self.worker_share: dict[str, float] = {}
+        self.since: float | None = None  # the end of the last call, when the worker's time is counted from
 
     def node(self) -> str:
         import ray
@@ -124,8 +128,11 @@ class TrialBatchWorker:
 
     def start(self, trials: list[tuple[str, dict[str, Any]]]) -> None:
         """Take a batch of (trial name, raw job config); trials that cannot start end `errored` at once."""
+        if self.since is None:  # (the first batch: the worker's start-up and first features are the job's cost)
+            self.since = time.perf_counter()
         by_key: dict[str, list[tuple[str, JobConfig]]] = {}
         for name, raw in trials:
+            self.worker_share[name] = 0.0
             try:
                 config = build_config(raw, f"config of trial {name}")
             except Exception as exc:
@@ -136,42 +143,40 @@ class TrialBatchWorker:
             self._start_group(members)
 
     def _start_group(self, members: list[tuple[str, JobConfig]]) -> None:
-        started = time.perf_counter()
-        lives = []
+        lives: list[JobLifecycle] = []
         try:
             for name, config in members:
                 record = JobRecord(name=name, kind="training", config=config.model_dump(mode="json"))
-                life = JobLifecycle.create(self.trials_dir, record, prefix="trial", must_push=False)
-                lives.append(life)
-                life.begin(versions=versions())
+                lives.append(
+                    JobLifecycle.create(self.trials_dir, record, prefix="trial", must_push=False, durable=False)
+                )
             prepared = self._prepare(members[0][1])
             configs = [config for _, config in members]
             batch = HeadBatch(configs, prepared.num_features, prepared.data.num_classes, prepared.device)
         except Exception as exc:
             trace = traceback.format_exc()
             for (name, _), life in zip(members, lives, strict=False):
-                self.outcomes[name] = self._end_failed(name, life, exc, trace)
+                self.outcomes[name] = self._end_failed(life, exc, trace)
             for name, config in members[len(lives) :]:
                 self._fail_unstarted(name, config.model_dump(mode="json"), exc, trace)
             return
         data = prepared.data
+        running = {
+            "versions": versions(),
+            "dataset": data.summary(),
+            "weights": prepared.weights,
+            "training_mode": "features",
+            "feature_backend": prepared.feature_backend,
+            "trained_in_batch_of": len(members),
+        }
         for life in lives:
-            job = life.job
             for problem in data.excluded:
-                job.log(f"excluded {problem.path}: {problem.reason}")
+                life.job.log(f"excluded {problem.path}: {problem.reason}")
             if prepared.weights_summary:
-                job.log(prepared.weights_summary)
-            job.update(
-                dataset=data.summary(),
-                weights=prepared.weights,
-                training_mode="features",
-                feature_backend=prepared.feature_backend,
-                feature_extraction=None,
-                resumed_from_epoch=None,
-                trained_in_batch_of=len(members),
-            )
+                life.job.log(prepared.weights_summary)
+            life.begin(**running)
         loaders = prepared.loaders(configs[0].train.batch_size)
-        self.groups.append(_Group([name for name, _ in members], lives, batch, loaders, started))
+        self.groups.append(_Group([name for name, _ in members], lives, batch, loaders))
 
     def epoch(self, stops: list[str]) -> dict[str, dict[str, Any]]:
         """Stop the named trials, run one more epoch of every running trial; per trial: its epoch record
@@ -179,59 +184,65 @@ class TrialBatchWorker:
         with the first call."""
         reports: dict[str, dict[str, Any]] = {name: {"outcome": o} for name, o in self.outcomes.items()}
         self.outcomes.clear()
+        present = [g.names[k] for g in self.groups for k in range(len(g.names)) if k not in g.finished]
+        ending: list[tuple[_Group, int]] = []
         for group in self.groups:
             for k, name in enumerate(group.names):
                 if name in stops and not group.batch.heads[k].done:
                     group.batch.stop(k, TUNER_STOP)
-            self._end_done(group, reports)
-            if not group.batch.active():
-                continue
-            group.epoch += 1
-            started = time.perf_counter()
-            try:
-                records = group.batch.run_epoch(group.epoch, group.loaders)
-            except Exception as exc:
-                trace = traceback.format_exc()
-                for k in group.batch.active():
-                    group.finished.add(k)
-                    reports[group.names[k]] = {"outcome": self._end_failed(group.names[k], group.lives[k], exc, trace)}
-                continue
-            group.loop_seconds += time.perf_counter() - started
-            for k, record in records.items():
-                MetricsWriter(group.lives[k].job).on_epoch_end(group.batch.heads[k])  # type: ignore[arg-type]
-                reports[group.names[k]] = {"record": record}
-            self._end_done(group, reports)
+            ending += [(group, k) for k in self._done(group)]
+            if group.batch.active():
+                group.epoch += 1
+                try:
+                    records = group.batch.run_epoch(group.epoch, group.loaders)
+                except Exception as exc:
+                    trace = traceback.format_exc()
+                    for k in group.batch.active():
+                        group.finished.add(k)
+                        reports[group.names[k]] = {"outcome": self._end_failed(group.lives[k], exc, trace)}
+                    continue
+                for k, record in records.items():
+                    MetricsWriter(group.lives[k].job).on_epoch_end(group.batch.heads[k])  # type: ignore[arg-type]
+                    reports[group.names[k]] = {"record": record}
+                ending += [(group, k) for k in self._done(group)]
+        self._share_time(present)
+        for group, k in ending:
+            reports.setdefault(group.names[k], {})["outcome"] = self._end(group, k)
         self.groups = [g for g in self.groups if len(g.finished) < len(g.names)]
         return reports
 
-    def busy(self) -> bool:
-        return bool(self.groups or self.outcomes)
+    def _share_time(self, present: list[str]) -> None:
+        """The worker's time since it was last counted, shared by the trials present."""
+        now = time.perf_counter()
+        if present and self.since is not None:
+            for name in present:
+                self.worker_share[name] += (now - self.since) / len(present)
+        self.since = now
 
-    def _end_done(self, group: _Group, reports: dict[str, dict[str, Any]]) -> None:
-        """End the trials of `group` whose training ended: results, weights, job.json completed."""
-        batch = group.batch
-        for k, head in enumerate(batch.heads):
-            if not head.done or k in group.finished:
-                continue
-            group.finished.add(k)
-            life, name = group.lives[k], group.names[k]
-            try:
-                results, state = batch.finish(k)
-                with atomic_output(life.job.checkpoint_dir / HEAD_WEIGHTS) as tmp:
-                    save_file(state, str(tmp), metadata={"head": head.config.model.head})
-                share = group.loop_seconds / len(group.names)
-                life.timings.update(initialization=0.0, feature_cache=0.0, training_loop=share, finalization=0.0)
-                life.timings["total"] = time.perf_counter() - group.started
-                life.complete(results)
-            except Exception as exc:
-                outcome = self._end_failed(name, life, exc, traceback.format_exc())
-            else:
-                outcome = {"status": "completed", "epochs": results["epochs_run"], "stop_reason": head.stop_reason}
-                outcome["seconds"] = life.timings["total"]
-                outcome["own_seconds"] = share
-            reports.setdefault(name, {})["outcome"] = outcome
+    def _done(self, group: _Group) -> list[int]:
+        """The heads of `group` whose training ended since the last look."""
+        ended = [k for k, head in enumerate(group.batch.heads) if head.done and k not in group.finished]
+        group.finished.update(ended)
+        return ended
 
-    def _end_failed(self, name: str, life: JobLifecycle, exc: BaseException, trace: str) -> dict[str, Any]:
+    def _end(self, group: _Group, k: int) -> dict[str, Any]:
+        """End trial k of `group`: its weights, its job.json completed; returns its outcome for the driver."""
+        life, head = group.lives[k], group.batch.heads[k]
+        try:
+            results, state = group.batch.finish(k)
+            with atomic_output(life.job.checkpoint_dir / HEAD_WEIGHTS) as tmp:
+                save_file(state, str(tmp), metadata={"head": head.config.model.head})
+            own = sum(record["epoch_time"] for record in head.history)
+            share = self.worker_share.pop(group.names[k], 0.0)
+            life.timings.update(training_loop=own, worker_share=share, total=time.perf_counter() - life.started)
+            life.complete(results)
+        except Exception as exc:
+            return self._end_failed(life, exc, traceback.format_exc())
+        outcome = {"status": "completed", "epochs": results["epochs_run"], "stop_reason": head.stop_reason}
+        return {**outcome, "seconds": life.timings["total"], "own_seconds": own, "worker_share": share}
+
+    def _end_failed(self, life: JobLifecycle, exc: BaseException, trace: str) -> dict[str, Any]:
+        self.worker_share.pop(life.job.name, None)
         life.fail(exc, trace)
         return {"status": "errored", "error": trace, "epochs": 0}
 
@@ -239,8 +250,7 @@ class TrialBatchWorker:
         """A trial whose job could not even be created (a bad config): still a failed job, with its error."""
         try:
             record = JobRecord(name=name, kind="training", config=raw)
-            life = JobLifecycle.create(self.trials_dir, record, prefix="trial", must_push=False)
-            life.begin()
-            self.outcomes[name] = self._end_failed(name, life, exc, trace)
+            life = JobLifecycle.create(self.trials_dir, record, prefix="trial", must_push=False, durable=False)
+            self.outcomes[name] = self._end_failed(life, exc, trace)
         except Exception:
             self.outcomes[name] = {"status": "errored", "error": trace, "epochs": 0}

@@ -47,6 +47,7 @@ LOCK_FILE = ".imgtune-lock"  # in a job: held by the process running it (Job.loc
 SYNC_RECORD = ".imgtune-sync.json"  # in a mirrored job: what was pushed or pulled (see imgtune.remote)
 PUSH_INTERVAL_ENV = "IMGTUNE_PUSH_INTERVAL"
 PUSH_INTERVAL = 30.0  # default seconds between pushes of a running job's files (status changes push at once)
+SHALLOW_FILES = "*"  # what a shallow pull of a job takes: the files at its top, no folder (glob: * stops at /)
 
 
 def push_interval() -> float:
@@ -115,9 +116,13 @@ def _pid_alive(pid: int) -> bool:
 
 @dataclass
 class Job:
-    """A handle on a job directory. Reading is cheap: every call reads the files again."""
+    """A handle on a job directory. Reading is cheap: every call reads the files again.
+
+    Its job.json and metrics are synced to disk as they are written (they survive a power cut), unless
+    `durable` is off: a job that is cheaper to run again than to sync (a tuning trial trained in a batch)."""
 
     path: Path
+    durable: bool = True
 
     @property
     def name(self) -> str:
@@ -190,12 +195,14 @@ class Job:
                     "run the command again",
                 )
 
-    def pull(self) -> None:
-        """Download what changed in the job's remote copy (files this machine changed since are kept)."""
+    def pull(self, shallow: bool = False) -> None:
+        """Download what changed in the job's remote copy (files this machine changed since are kept); when
+        `shallow`, only the files at its top (job.json, metrics, log, report), none of its folders: what a view
+        of the job reads, and a tuning job's 1,000 trials (checkpoints and all) stay in the bucket."""
         if self.remote is None:
             return
         with _bucket_errors():
-            self._synced().pull()
+            self._synced().pull(pattern=SHALLOW_FILES if shallow else None)
 
     # -- creation and lookup -------------------------------------------------------------------------
 
@@ -227,8 +234,9 @@ class Job:
         return cls(path)
 
     @classmethod
-    def open(cls, job: str | Path, workspace: str | Path | None = None) -> Job:
-        """Find a job by path or by name in the workspace."""
+    def open(cls, job: str | Path, workspace: str | Path | None = None, *, shallow: bool = False) -> Job:
+        """Find a job by path or by name in the workspace (a job of a remote workspace is pulled first: only
+        its top files when `shallow`, see `pull`)."""
         candidates = [Path(job).expanduser()]
         pulled = None
         if not Path(job).is_absolute():
@@ -236,13 +244,13 @@ class Job:
             candidates += [root / str(job), root / _slug(str(job))]
             if remote_url(root) is not None and _in_remote_workspace(root, _slug(str(job))):
                 pulled = cls(root / _slug(str(job)))
-                pulled.pull()  # a job this machine never saw, or saw before it changed
+                pulled.pull(shallow)  # a job this machine never saw, or saw before it changed
                 candidates.insert(0, pulled.path)
         for path in candidates:
             if (path / JOB_FILE).is_file():
                 found = cls(path.resolve())
                 if found.remote is not None and pulled is None:  # a path into a mirror, given directly
-                    found.pull()
+                    found.pull(shallow)
                 return found
         raise JobError(
             f"no job {str(job)!r} (looked in {', '.join(str(c) for c in candidates)})",
@@ -270,7 +278,7 @@ class Job:
     def write(self, data: dict[str, Any] | JobRecord) -> None:
         if isinstance(data, JobRecord):
             data = data.model_dump(mode="json", exclude_none=True)
-        atomic_write_json(self.job_file, data)
+        atomic_write_json(self.job_file, data, self.durable)
 
     def update(self, **fields: Any) -> dict[str, Any]:
         """Merge `fields` (fields of JobRecord) into job.json; a status change is pushed at once to a remote
@@ -329,7 +337,7 @@ class Job:
     # -- metrics.jsonl -------------------------------------------------------------------------------
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        append_jsonl(self.metrics_file, record)
+        append_jsonl(self.metrics_file, record, self.durable)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return list(read_jsonl(self.metrics_file))
