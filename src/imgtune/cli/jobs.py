@@ -40,11 +40,15 @@ def jobs_list(ctx: typer.Context, workspace: WorkspaceOption = None, as_json: Js
 def jobs_show(
     ctx: typer.Context, job: JobArgument, workspace: WorkspaceOption = None, as_json: JsonOption = False
 ) -> None:
-    """Show one job: status, config, timings, dataset, metrics per epoch, test results."""
-    handle = imgtune.open_job(job, workspace or (ctx.obj or {}).get("workspace"))
+    """Show one job: status, config, timings, dataset, metrics per epoch, test results (a tuning job: its best
+    trials, as `imgtune tune show`)."""
+    handle = imgtune.open_job(job, workspace or (ctx.obj or {}).get("workspace"), shallow=True)
     details = imgtune.job_details(handle)
     if as_json:
         print_json(details)
+        return
+    if details.get("kind") == "tuning":
+        render.tuning_trials(imgtune.tuning_summary(handle))
         return
     render.job_summary(imgtune.job_summary(handle))
     render.job_details(details)
@@ -67,7 +71,7 @@ def report(
     Summary, curves, test results, debugger and profiler rules, system usage, step timeline, top operators,
     recommendations.
     """
-    handle = imgtune.open_job(job, workspace)
+    handle = imgtune.open_job(job, workspace, shallow=True)  # write_report pulls what the report reads
     started = time.perf_counter()
     path = imgtune.write_report(handle, out=out_file, rules=rules)
     seconds = time.perf_counter() - started

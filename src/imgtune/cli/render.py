@@ -96,7 +96,7 @@ def jobs_table(rows: list[dict[str, Any]], workspace: str) -> None:
         table.add_column(column)
     for r in rows:
         table.add_row(
-            r["name"] + (" (tuning)" if r["kind"] == "tuning" else ""),
+            r["name"] + _kind(r),
             r["status"],
             r["backbone"] or "-",
             fmt(r["epochs_run"]),
@@ -105,6 +105,13 @@ def jobs_table(rows: list[dict[str, Any]], workspace: str) -> None:
             r["created"] or "-",
         )
     out.print(table)
+
+
+def _kind(row: dict[str, Any]) -> str:
+    """What follows a job's name in the jobs table: " (tuning, 1000 trials)" for a tuning job."""
+    if row["kind"] != "tuning":
+        return ""
+    return f" (tuning, {row['trials']} trials)" if row.get("trials") is not None else " (tuning)"
 
 
 def evaluation(result: dict[str, Any], split: str) -> None:
@@ -189,18 +196,27 @@ def debugger_saved(results: dict[str, Any]) -> None:
     )
 
 
-def tuning_trials(summary: dict[str, Any]) -> None:
-    """A tuning job's trials (`imgtune.tuning_summary`), its best, and the trials that errored (on stderr)."""
+SHOWN_TRIALS = 20  # rows of a tuning job's table: the best trials (`--all` for every one, `--json` has them all)
+SHOWN_ERRORS = 5  # errored trials named on stderr
+
+
+def tuning_trials(summary: dict[str, Any], limit: int | None = SHOWN_TRIALS) -> None:
+    """A tuning job's trials (`imgtune.tuning_summary`): the best `limit` of them (all with None), the counts
+    per status, its best, and the first errored trials (on stderr). A thousand trials print a screenful."""
     objective = summary["objective"]
+    trials = summary["trials"]
+    shown = trials if not limit else trials[:limit]
     title = f"tuning job {summary['job']}: {summary['status']} ({summary['strategy']})"
+    if len(shown) < len(trials):
+        title += f", the best {len(shown)} of {len(trials)} trials"
     table = Table(title=title, title_justify="left")
-    keys = sorted({k for t in summary["trials"] for k in t.get("hyperparameters", {})})
+    keys = sorted({k for t in trials for k in t.get("hyperparameters", {})})
     short = [k.rsplit(".", 1)[-1] for k in keys]
     headers = short if len(set(short)) == len(short) else keys  # "lr" unless two sections share a name
     table.add_column("trial", no_wrap=True)
     for column in (*headers, objective.replace("valid_", "valid "), "status", "epochs", "seconds"):
         table.add_column(column, justify="left" if column == "status" else "right")
-    for t in summary["trials"]:
+    for t in shown:
         values = t.get("hyperparameters", {})
         table.add_row(
             t["trial"],
@@ -211,14 +227,25 @@ def tuning_trials(summary: dict[str, Any]) -> None:
             fmt(t.get("seconds"), 1),
         )
     out.print(table)
+    statuses: dict[str, int] = {}
+    for t in trials:
+        statuses[t["status"]] = statuses.get(t["status"], 0) + 1
+    counts = ", ".join(f"{n} {status}" for status, n in statuses.items())
+    more = f"; all of them: imgtune tune show {summary['job']} --all (or --json)" if len(shown) < len(trials) else ""
+    out.print(f"{len(trials)} trials: {counts}{more}")
     best = summary["best"]
     if best:
         out.print(f"best: {best['trial']} {objective} {fmt(best['objective'])} with {hyperparameters(best)}")
         out.print(f"train the final model with: imgtune tune best {summary['job']} --train")
-    for t in summary["trials"]:
-        if t["status"] == "errored":
-            last = (t.get("error") or "").strip().splitlines()[-1:] or ["?"]
-            err.print(f"[red]{t['trial']} errored:[/] {last[0]} (traceback: imgtune tune show {summary['job']} --json)")
+    if summary.get("report"):
+        out.print(f"report: {summary['report']}")
+    errored = [t for t in trials if t["status"] == "errored"]
+    for t in errored[:SHOWN_ERRORS]:
+        last = (t.get("error") or "").strip().splitlines()[-1:] or ["?"]
+        err.print(f"[red]{t['trial']} errored:[/] {last[0]} (traceback: imgtune tune show {summary['job']} --json)")
+    if len(errored) > SHOWN_ERRORS:
+        more_errors = len(errored) - SHOWN_ERRORS
+        err.print(f"[red]{more_errors} more trials errored[/] (imgtune tune show {summary['job']} --json)")
 
 
 def hyperparameters(best: dict[str, Any]) -> str:

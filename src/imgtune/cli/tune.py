@@ -45,6 +45,7 @@ def tune(
     strategy: str = field_option(TuneOptions, "strategy"),  # a str: TuneOptions says "unknown strategy 'x'"
     max_trials: int = field_option(TuneOptions, "max_trials"),
     max_parallel: int = field_option(TuneOptions, "max_parallel"),
+    heads_per_worker: int = field_option(TuneOptions, "heads_per_worker"),
     objective: str = field_option(TuneOptions, "objective"),
     early_stopping: str = field_option(TuneOptions, "early_stopping"),
     cpus_per_trial: float = field_option(TuneOptions, "cpus_per_trial"),
@@ -78,24 +79,33 @@ def tune(
         job = imgtune.tune(
             data, space=space, config=config, overrides=set_ or (), backbone=backbone, weights=weights,
             epochs=epochs, workspace=workspace, progress=not as_json, strategy=strategy, max_trials=max_trials,
-            max_parallel=max_parallel, objective=objective, early_stopping=early_stopping,
-            cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, time_budget_s=time_budget,
+            max_parallel=max_parallel, heads_per_worker=heads_per_worker, objective=objective,
+            early_stopping=early_stopping, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+            time_budget_s=time_budget,
             stop_after_no_improvement=stop_after, seed=seed, ray_address=ray_address, warm_start=warm_start or [],
             name=name,
         )  # fmt: skip
     _print_trials(job, as_json)
 
 
-def _print_trials(job: imgtune.Job, as_json: bool) -> None:
+def _print_trials(job: imgtune.Job, as_json: bool, show_all: bool = False) -> None:
     summary = imgtune.tuning_summary(job)
-    print_json(summary) if as_json else render.tuning_trials(summary)
+    print_json(summary) if as_json else render.tuning_trials(summary, None if show_all else render.SHOWN_TRIALS)
 
 
 @tune_app.command("show")
 @friendly_errors
-def tune_show(job: TuningJobArgument, workspace: WorkspaceOption = None, as_json: JsonOption = False) -> None:
-    """The trials of a tuning job, best first: hyperparameters, objective, status, epochs, duration."""
-    _print_trials(imgtune.open_tuning_job(job, workspace), as_json)
+def tune_show(
+    job: TuningJobArgument,
+    show_all: Annotated[
+        bool, typer.Option("--all", help=f"List every trial \\[default: the best {render.SHOWN_TRIALS}].")
+    ] = False,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The trials of a tuning job, best first: hyperparameters, objective, status, epochs, duration (--json: every
+    trial, with the tracebacks of those that errored)."""
+    _print_trials(imgtune.open_tuning_job(job, workspace, shallow=True), as_json, show_all)
 
 
 @tune_app.command("best")
@@ -110,7 +120,7 @@ def tune_best(
     as_json: JsonOption = False,
 ) -> None:
     """The best hyperparameters of a tuning job (with their real types); --train trains the final model."""
-    handle = imgtune.open_tuning_job(job, workspace)
+    handle = imgtune.open_tuning_job(job, workspace, shallow=True)
     best = imgtune.tuning_summary(handle)["best"]
     if not best:
         raise ImgtuneError(f"tuning job {handle.name} has no finished trial", "see `imgtune tune show`")

@@ -19,12 +19,11 @@ from typing import Any
 import numpy as np
 
 from imgtune.core.io import atomic_write_text, json_safe
-from imgtune.profiler import read_rule_results
-from imgtune.profiler.data import PROFILER_DIR, ProfileData
-from imgtune.profiler.rules import ISSUES, system_usage_table
-from imgtune.profiler.timeline import SEGMENTS
 from imgtune.rules import advice_for
 from imgtune.storage.jobs import Job
+
+# The profiler (and torch with it) is imported where a training job's report reads it: a tuning job's report
+# (`imgtune report TUNING_JOB`) needs neither, and torch takes seconds to load.
 
 REPORT_FILE = "report.html"
 MAX_POINTS = 2000
@@ -182,6 +181,11 @@ def _profiler_section(figures: Figures, job: Job, timings: dict[str, float]) -> 
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    from imgtune.profiler import read_rule_results
+    from imgtune.profiler.data import PROFILER_DIR, ProfileData
+    from imgtune.profiler.rules import system_usage_table
+    from imgtune.profiler.timeline import SEGMENTS
+
     if not (job.path / PROFILER_DIR).exists():
         return None
     data = ProfileData.load(job.path, timings)
@@ -284,6 +288,7 @@ def _profiler_section(figures: Figures, job: Job, timings: dict[str, float]) -> 
 
 def _recommendations(profiler: dict[str, Any] | None, debugger: dict[str, Any] | None) -> list[dict[str, str]]:
     import imgtune.debugger.rules  # noqa: F401  (registers the debugger's built-in rules: their advice is read here)
+    from imgtune.profiler.rules import ISSUES
 
     out = []
     for rule in (profiler or {}).get("rules", []):

@@ -107,7 +107,7 @@ def tune(
 ) -> Job:
     """Tune hyperparameters on Ray Tune (each trial a training job); returns the tuning job.
 
-    `options` are TuneOptions fields: strategy, max_trials, max_parallel, objective, early_stopping,
+    `options` are TuneOptions fields: strategy, max_trials, max_parallel, heads_per_worker, objective, early_stopping,
     cpus_per_trial, gpus_per_trial, time_budget_s, stop_after_no_improvement, seed, ray_address, warm_start, name.
     Trials run with the debugger and profiler off; `train_best` trains the final model with them on.
     """
@@ -142,12 +142,12 @@ def train_best(
     """Train the final model with a tuning job's best hyperparameters (debugger and profiler on, test evaluated)."""
     from imgtune.runs.tune import train_best as train_final
 
-    return train_final(open_tuning_job(tuning_job, workspace), name=name, progress=progress)
+    return train_final(open_tuning_job(tuning_job, workspace, shallow=True), name=name, progress=progress)
 
 
-def open_tuning_job(job: str | Path | Job, workspace: Workspace = None) -> Job:
-    """A tuning job by name or path (an error if the job is of another kind)."""
-    handle = job if isinstance(job, Job) else open_job(job, workspace)
+def open_tuning_job(job: str | Path | Job, workspace: Workspace = None, *, shallow: bool = False) -> Job:
+    """A tuning job by name or path (an error if the job is of another kind); `shallow` as for `open_job`."""
+    handle = job if isinstance(job, Job) else open_job(job, workspace, shallow=shallow)
     if handle.record().kind != "tuning":
         raise ImgtuneError(f"{handle.name} is not a tuning job", "`imgtune jobs` lists jobs and their kinds")
     return handle
@@ -299,21 +299,27 @@ def write_report(
 ) -> Path:
     """Write a job's self-contained HTML report (evaluating the profiler rules again first, unless `rules` is
     False); a job of an s3:// workspace gets its report pushed too. Returns the file."""
-    from imgtune.profiler import PROFILER_DIR, analyze_job
     from imgtune.report import write_report as render
     from imgtune.runs.lifecycle import amend_job
 
-    handle = job if isinstance(job, Job) else open_job(job, workspace)
-    if rules and (handle.path / PROFILER_DIR).exists():
-        handle.update(profiler=analyze_job(handle))
+    handle = job if isinstance(job, Job) else open_job(job, workspace, shallow=True)
+    if handle.record().kind != "tuning":  # (a tuning job's report pulls only the few trials it draws)
+        from imgtune.profiler import PROFILER_DIR, analyze_job  # (torch: seconds to load, for a training job only)
+
+        handle.pull()  # a training job's report reads its debugger and profiler folders too
+        if rules and (handle.path / PROFILER_DIR).exists():
+            handle.update(profiler=analyze_job(handle))
     path = render(handle, Path(out) if out else None)
     amend_job(handle)
     return path
 
 
-def open_job(job: str | Path, workspace: Workspace = None) -> Job:
-    """A job by name (in the workspace: ./imgtune-runs, $IMGTUNE_WORKSPACE or s3://...) or by path."""
-    return Job.open(job, workspace)
+def open_job(job: str | Path, workspace: Workspace = None, *, shallow: bool = False) -> Job:
+    """A job by name (in the workspace: ./imgtune-runs, $IMGTUNE_WORKSPACE or s3://...) or by path. A job of an
+    s3:// workspace is pulled into its local mirror first: with `shallow`, only its top files (job.json,
+    metrics, log, report), enough for `job_summary`, `job_details` and `tuning_summary`, and quick for a tuning
+    job of 1,000 trials, whose trials stay in the bucket."""
+    return Job.open(job, workspace, shallow=shallow)
 
 
 def list_jobs(workspace: Workspace = None) -> list[Job]:

@@ -61,6 +61,7 @@ def jobs_overview(workspace: Workspace = None) -> list[dict[str, Any]]:
                 "kind": record.kind,
                 "backbone": record.base_config.get("model", {}).get("backbone"),
                 "epochs_run": record.epochs_run,
+                "trials": record.trials_count,
                 "best_valid_accuracy": best.get("valid_accuracy"),
                 "test_accuracy": (record.test or {}).get("accuracy"),
                 "created": record.created,
@@ -72,8 +73,11 @@ def jobs_overview(workspace: Workspace = None) -> list[dict[str, Any]]:
 
 
 def tuning_summary(job: Job) -> dict[str, Any]:
+    """A tuning job at a glance: every trial (best first, as job.json holds them), the best, where the report
+    is. It reads the tuning job's job.json only, never its trials' directories: as fast with 1,000 trials."""
     record = job.record()
     options = record.options or {}
+    report = job.path / "report.html"
     return {
         "job": job.name,
         "path": str(job.path),
@@ -83,6 +87,7 @@ def tuning_summary(job: Job) -> dict[str, Any]:
         "seconds": record.seconds,
         "feature_cache_seconds": record.feature_cache_seconds,
         "best": record.best,
+        "report": str(report) if report.exists() else None,
         "trials": record.trials or [],
     }
 
