@@ -228,8 +228,9 @@ def test_a_tuning_job_whose_driver_died_resumes_on_another_machine_from_the_buck
     env = {**os.environ, "IMGTUNE_WORKSPACE": WORKSPACE, "IMGTUNE_PUSH_INTERVAL": "0",
            "IMGTUNE_CACHE": str(tmp_path / "machine-a")}  # fmt: skip
     cmd = [sys.executable, "-m", "imgtune", "tune", "--data", str(dogs_mini), "--backbone", "mobilenet_v2",
-           "--weights", str(mobilenet_weights), "--epochs", "3", "--max-trials", "3", "--max-parallel", "1",
-           "--set", "data.image_size=96", "--name", "tune-killed", "--set", "data.num_workers=0"]  # fmt: skip
+           "--weights", str(mobilenet_weights), "--epochs", "20", "--max-trials", "12", "--max-parallel", "1",
+           "--heads-per-worker", "1", "--set", "data.image_size=96", "--name", "tune-killed",
+           "--set", "data.num_workers=0"]  # fmt: skip (one trial at a time, so that the kill comes between them)
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     driver = subprocess.Popen(as_host("machine-a", cmd), env=env, start_new_session=True, **quiet)
 
@@ -243,10 +244,10 @@ def test_a_tuning_job_whose_driver_died_resumes_on_another_machine_from_the_buck
 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and driver.poll() is None and not finished_in_bucket():
-        time.sleep(0.5)
+        time.sleep(0.1)
     before = finished_in_bucket()
     assert before and driver.poll() is None, "no trial was pushed before the driver ended"
-    time.sleep(1.0)  # the driver's own push after the trial (Ray's experiment state)
+    # Killed now, the bucket may hold a finished trial whose tuning job's push (its study) did not come yet.
     for pid in [driver.pid, *(p.pid for p in psutil.Process(driver.pid).children(recursive=True))]:
         with contextlib.suppress(ProcessLookupError):  # the driver and its local Ray, as if the machine died
             os.kill(pid, signal.SIGKILL)
@@ -259,8 +260,8 @@ def test_a_tuning_job_whose_driver_died_resumes_on_another_machine_from_the_buck
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads(resumed.stdout)
-    assert summary["status"] == "completed" and len(summary["trials"]) == 3
+    assert summary["status"] == "completed" and len(summary["trials"]) == 12
     assert all(t["status"] == "completed" for t in summary["trials"])
     after = finished_in_bucket()
-    assert len(after) == 3 and all(after[name] == finished for name, finished in before.items())  # not re-run
+    assert len(after) == 12 and all(after[name] == finished for name, finished in before.items())  # not re-run
     assert json.loads(objects(bucket, "team/tune-killed/")["job.json"])["status"] == "completed"

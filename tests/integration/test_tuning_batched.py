@@ -175,3 +175,38 @@ def test_a_batched_tuning_job_resumes_after_its_driver_is_killed(tmp_path, dogs_
         metrics = Job(tmp_path / "killed" / trial["job"]).read_metrics()
         assert trial["objective"] == max(m["valid_accuracy"] for m in metrics)
         assert [m["epoch"] for m in metrics] == list(range(1, len(metrics) + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_finished_trial_the_study_lost_is_adopted_on_resume_not_run_again(tmp_path, dogs_mini, mobilenet_weights):
+    """A power cut (or a kill before the study reached the bucket) can lose the journal's last lines while the
+    trial's own job completed: resuming adds that trial to the study instead of training it again."""
+    from imgtune.runs.tune import run_tuning_job
+
+    options = TuneOptions(
+        base=base_config(dogs_mini, mobilenet_weights, epochs=2),
+        space={"train.lr": {"type": "float", "low": 0.001, "high": 0.1, "scale": "log"}},
+        strategy="random",
+        max_trials=4,
+        max_parallel=1,
+        heads_per_worker=1,
+    )
+    job = run_tuning_job(options, workspace=tmp_path, progress=False)
+    first = job.read()
+    journal = job.path / "optuna.journal"
+    lines = journal.read_text().splitlines(keepends=True)
+    last_created = max(i for i, line in enumerate(lines) if json.loads(line)["op_code"] == 4)  # CREATE_TRIAL
+    journal.write_text("".join(lines[:last_created]))  # the study no longer knows its last trial
+    lost = sorted(t["trial"] for t in first["trials"])[-1]
+    finished = Job(job.path / "trials" / lost).read()["finished"]
+    job.update(status="running", pid=2**22 + 1)  # its driver died (no such process)
+    assert job.status() == "interrupted"
+
+    resumed = run_tuning_job(resume=job.path, workspace=tmp_path, progress=False).read()
+    assert resumed["status"] == "completed" and resumed["trials_count"] == 4
+    assert sorted(t["trial"] for t in resumed["trials"]) == sorted(t["trial"] for t in first["trials"])
+    assert Job(job.path / "trials" / lost).read()["finished"] == finished  # adopted, not trained again
+    adopted = next(t for t in resumed["trials"] if t["trial"] == lost)
+    before = next(t for t in first["trials"] if t["trial"] == lost)
+    assert adopted["hyperparameters"] == before["hyperparameters"] and adopted["objective"] == before["objective"]

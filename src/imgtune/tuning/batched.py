@@ -38,7 +38,7 @@ from optuna.trial import TrialState
 
 from imgtune.config import TuneOptions
 from imgtune.core.io import read_jsonl
-from imgtune.storage.jobs import JOB_FILE, Job, push_interval
+from imgtune.storage.jobs import Job, push_interval
 from imgtune.tuning.space import SearchSpace
 from imgtune.tuning.tuner import TRIAL_PREFIX, TRIALS_DIR, TUNER_STOP, best_of, sort_trials
 
@@ -46,6 +46,7 @@ STUDY_FILE = "optuna.journal"
 STUDY_NAME = "imgtune"
 _SUMMARY = "imgtune_summary"  # the user attribute holding a finished trial's summary
 _WARM = "imgtune_warm_start"  # the user attribute of an earlier job's trial the searcher learns from
+_NAME = "imgtune_trial"  # the user attribute holding a trial's name (its training job's directory)
 
 
 def can_batch(base: dict[str, Any]) -> bool:
@@ -71,6 +72,12 @@ def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
         else:
             out[p.key] = FloatDistribution(low, high, log=p.scale != "linear")
     return out
+
+
+def _dotted(raw: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        raw = raw.get(part, {}) if isinstance(raw, dict) else {}
+    return raw
 
 
 def grid_points(space: SearchSpace) -> list[dict[str, Any]]:
@@ -194,6 +201,7 @@ class BatchedTuning:
         self.best: float | None = None
         self.since_best = 0
         self.bar: Any = None
+        self.next_number = 0  # the next trial's name (see _first_free_number)
 
     # -- the study's trials -------------------------------------------------------------------------------------
 
@@ -201,41 +209,89 @@ class BatchedTuning:
         return [t for t in self.study.get_trials(deepcopy=False) if not t.user_attrs.get(_WARM)]
 
     def _reruns(self) -> list[_Running]:
-        """Trials a killed driver left running: finished ones (their job says so) are told, the rest train again
-        from the start in a clean directory."""
-        reruns = []
+        """After a killed driver: trials it left running whose job completed are told, the others train again
+        from the start in a clean directory; a trial directory the study does not know (the kill came between
+        the trial's end and the journal's push to a bucket) is added to the study when it completed, else
+        removed. Returns the trials to train again."""
+        reruns, known = [], set()
         for frozen in self._own_trials():
+            name = frozen.user_attrs.get(_NAME, trial_name(frozen.number))
+            known.add(name)
             if frozen.state != TrialState.RUNNING:
                 continue
-            name = trial_name(frozen.number)
-            trial = optuna.Trial(self.study, frozen._trial_id)
-            running = _Running(trial, name, self.space.values(frozen.params))
-            trial_dir = self.job.path / TRIALS_DIR / name
-            if (trial_dir / JOB_FILE).exists():
-                record = Job(trial_dir).record()
-                if record.status == "completed":
-                    metrics = Job(trial_dir).read_metrics()
-                    objective = self.options.objective
-                    running.objectives = [float(m[objective]) for m in metrics if objective in m]
-                    running.epochs = len(metrics)
-                    outcome = {"status": "completed", "epochs": len(metrics), "stop_reason": record.stop_reason}
-                    self._finish(running, {**outcome, "seconds": record.seconds}, node=None)
-                    continue
-            shutil.rmtree(trial_dir, ignore_errors=True)
-            reruns.append(running)
+            running = _Running(optuna.Trial(self.study, frozen._trial_id), name, self.space.values(frozen.params))
+            trial_job = Job(self.job.path / TRIALS_DIR / name)
+            if self._completed(trial_job, running):
+                record = trial_job.record()
+                outcome = {"status": "completed", "stop_reason": record.stop_reason, "seconds": record.seconds}
+                self._finish(running, outcome, node=None)
+            else:
+                shutil.rmtree(trial_job.path, ignore_errors=True)
+                reruns.append(running)
+        trials_dir = self.job.path / TRIALS_DIR
+        for path in sorted(trials_dir.iterdir()) if trials_dir.is_dir() else []:
+            if path.name not in known:
+                self._adopt(Job(path))
         return reruns
+
+    def _completed(self, trial_job: Job, running: _Running) -> bool:
+        """Did the trial's job complete? Then `running` gets its objectives and epochs from its metrics."""
+        if not trial_job.job_file.exists() or trial_job.record().status != "completed":
+            return False
+        objective = self.options.objective
+        metrics = trial_job.read_metrics()
+        running.objectives = [float(m[objective]) for m in metrics if m.get(objective) is not None]
+        running.epochs = len(metrics)
+        return True
+
+    def _adopt(self, trial_job: Job) -> None:
+        """A completed trial directory the study does not know joins it as a finished trial; anything else
+        there is removed (its trial is asked again)."""
+        config = trial_job.record().config if trial_job.job_file.exists() else None
+        running = _Running(None, trial_job.name, {})  # type: ignore[arg-type]  (no live trial: added below)
+        if config is None or not self._completed(trial_job, running):
+            shutil.rmtree(trial_job.path, ignore_errors=True)
+            return
+        running.values = {key: _dotted(config, key) for key in self.space.keys}
+        record = trial_job.record()
+        outcome = {"status": "completed", "stop_reason": record.stop_reason, "seconds": record.seconds}
+        summary = self._summary(running, outcome, node=None)
+        state, value = self._state(summary)
+        self.study.add_trial(
+            optuna.trial.create_trial(
+                params=self.space.samples(running.values),
+                distributions=self.dists,
+                state=state,
+                value=value,
+                intermediate_values=dict(enumerate(running.objectives, start=1)),
+                user_attrs={_NAME: trial_job.name, _SUMMARY: summary},
+            )
+        )
 
     def _ask(self, count: int) -> list[_Running]:
         asked = []
         for _ in range(count):
             trial = self.study.ask(self.dists)
-            asked.append(_Running(trial, trial_name(trial.number), self.space.values(trial.params)))
+            name = trial_name(self.next_number)
+            self.next_number += 1
+            trial.set_user_attr(_NAME, name)
+            asked.append(_Running(trial, name, self.space.values(trial.params)))
         return asked
+
+    def _first_free_number(self) -> int:
+        """Trial names count on from the highest one in the study or on disk (never Optuna's numbers, which
+        a journal that lost its last lines would give again)."""
+        names = [t.user_attrs.get(_NAME, "") for t in self._own_trials()]
+        trials_dir = self.job.path / TRIALS_DIR
+        names += [p.name for p in trials_dir.iterdir()] if trials_dir.is_dir() else []
+        numbers = [int(n.removeprefix(TRIAL_PREFIX)) for n in names if n.removeprefix(TRIAL_PREFIX).isdigit()]
+        return max(numbers, default=-1) + 1
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
+        self.next_number = self._first_free_number()
         reruns = self._reruns()
         asked = len([t for t in self._own_trials() if t.state != TrialState.WAITING])  # (enqueued: not yet asked)
         slots = self._start_workers(min(self.options.max_parallel, max(1, self.total - asked + len(reruns))))
@@ -318,14 +374,14 @@ class BatchedTuning:
                 del slot.running[name]
                 self._finish(running, report["outcome"], slot.node)
 
-    def _finish(self, running: _Running, outcome: dict[str, Any], node: str | None) -> None:
-        """Tell the study a trial's result, record its summary, show it."""
+    def _summary(self, running: _Running, outcome: dict[str, Any], node: str | None) -> dict[str, Any]:
+        """A finished trial as the tuning job lists it."""
         status = outcome["status"]
         if status == "completed" and outcome.get("stop_reason") == TUNER_STOP:
             status = "early-stopped"
         values = running.objectives
         objective = (max(values) if self.options.mode == "max" else min(values)) if values else None
-        summary = {
+        return {
             "trial": running.name,
             "hyperparameters": running.values,
             "objective": objective,
@@ -339,14 +395,27 @@ class BatchedTuning:
             "node": node,
             "error": (outcome.get("error") or "")[-20_000:] or None,
         }
+
+    @staticmethod
+    def _state(summary: dict[str, Any]) -> tuple[TrialState, float | None]:
+        """The study's state and value of a finished trial."""
+        if summary["status"] == "errored" or summary["objective"] is None:
+            return TrialState.FAIL, None
+        if summary["status"] == "early-stopped":
+            return TrialState.PRUNED, None
+        return TrialState.COMPLETE, summary["objective"]
+
+    def _finish(self, running: _Running, outcome: dict[str, Any], node: str | None) -> None:
+        """Tell the study a trial's result, record its summary, show it."""
+        summary = self._summary(running, outcome, node)
         running.trial.set_user_attr(_SUMMARY, summary)
-        if status == "errored" or objective is None:
-            self.study.tell(running.trial, state=TrialState.FAIL)
-        elif status == "early-stopped":
-            self.study.tell(running.trial, state=TrialState.PRUNED)
+        state, value = self._state(summary)
+        if state == TrialState.COMPLETE:
+            self.study.tell(running.trial, value)
         else:
-            self.study.tell(running.trial, objective)
-        if status != "errored" and objective is not None:
+            self.study.tell(running.trial, state=state)
+        objective = summary["objective"]
+        if summary["status"] != "errored" and objective is not None:
             maximize = self.options.mode == "max"
             better = self.best is None or (objective > self.best if maximize else objective < self.best)
             self.best, self.since_best = (objective, 0) if better else (self.best, self.since_best + 1)
