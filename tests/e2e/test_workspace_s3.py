@@ -227,10 +227,11 @@ def test_a_tuning_job_whose_driver_died_resumes_on_another_machine_from_the_buck
 
     env = {**os.environ, "IMGTUNE_WORKSPACE": WORKSPACE, "IMGTUNE_PUSH_INTERVAL": "0",
            "IMGTUNE_CACHE": str(tmp_path / "machine-a")}  # fmt: skip
+    # one trial at a time (one worker, one head per batch), so that the kill comes between two of them
     cmd = [sys.executable, "-m", "imgtune", "tune", "--data", str(dogs_mini), "--backbone", "mobilenet_v2",
            "--weights", str(mobilenet_weights), "--epochs", "20", "--max-trials", "12", "--max-parallel", "1",
            "--heads-per-worker", "1", "--set", "data.image_size=96", "--name", "tune-killed",
-           "--set", "data.num_workers=0"]  # fmt: skip (one trial at a time, so that the kill comes between them)
+           "--set", "data.num_workers=0"]  # fmt: skip
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     driver = subprocess.Popen(as_host("machine-a", cmd), env=env, start_new_session=True, **quiet)
 

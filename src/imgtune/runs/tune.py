@@ -162,35 +162,39 @@ def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     """One trial, in a Ray worker: a training job with the trial's hyperparameters, reporting every epoch.
 
     (Ray saves this function's name with the experiment and refuses to restore it under another: keep it.)"""
-    import torch
     from ray import tune
+
+    from imgtune.tuning.tuner import trial_process, wait_for_first_round, wait_until_recorded
 
     space = parse_space(context["space"])
     values = space.values(config)
-    trial_name = TRIAL_PREFIX + tune.get_context().get_trial_id()
+    trial_id = tune.get_context().get_trial_id()
+    trial_name = TRIAL_PREFIX + trial_id
     require_shared_paths(context)
     trials_dir = Path(context["trials_dir"])
-    torch.set_num_threads(max(1, int(context["cpus_per_trial"])))
-    if context.get("cache"):
-        os.environ["IMGTUNE_CACHE"] = context["cache"]
-    reporter = TuneReporter(context["objective"], trial_name)
-    existing = trials_dir / trial_name
-    if existing.exists():  # a trial Ray restarts (its driver was killed): continue its training job
-        job = Job(existing)
-        if job.status() != "completed":
-            # force: its tuning job was found resumable, so the trial runs nowhere else, whatever host it names
-            run_training_job(
-                resume=existing, workspace=trials_dir, callbacks=[reporter], progress=False, force=True,
-                must_push=False,
-            )  # fmt: skip
+    wait_for_first_round(trials_dir, context.get("first_round", 1))  # trials spread over the workers Ray starts
+    wait_until_recorded(trials_dir, trial_id)  # before its job exists: a resumed tuning job knows every trial job
+    with trial_process(context["cpus_per_trial"]):  # Ray reuses its worker for trial after trial: start clean
+        if context.get("cache"):
+            os.environ["IMGTUNE_CACHE"] = context["cache"]  # (trial_process puts the environment back)
+        reporter = TuneReporter(context["objective"], trial_name)
+        existing = trials_dir / trial_name
+        if existing.exists():  # a trial Ray restarts (its driver was killed): continue its training job
+            job = Job(existing)
+            if job.status() != "completed":
+                # force: its tuning job was found resumable, so the trial runs nowhere else, whatever host it names
+                run_training_job(
+                    resume=existing, workspace=trials_dir, callbacks=[reporter], progress=False, force=True,
+                    must_push=False,
+                )  # fmt: skip
+                return
+            for record in job.read_metrics():  # finished before the kill: tell Ray again what it reported
+                tune.report(reported_metrics(record, trial_name))
             return
-        for record in job.read_metrics():  # finished before the kill: tell Ray again what it reported
-            tune.report(reported_metrics(record, trial_name))
-        return
-    raw = apply_values(context["base"], values)
-    raw["name"] = trial_name
-    raw.setdefault("train", {})["evaluate_test"] = False
-    run_training_job(build_config(raw), workspace=trials_dir, callbacks=[reporter], progress=False, must_push=False)
+        raw = apply_values(context["base"], values)
+        raw["name"] = trial_name
+        raw.setdefault("train", {})["evaluate_test"] = False
+        run_training_job(build_config(raw), workspace=trials_dir, callbacks=[reporter], progress=False, must_push=False)
 
 
 def train_best(job: Job, *, name: str | None = None, progress: bool = True) -> Job:

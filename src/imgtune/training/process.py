@@ -14,8 +14,8 @@ from torch import nn
 
 from imgtune.config import JobConfig
 from imgtune.core.progress import console
-from imgtune.data.dataset import prepare_data
 from imgtune.storage.jobs import Job
+from imgtune.training import memo
 from imgtune.training.callbacks import Callback
 from imgtune.training.plugin import PluginSet, TrainingRun
 from imgtune.training.setup import (
@@ -56,17 +56,19 @@ def train_in_this_process(
     cfg = config.train
     seed_everything(cfg.seed, cfg.deterministic)
     device = resolve_device(cfg.device)
-    data = prepare_data(config.data, progress=progress)
+    data = memo.prepared_data(config.data, progress=progress)  # memo: off unless this process runs job after job
     job.update(dataset=data.summary())
     for problem in data.excluded:
         job.log(f"excluded {problem.path}: {problem.reason}")
-    model = build_model(config, data.num_classes)
+    model, backbone_fingerprint = memo.model(config, data.num_classes, build_model)
     if model.weights_report:
         job.log(model.weights_report.summary())
         job.update(weights=model.weights_report.to_dict())
     _warn_about_a_frozen_random_backbone(job, config, progress)
     preprocessing = model.preprocessing(config.data.image_size)
-    setup = setup_training(model, data, preprocessing, config, device, progress=progress)
+    setup = setup_training(
+        model, data, preprocessing, config, device, progress=progress, backbone_fingerprint=backbone_fingerprint
+    )
     timings["initialization"] = time.perf_counter() - started
     timings["feature_cache"] = setup.cache_seconds
     run = TrainingRun(job, config, data, model, preprocessing, setup, device, progress, on_finding=on_finding)

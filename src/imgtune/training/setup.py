@@ -23,6 +23,7 @@ from imgtune.data.dataset import ImageFileDataset, PreparedData, make_loader, pr
 from imgtune.data.transforms import Preprocessing
 from imgtune.models.backends import known_backend_name
 from imgtune.models.factory import ImageClassifier, create_model
+from imgtune.training import memo
 from imgtune.training.feature_cache import (
     FeatureCache,
     FeatureLoader,
@@ -61,8 +62,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    # Both ways: a process that runs job after job (a reused tuning worker) must not keep an earlier job's choice.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
 
 
@@ -133,15 +135,17 @@ def setup_training(
     *,
     progress: bool = True,
     cache_root: Path | None = None,
+    backbone_fingerprint: str | None = None,
 ) -> TrainingSetup:
-    """Loaders for each split; with a frozen backbone and the cache on, features instead of images."""
+    """Loaders for each split; with a frozen backbone and the cache on, features instead of images.
+    `backbone_fingerprint`: the backbone's module_fingerprint when the caller knows it (else it is computed)."""
     cfg = config.train
     workers = config.data.num_workers
     labels = {s: torch.tensor([x.label for x in samples], dtype=torch.long) for s, samples in data.splits.items()}
     if model.backbone_frozen and cfg.feature_cache:
         started = time.perf_counter()
         cache = FeatureCache((cache_root or cache_dir()) / "features")
-        backbone_fp = module_fingerprint(model.backbone, model.spec.backbone)
+        backbone_fp = backbone_fingerprint or module_fingerprint(model.backbone, model.spec.backbone)
         size = preprocessing.image_size
         backend: Any = None  # built on the first cache miss
         choice = config.model.backend
@@ -160,7 +164,7 @@ def setup_training(
                 # An augmented view's random stream depends on the seed and on how samples meet workers.
                 view_id = "eval" if view == 0 else f"augment-{view}-seed-{cfg.seed}-workers-{workers}"
                 key = cache.key(backbone_fp, preprocessing, data.fingerprint(split), view_id, backend_name)
-                features = cache.load(key)
+                features = memo.features(cache, key)
                 if features is None or features.shape[0] != len(samples):
                     transform = preprocessing.eval_transform() if view == 0 else preprocessing.train_transform()
                     if backend is None:

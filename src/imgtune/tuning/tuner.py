@@ -5,12 +5,14 @@ imgtune.runs.tune's; every trial is a training job inside it, judged on a valida
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import re
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from imgtune.config import TuneOptions, build_config
 from imgtune.core.errors import ConfigError, JobError
 from imgtune.data.sources import is_remote
 from imgtune.storage.jobs import JOB_FILE, Job, push_interval
+from imgtune.training import memo
 from imgtune.training.callbacks import Callback, StopTraining
 from imgtune.tuning import RAY_CLUSTERS_ENV, is_loopback
 from imgtune.tuning.space import SearchSpace, parse_space
@@ -36,6 +39,12 @@ EXPERIMENT = "experiment"
 TRIAL_PREFIX = "trial-"
 REPORTED = ("valid_accuracy", "valid_loss", "train_accuracy", "train_loss")
 TUNER_STOP = "stopped early by the tuner's scheduler"  # a trial job's stop_reason
+# How long a reused worker waits for a trial the scheduler stopped to wrap up (its training job ends: best weights,
+# model bundle, job.json, push) before it takes the next trial. Ray's default, 2 s, is shorter than a push to a
+# bucket; past it Ray gives up reusing the worker and fails the next trial.
+TRIAL_WRAP_UP_SECONDS = 300
+RECORD_WAIT_SECONDS = 60.0  # the longest a trial waits for Ray to record it (wait_until_recorded)
+FIRST_ROUND_WAIT_SECONDS = 60.0  # the longest a new worker's first trial waits for the others (wait_for_first_round)
 
 
 def reported_metrics(epoch_record: dict[str, Any], trial_name: str) -> dict[str, Any]:
@@ -62,6 +71,125 @@ class TuneReporter(Callback):
         except SystemExit:  # Ray ends a trial its scheduler stopped by raising SystemExit in report()
             if trainer.epoch < trainer.epochs:
                 raise StopTraining(TUNER_STOP) from None
+
+
+@contextlib.contextmanager
+def trial_process(cpus: float) -> Iterator[None]:
+    """A trial's view of its Ray worker process, which Ray reuses for trial after trial (reuse_actors): each
+    trial starts as it would in a fresh worker, seeded the same way, so its results do not depend on what ran
+    there before. The environment is put back as it was when the trial ends (a trial sets IMGTUNE_CACHE; a
+    plugin may set more); torch's CPU threads are set from the trial's CPUs; the global random generators and
+    torch's determinism switch are the training job's (seed_everything); Ray gives each trial its own working
+    directory and log files. What a process can safely keep between trials (prepared data, the pristine model,
+    features read from the cache) is kept by imgtune.training.memo, which checks that none of it went stale."""
+    import torch
+
+    # Read by Ray in this process when it resets the worker for the next trial (FunctionTrainable.reset_config).
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(TRIAL_WRAP_UP_SECONDS))
+    memo.enable()
+    saved = dict(os.environ)
+    torch.set_num_threads(max(1, int(cpus)))
+    try:
+        yield
+    finally:
+        for name in set(os.environ) - set(saved):
+            del os.environ[name]
+        os.environ.update({name: value for name, value in saved.items() if os.environ.get(name) != value})
+
+
+def first_round_size(options: TuneOptions, space: SearchSpace) -> int:
+    """How many workers the tuning job's first trials start at once: max_parallel, unless fewer trials or fewer
+    free CPUs (GPUs) on the cluster's nodes."""
+    capacity = 0
+    for node in (n for n in ray.nodes() if n.get("Alive")):
+        resources = node.get("Resources", {})
+        fits = math.floor(resources.get("CPU", 0) / options.cpus_per_trial)
+        if options.gpus_per_trial:
+            fits = min(fits, math.floor(resources.get("GPU", 0) / options.gpus_per_trial))
+        capacity += fits
+    return max(1, min(options.max_parallel, trial_count(options, space), capacity))
+
+
+def wait_for_first_round(trials_dir: Path, workers: int) -> None:
+    """In the first trial of a new worker process: wait until the tuning job's first `workers` workers are all up.
+
+    Ray Tune, reusing workers, gives a waiting trial to whichever worker is free first: when a worker's first trial
+    ends before another worker has started (a node slower to start a process, or busier), Ray hands that worker's
+    trial to the free one and stops the starting worker, and with short trials it does so again for every trial:
+    one node runs them all while the others stay idle. Waiting here until every worker of the first round has
+    started its first trial (or FIRST_ROUND_WAIT_SECONDS passed) spreads the trials as far as max_parallel asks;
+    from then on every worker stays in use. The workers sign in under JOB/ray/.workers/<Ray job>/."""
+    global _first_round_done
+    if _first_round_done:
+        return
+    _first_round_done = True
+    if workers <= 1:
+        return
+    import socket
+
+    roll = trials_dir.parent / RAY_DIR / ".workers" / ray.get_runtime_context().get_job_id()
+    roll.mkdir(parents=True, exist_ok=True)
+    (roll / f"{socket.gethostname()}-{ray.util.get_node_ip_address()}-{os.getpid()}").touch()
+    deadline = time.monotonic() + FIRST_ROUND_WAIT_SECONDS
+    while sum(1 for _ in roll.iterdir()) < workers and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+_first_round_done = False
+
+
+def trial_count(options: TuneOptions, space: SearchSpace) -> int:
+    """The trials a tuning job runs at most: every combination of a grid, else max_trials."""
+    if options.strategy == "grid":
+        return math.prod(len(p.grid_values()) for p in space.parameters)
+    return options.max_trials
+
+
+def state_save_period(trials: int) -> float:
+    """Seconds between saves of Ray Tune's experiment state (the trials it knows, the searcher): what a resumed
+    tuning job restores. Ray's default is 10 s or more; a trial waits for the save that records it
+    (wait_until_recorded), so the period is short, and grows with the state (about 16 KB a trial) to keep saving
+    at a few percent of the driver's time, as Ray's own automatic period does."""
+    return min(10.0, max(0.2, 0.005 * trials))
+
+
+def wait_until_recorded(trials_dir: Path, trial_id: str) -> None:
+    """In a trial, before it creates its training job: wait until Ray's saved experiment state lists the trial.
+
+    Ray saves that state every state_save_period seconds, and a trial starts as soon as a worker is free (at
+    once, on a worker Ray reuses). A trial that made its job before any save listed it, and whose driver then
+    died, would be unknown to the resumed tuning job: Ray's searcher would suggest it again under another name,
+    and its own job (perhaps finished) would be left over in JOB/trials. Waiting here rules that out: every
+    trial job in JOB/trials is one the resumed job restores, continues or replays. Past RECORD_WAIT_SECONDS (no
+    state where it should be: a Tuner run elsewhere, a format this code does not know), the trial goes on, and
+    this process stops waiting for later ones."""
+    global _record_wait
+    state_dir = trials_dir.parent / RAY_DIR / EXPERIMENT
+    deadline = time.monotonic() + RECORD_WAIT_SECONDS
+    while _record_wait and not _recorded(state_dir, trial_id):
+        if time.monotonic() > deadline:
+            _record_wait = False
+            return
+        time.sleep(0.02)
+
+
+_record_wait = True
+
+
+def _recorded(state_dir: Path, trial_id: str) -> bool:
+    """Does Ray's newest experiment state in `state_dir` (JSON: trial_data, a list of [trial state as JSON, run
+    metadata]) list the trial?"""
+    states = sorted(state_dir.glob("experiment_state-*.json"))
+    if not states:
+        return False
+    try:
+        text = states[-1].read_text()
+        if trial_id not in text:
+            return False
+        trials = json.loads(text)["trial_data"]
+        return any(json.loads(entry[0]).get("trial_id") == trial_id for entry in trials)
+    except (OSError, ValueError, KeyError, IndexError, TypeError):  # being copied in; read it again
+        return False
 
 
 def shares_features(space: SearchSpace, base: dict[str, Any]) -> bool:
@@ -196,6 +324,7 @@ def build_tuner(
     resuming: bool,
 ) -> tune.Tuner:
     """The Tuner of a tuning job: restored from JOB/ray when it resumes and Ray saved its state, else new."""
+    context = {**context, "first_round": first_round_size(options, space)}  # (see wait_for_first_round)
     trainable = tune.with_resources(
         tune.with_parameters(trainable, context=context),
         {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
@@ -222,6 +351,9 @@ def build_tuner(
             # OptunaSearch is limited here; the variant generator of the other strategies limits itself
             max_concurrent_trials=options.max_parallel if options.strategy == "bayesian" else None,
             time_budget_s=options.time_budget_s,
+            # One worker process runs trial after trial: a process start (Ray, torch, imports) costs seconds,
+            # more than a trial on cached features (see trial_process and imgtune.training.memo).
+            reuse_actors=True,
             trial_name_creator=lambda trial: TRIAL_PREFIX + trial.trial_id,
             trial_dirname_creator=lambda trial: TRIAL_PREFIX + trial.trial_id,
         ),
@@ -246,13 +378,28 @@ def fit(
 ) -> dict[str, Any]:
     """Run the trials; returns the tuning job's results for job.json (trials best first, the best)."""
     _driver.update(job=job, options=options, progress=progress, on_trial=on_trial)
+    period = state_save_period(trial_count(options, space))
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # Ray's own tables would spoil --json on stdout
-            grid_results = tuner.fit()
+        # Ray reads the period when fit() makes its controller; one the user set stands
+        with contextlib.redirect_stdout(sys.stderr), _env_default("TUNE_GLOBAL_CHECKPOINT_S", f"{period:g}"):
+            grid_results = tuner.fit()  # (Ray's own tables would spoil --json on stdout)
     finally:
         _driver.clear()
     trials = collect_trials(job, options, space, grid_results)
     return {"trials": trials, "trials_count": len(trials), "best": best_of(trials)}
+
+
+@contextlib.contextmanager
+def _env_default(name: str, value: str) -> Iterator[None]:
+    """Environment variable `name` set to `value` inside the block, unless it is set already."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def _ray_init(address: str | None) -> None:
