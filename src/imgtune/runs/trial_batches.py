@@ -44,7 +44,6 @@ class _Prepared:
     """What every trial with the same data, model and features shares: computed once per worker."""
 
     def __init__(self, config: JobConfig):
-        started = time.perf_counter()
         self.device = resolve_device(config.train.device)
         self.data: PreparedData = prepare_data(config.data, progress=False)
         model = build_model(config, self.data.num_classes)
@@ -57,7 +56,6 @@ class _Prepared:
         self.features: dict[str, FeatureLoader] = setup.loaders
         self.num_features = model.num_features
         self.feature_backend = setup.feature_backend
-        self.seconds = time.perf_counter() - started
         del model  # the backbone is not needed again: heads train on the features
 
     def loaders(self, batch_size: int) -> dict[str, FeatureLoader]:

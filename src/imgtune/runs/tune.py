@@ -191,9 +191,7 @@ def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
             for record in job.read_metrics():  # finished before the kill: tell Ray again what it reported
                 tune.report(reported_metrics(record, trial_name))
             return
-        raw = apply_values(context["base"], values)
-        raw["name"] = trial_name
-        raw.setdefault("train", {})["evaluate_test"] = False
+        raw = trial_config(context["base"], values, trial_name)
         run_training_job(build_config(raw), workspace=trials_dir, callbacks=[reporter], progress=False, must_push=False)
 
 
