@@ -119,6 +119,28 @@ class TrainConfig(_Section):
         0, ge=0, le=32, description="Augmented views cached per training image (frozen backbone mode)."
     )
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    workers: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Data-parallel workers (Ray Train, DDP); 1 trains in this process. batch_size is the global "
+        "batch, split across them.",
+    )
+    cpus_per_worker: float = Field(1.0, gt=0, le=1024, description="CPUs Ray reserves for each worker.")
+    gpus_per_worker: float = Field(0.0, ge=0, le=64, description="GPUs for each worker (0: train on CPUs, gloo).")
+    max_failures: int = Field(
+        3,
+        ge=-1,
+        description="Times Ray Train restarts the workers from the last checkpoint after one fails (-1: always).",
+    )
+
+    @model_validator(mode="after")
+    def _global_batch_splits_evenly(self) -> TrainConfig:
+        if self.batch_size % self.workers:
+            raise ValueError(
+                f"batch_size {self.batch_size} is the global batch and must split evenly over {self.workers} workers"
+            )
+        return self
 
 
 class SaveConfig(_Section):

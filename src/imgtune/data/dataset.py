@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from imgtune.config import DataConfig
 from imgtune.core.errors import DataError
@@ -176,12 +176,24 @@ def _workers(cfg: DataConfig) -> int:
 
 
 class ImageFileDataset(Dataset):
-    """(image tensor, label) pairs from checked files."""
+    """(image tensor, label) pairs from checked files.
 
-    def __init__(self, samples: list[Sample], transform: Callable, max_pixels: int | None = None):
+    With `seed`, a random transform (augmentation) draws from a generator seeded by (seed, epoch, index): an
+    image is augmented the same way whatever process, loader worker or rank loads it, so a resumed epoch repeats
+    and N data-parallel workers see what one process sees (the Trainer calls `set_epoch`).
+    """
+
+    def __init__(
+        self, samples: list[Sample], transform: Callable, max_pixels: int | None = None, seed: int | None = None
+    ):
         self.samples = samples
         self.transform = transform
         self.max_pixels = max_pixels  # the checked limit; PIL's own default would refuse larger images
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -190,7 +202,12 @@ class ImageFileDataset(Dataset):
         sample = self.samples[index]
         if self.max_pixels and self.max_pixels != Image.MAX_IMAGE_PIXELS:
             Image.MAX_IMAGE_PIXELS = self.max_pixels  # per worker process
-        return self.transform(load_image(sample.path)), sample.label
+        image = load_image(sample.path)
+        if self.seed is None:
+            return self.transform(image), sample.label
+        with torch.random.fork_rng(devices=[]):  # the caller's own random stream is left as it was
+            torch.manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
+            return self.transform(image), sample.label
 
 
 def make_loader(
@@ -201,14 +218,29 @@ def make_loader(
     num_workers: int,
     seed: int = 0,
     pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """A DataLoader whose shuffle order depends only on `seed` (so a resumed epoch repeats it)."""
+    """A DataLoader for rank `rank` of `world_size` data-parallel workers (1: a single process).
+
+    `batch_size` is the global batch: each rank loads batch_size / world_size. Shuffled (training): a seeded,
+    epoch-aware DistributedSampler (call its `set_epoch`; the Trainer does), so the order depends only on the seed
+    and the epoch, and the ranks' batches together are the batch one process would load; when the data does not
+    split evenly, the sampler repeats a few samples so every rank runs the same number of steps. In order
+    (evaluation): rank r loads samples r, r + world_size, ... with no repeats, so metrics summed over ranks count
+    each sample once.
+    """
     generator = torch.Generator().manual_seed(seed)
     workers = default_workers() if num_workers < 0 else num_workers
+    sampler = None
+    if shuffle:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    elif world_size > 1:
+        dataset = Subset(dataset, range(rank, len(dataset), world_size))
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
+        batch_size=max(1, batch_size // world_size),
+        sampler=sampler,
         num_workers=workers,
         generator=generator,
         pin_memory=pin_memory,

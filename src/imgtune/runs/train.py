@@ -18,7 +18,7 @@ from imgtune.storage.jobs import Job
 from imgtune.storage.record import JobRecord
 from imgtune.training.callbacks import Callback
 from imgtune.training.process import train_in_this_process
-from imgtune.training.setup import versions
+from imgtune.training.setup import trains_head_on_features, versions
 
 
 def run_training_job(
@@ -31,6 +31,7 @@ def run_training_job(
     on_finding: Callable[[str, Any], None] | None = None,
     force: bool = False,
     must_push: bool = True,
+    ray_address: str | None = None,
 ) -> Job:
     """Run a training job to the end and return its directory.
 
@@ -44,11 +45,13 @@ def run_training_job(
         force: resume a job recorded as running on another machine (that machine is gone).
         must_push: in an s3:// workspace, a job that succeeded but could not be pushed at its end raises
             (a tuning trial does not: its tuning job pushes it again at the end).
+        ray_address: the Ray cluster a data-parallel job (train.workers > 1) runs on (default: an in-process
+            Ray); never read from a job, so a resumed job runs where its resumer says.
     """
     if resume is not None:
         with JobLifecycle.resume(resume, workspace, "training", force=force, must_push=must_push) as life:
             config = build_config(life.job.record().config or {}, f"config of job {life.job.name}")
-            return _train(life, config, callbacks, progress, on_finding)
+            return _train(life, config, callbacks, progress, on_finding, ray_address)
     else:
         if config is None:
             raise ConfigError("run_training_job needs a config or a job to resume")
@@ -57,7 +60,7 @@ def run_training_job(
         check_plugins(config)  # unknown rules or parameters: refused before a job directory exists
         record = JobRecord(name=config.name or "", kind="training", config=config.model_dump(mode="json"))
         with JobLifecycle.create(workspace, record, prefix=config.model.backbone, must_push=must_push) as life:
-            return _train(life, config, callbacks, progress, on_finding)
+            return _train(life, config, callbacks, progress, on_finding, ray_address)
 
 
 def _train(
@@ -66,8 +69,16 @@ def _train(
     callbacks: Iterable[Callback],
     progress: bool,
     on_finding: Callable[[str, Any], None] | None,
+    ray_address: str | None,
 ) -> Job:
     life.use_plugins(training_plugins(config))
+    if config.train.workers > 1 and not trains_head_on_features(config):
+        from imgtune.runs.distributed import train_on_workers
+
+        def train_data_parallel(life: JobLifecycle) -> dict[str, Any]:
+            return train_on_workers(life, config, ray_address=ray_address, callbacks=list(callbacks), progress=progress)
+
+        return life.run(train_data_parallel, versions=versions())
 
     def train(life: JobLifecycle) -> dict[str, Any]:
         return train_in_this_process(

@@ -119,10 +119,12 @@ class Job:
     """A handle on a job directory. Reading is cheap: every call reads the files again.
 
     Its job.json and metrics are synced to disk as they are written (they survive a power cut), unless
-    `durable` is off: a job that is cheaper to run again than to sync (a tuning trial trained in a batch)."""
+    `durable` is off: a job that is cheaper to run again than to sync (a tuning trial trained in a batch).
+    With `pushes` off, this handle never pushes to a remote workspace (another process owns the job)."""
 
     path: Path
     durable: bool = True
+    pushes: bool = True  # off on a data-parallel worker's handle: the job's own process pushes it
 
     @property
     def name(self) -> str:
@@ -169,7 +171,9 @@ class Job:
         in the bucket since this one last synced it is not overwritten: the bucket's copy is taken, and the
         job's log says so.
         """
-        if self.remote is None or time.monotonic() - _last_push.get(self.path, -math.inf) < min_interval:
+        if not self.pushes or self.remote is None:
+            return
+        if time.monotonic() - _last_push.get(self.path, -math.inf) < min_interval:
             return
         from imgtune.storage.remote import RemoteError
 

@@ -47,6 +47,10 @@ class JobRecord(BaseModel):
     feature_extraction: dict[str, float] | None = None  # data wait vs backbone time, when features were computed
     resumed_from_epoch: int | None = None
     trained_in_batch_of: int | None = None  # a tuning trial trained with others as one batch of heads: how many
+    world_size: int | None = None  # data-parallel workers the job trained on (imgtune.runs.distributed)
+    workers: list[dict[str, Any]] | None = None  # where each rank ran: rank, node, host, pid, device
+    worker_starts: int | None = None  # times the workers started (more than 1: restarted after a failure)
+    head_trained_on: str | None = None  # data-parallel job with cached features: the one process that trained
     epochs_run: int | None = None
     stop_reason: str | None = None
     best_epoch: int | None = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from imgtune.training import distributed
+
 
 class PhaseMetrics:
     """Accumulates loss and top-k accuracy weighted by batch size (not averaged per batch).
@@ -33,6 +35,17 @@ class PhaseMetrics:
         if self.confusion is not None:
             flat = targets * self.num_classes + top[:, 0]
             self.confusion += torch.bincount(flat, minlength=self.num_classes**2).view(self.num_classes, -1)
+
+    def sum_over_ranks(self) -> None:
+        """In a data-parallel run: every rank's counts summed, so each rank holds the whole phase's metrics (what
+        one process would compute on all the data). A no-op in a single process."""
+        if not distributed.is_distributed():
+            return
+        counts = torch.tensor([self.samples, self.loss_sum, self.correct1, self.correct5], dtype=torch.float64)
+        samples, loss_sum, correct1, correct5 = distributed.sum_over_ranks(counts).tolist()
+        self.samples, self.loss_sum, self.correct1, self.correct5 = int(samples), loss_sum, int(correct1), int(correct5)
+        if self.confusion is not None:
+            self.confusion = distributed.sum_over_ranks(self.confusion)
 
     @property
     def loss(self) -> float:

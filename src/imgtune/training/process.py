@@ -2,6 +2,11 @@
 
 The job's life around it (status, timings, the plugins' job hooks, push) is `imgtune.runs`'s: this module
 knows the plugin contract (imgtune.training.plugin), never a plugin.
+
+The same function runs on each rank of a data-parallel job (`rank`, `world_size`, inside a process group that
+imgtune.runs.distributed set up): every rank builds the same model and trains its share of each batch; rank 0
+alone writes the job directory (job.json fields, metrics, log, best.pt, the plugins' rank-0 hooks); the
+checkpoint goes wherever the caller's CheckpointStore keeps it.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from imgtune.config import JobConfig
@@ -29,6 +35,8 @@ from imgtune.training.setup import (
 )
 from imgtune.training.standard_callbacks import (
     Checkpointer,
+    CheckpointFile,
+    CheckpointStore,
     EarlyStopping,
     MetricsWriter,
     ProgressBar,
@@ -51,27 +59,37 @@ def train_in_this_process(
     timings: dict[str, float],
     started: float,
     on_finding: Callable[[str, Any], None] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    checkpoints: CheckpointStore | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Train `config` into `job` on this process; returns the results for job.json (and fills `timings`)."""
+    """Train `config` into `job` on this process; returns the results for job.json (and fills `timings`).
+    `checkpoints`: where the checkpoint goes (default JOB/checkpoints/last.pt); `device`: default train.device."""
     cfg = config.train
+    writer = rank == 0
     seed_everything(cfg.seed, cfg.deterministic)
-    device = resolve_device(cfg.device)
+    device = device or resolve_device(cfg.device)
     data = memo.prepared_data(config.data, progress=progress)  # memo: off unless this process runs job after job
-    job.update(dataset=data.summary())
-    for problem in data.excluded:
-        job.log(f"excluded {problem.path}: {problem.reason}")
     model, backbone_fingerprint = memo.model(config, data.num_classes, build_model)
-    if model.weights_report:
-        job.log(model.weights_report.summary())
-        job.update(weights=model.weights_report.to_dict())
-    _warn_about_a_frozen_random_backbone(job, config, progress)
+    if writer:
+        job.update(dataset=data.summary())
+        for problem in data.excluded:
+            job.log(f"excluded {problem.path}: {problem.reason}")
+        if model.weights_report:
+            job.log(model.weights_report.summary())
+            job.update(weights=model.weights_report.to_dict())
+        _warn_about_a_frozen_random_backbone(job, config, progress)
     preprocessing = model.preprocessing(config.data.image_size)
     setup = setup_training(
-        model, data, preprocessing, config, device, progress=progress, backbone_fingerprint=backbone_fingerprint
-    )
+        model, data, preprocessing, config, device, progress=progress, backbone_fingerprint=backbone_fingerprint,
+        rank=rank, world_size=world_size,
+    )  # fmt: skip
     timings["initialization"] = time.perf_counter() - started
     timings["feature_cache"] = setup.cache_seconds
-    run = TrainingRun(job, config, data, model, preprocessing, setup, device, progress, on_finding=on_finding)
+    run = TrainingRun(
+        job, config, data, model, preprocessing, setup, device, progress, rank, world_size, on_finding=on_finding
+    )
     module = setup.module.to(device)
     optimizer = make_optimizer(module.parameters(), cfg)
     has_valid = "valid" in setup.loaders
@@ -81,7 +99,9 @@ def train_in_this_process(
         cfg.early_stopping.min_delta,
         best_path=job.checkpoint_dir / BEST_CHECKPOINT,
         enabled=cfg.early_stopping.enabled and has_valid,
+        save_best=writer,
     )
+    checkpoints = checkpoints or CheckpointFile(job.checkpoint_dir / LAST_CHECKPOINT)
     trainer = Trainer(
         module,
         optimizer,
@@ -92,32 +112,35 @@ def train_in_this_process(
         device=device,
         scheduler=make_scheduler(optimizer, cfg),
         callbacks=[
-            MetricsWriter(job),
+            *([MetricsWriter(job)] if writer else []),
             stopper,
-            Checkpointer(job.checkpoint_dir / LAST_CHECKPOINT, run.class_ids),
-            ProgressBar(progress),
+            Checkpointer(checkpoints, run.class_ids),
+            ProgressBar(progress and writer),
             *plugins.callbacks(run),
             *callbacks,
         ],
         amp_dtype=amp_dtype(cfg.mixed_precision, device),
         seed=cfg.seed,
-        log=job.log,
+        log=job.log if writer else None,
     )
     start_epoch = 1
-    last = job.checkpoint_dir / LAST_CHECKPOINT
-    if resuming and last.exists():
-        start_epoch = restore_checkpoint(trainer, last, run.class_ids)
-        job.truncate_metrics(start_epoch - 1)
-        job.log(f"resumed after epoch {start_epoch - 1}")
+    state = checkpoints.load() if resuming else None
+    if state is not None:
+        start_epoch = restore_checkpoint(trainer, state, run.class_ids)
+        if writer:
+            job.truncate_metrics(start_epoch - 1)
+            job.log(f"resumed after epoch {start_epoch - 1}")
     elif resuming:  # killed before its first epoch ended: start over
-        job.truncate_metrics(0)
+        if writer:
+            job.truncate_metrics(0)
         plugins.call("on_start_over", run)
-    job.update(
-        training_mode=setup.mode,
-        feature_backend=setup.feature_backend,
-        feature_extraction=setup.extraction,  # did the backbone wait for data? (None: features from the cache)
-        resumed_from_epoch=start_epoch - 1 if resuming else None,
-    )
+    if writer:
+        job.update(
+            training_mode=setup.mode,
+            feature_backend=setup.feature_backend,
+            feature_extraction=setup.extraction,  # did the backbone wait for data? (None: features from the cache)
+            resumed_from_epoch=start_epoch - 1 if resuming else None,
+        )
     loop_started = time.perf_counter()
     try:
         trainer.fit(start_epoch)
@@ -142,7 +165,8 @@ def train_in_this_process(
             "per_class_accuracy": {c.id: acc for c, acc in zip(data.classes, test.per_class_accuracy(), strict=True)},
             "confusion_matrix": test.confusion.tolist(),
         }
-        job.log(f"test accuracy {test.accuracy:.4f} top-5 {test.top5:.4f} on {test.samples} images")
+        if writer:
+            job.log(f"test accuracy {test.accuracy:.4f} top-5 {test.top5:.4f} on {test.samples} images")
     module.cpu()
     plugins.call("on_fit_end", run, results)
     timings["finalization"] = time.perf_counter() - finalize_started

@@ -136,9 +136,13 @@ def setup_training(
     progress: bool = True,
     cache_root: Path | None = None,
     backbone_fingerprint: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> TrainingSetup:
     """Loaders for each split; with a frozen backbone and the cache on, features instead of images.
-    `backbone_fingerprint`: the backbone's module_fingerprint when the caller knows it (else it is computed)."""
+    `backbone_fingerprint`: the backbone's module_fingerprint when the caller knows it (else it is computed).
+    `rank` of `world_size`: a data-parallel worker's share of each batch (images only: head training on cached
+    features runs in one process)."""
     cfg = config.train
     workers = config.data.num_workers
     labels = {s: torch.tensor([x.label for x in samples], dtype=torch.long) for s, samples in data.splits.items()}
@@ -199,21 +203,29 @@ def setup_training(
     loaders = {}
     for split, samples in data.splits.items():
         transform = preprocessing.train_transform() if split == "train" else preprocessing.eval_transform()
+        train = split == "train"
         loaders[split] = make_loader(
-            ImageFileDataset(samples, transform, config.data.max_image_pixels),
+            ImageFileDataset(samples, transform, config.data.max_image_pixels, seed=cfg.seed if train else None),
             batch_size=cfg.batch_size,
-            shuffle=split == "train",
+            shuffle=train,
             num_workers=workers,
             seed=cfg.seed,
             pin_memory=device.type == "cuda",
+            rank=rank,
+            world_size=world_size,
         )
     return TrainingSetup(model, loaders, "images")
+
+
+def trains_head_on_features(config: JobConfig) -> bool:
+    """True when a job with `config` trains only its head, on cached features (a frozen backbone)."""
+    return config.model.freeze == "backbone" and config.train.feature_cache
 
 
 def warm_feature_cache(config: JobConfig, *, progress: bool = True) -> bool:
     """Compute (or find) the feature cache a job with `config` would use, without training; False when the job
     would train on images. Tuning jobs call this once, so that all trials share one cache."""
-    if config.model.freeze != "backbone" or not config.train.feature_cache:
+    if not trains_head_on_features(config):
         return False
     data = prepare_data(config.data, progress=progress)
     model = build_model(config, data.num_classes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -63,12 +63,14 @@ class EarlyStopping(Callback):
         min_delta: float = 0.0,
         best_path: Path | None = None,
         enabled: bool = True,
+        save_best: bool = True,
     ):
         self.metric = metric
         self.mode = "min" if metric.endswith("loss") else "max"
         self.patience = patience
         self.min_delta = min_delta
         self.best_path = best_path
+        self.save_best = save_best  # off on data-parallel ranks but rank 0: they read the file rank 0 writes
         self.enabled = enabled
         self.best: float | None = None
         self.best_epoch: int | None = None
@@ -89,7 +91,7 @@ class EarlyStopping(Callback):
         if self._improved(value):
             self.best, self.best_epoch, self.wait = value, trainer.epoch, 0
             self._best_state = copy.deepcopy({k: v.detach().cpu() for k, v in trainer.module.state_dict().items()})
-            if self.best_path:
+            if self.best_path and self.save_best:
                 atomic_torch_save(self._best_state, self.best_path)
         else:
             self.wait += 1
@@ -102,7 +104,7 @@ class EarlyStopping(Callback):
     def restore_best(self, module: torch.nn.Module) -> bool:
         state = self._best_state
         if state is None and self.best_path and self.best_path.exists():
-            state = torch.load(self.best_path, map_location="cpu", weights_only=True)
+            state = load_checkpoint(self.best_path)
         if state is None:
             return False
         module.load_state_dict(state)
@@ -115,18 +117,46 @@ class EarlyStopping(Callback):
         self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
 
 
+class CheckpointStore(Protocol):
+    """Where a job's training checkpoint goes: a file in the job (one process), or Ray Train's checkpoints
+    (data-parallel workers: imgtune.runs.distributed)."""
+
+    def save(self, state: dict[str, Any], epoch_record: dict[str, Any]) -> None:
+        """Keep `state` as the latest checkpoint (called on every rank at each epoch's end)."""
+
+    def load(self) -> dict[str, Any] | None:
+        """The latest checkpoint's state, or None when there is none."""
+
+
+class CheckpointFile:
+    """The checkpoint of a job trained in one process: JOB/checkpoints/last.pt, written atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def save(self, state: dict[str, Any], epoch_record: dict[str, Any]) -> None:
+        atomic_torch_save(state, self.path)
+
+    def load(self) -> dict[str, Any] | None:
+        return load_checkpoint(self.path) if self.path.exists() else None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 class Checkpointer(Callback):
-    """Saves everything a resumed job needs after each epoch, atomically, to `last.pt`."""
+    """Saves everything a resumed job needs after each epoch into its CheckpointStore."""
 
     order = 30
     core = True
 
-    def __init__(self, path: Path, class_ids: list[str]):
-        self.path = path
+    def __init__(self, store: CheckpointStore, class_ids: list[str]):
+        self.store = store
         self.class_ids = class_ids
 
     def on_epoch_end(self, trainer: Trainer) -> None:
-        atomic_torch_save(
+        self.store.save(
             {
                 "class_ids": self.class_ids,
                 "stop_reason": trainer.stop_reason,
@@ -139,7 +169,7 @@ class Checkpointer(Callback):
                 "history": trainer.history,
                 "callbacks": {cb.name: cb.state_dict() for cb in trainer.callbacks},
             },
-            self.path,
+            trainer.epoch_record,
         )
 
 
@@ -156,16 +186,15 @@ class RemotePush(Callback):
         self.job.push(min_interval=push_interval(), strict=False)
 
 
-def restore_checkpoint(trainer: Trainer, path: Path, class_ids: list[str]) -> int:
-    """Load `path` into the trainer and its callbacks; returns the epoch to start from.
+def restore_checkpoint(trainer: Trainer, state: dict[str, Any], class_ids: list[str]) -> int:
+    """Load a checkpoint's `state` into the trainer and its callbacks; returns the epoch to start from.
 
     Raises:
         JobError: the dataset's classes are not the ones the checkpoint was trained on.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("class_ids") != class_ids:
         raise JobError(
-            f"the dataset's classes changed since {path} was written "
+            "the dataset's classes changed since the job's checkpoint was written "
             f"({len(state.get('class_ids') or [])} then, {len(class_ids)} now)",
             "resume with the same data, or start a new job",
         )

@@ -9,7 +9,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from imgtune.training import distributed
 from imgtune.training.callbacks import Callback, CallbackRunner, Event, StopTraining
 from imgtune.training.metrics import PhaseMetrics
 
@@ -25,6 +27,12 @@ class Trainer:
     backward, optimizer step), measured without the callbacks' own time; `batch_started` is when the batch's
     fetch began (perf_counter). With `sync_timing` on, CUDA work is waited for at each segment's end, so the
     times are the device's and not only the launches' (the profiler turns it on).
+
+    Data-parallel (inside a torch.distributed process group of more than one rank): training steps run through
+    DistributedDataParallel, whose gradients are averaged over ranks, while `module` stays the plain module
+    (callbacks, checkpoints and the model bundle see no `module.` prefixes); each phase's metrics are summed over
+    ranks before `phase_end`, so every rank sees the whole phase's numbers; a stop requested on any rank is agreed
+    on by all after each training batch and each epoch, so no rank is left waiting for the others.
     """
 
     def __init__(
@@ -42,8 +50,12 @@ class Trainer:
         amp_dtype: torch.dtype | None = None,
         seed: int = 0,
         log: Callable[[str], None] | None = None,
+        data_parallel: bool | None = None,
     ):
         self.module = module
+        # None: data-parallel whenever this process is one of several ranks; False: train alone even so.
+        self.data_parallel = distributed.is_distributed() if data_parallel is None else data_parallel
+        self._train_module = self._data_parallel(module, torch.device(device)) if self.data_parallel else module
         self.optimizer = optimizer
         self.loaders = loaders
         self.epochs = epochs
@@ -73,6 +85,12 @@ class Trainer:
         self.sync_timing = False
         self._mark_time = 0.0
 
+    @staticmethod
+    def _data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
+        if not any(p.requires_grad for p in module.parameters()):
+            return module
+        return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
     @property
     def callbacks(self) -> list[Callback]:
         return self.runner.callbacks
@@ -92,6 +110,17 @@ class Trainer:
         """End training after the current batch (for callbacks; same as raising StopTraining)."""
         self.stop_reason = self.stop_reason or reason
 
+    def _agree_on_stop(self) -> bool:
+        """Every rank calls this at the same point: True when any rank asked to stop; then all ranks keep the
+        reason of the lowest rank that asked."""
+        if not self.data_parallel:
+            return self.stop_reason is not None
+        first = distributed.first_stopping_rank(self.stop_reason is not None)
+        if first is None:
+            return False
+        self.stop_reason = distributed.broadcast_text(self.stop_reason, first)
+        return True
+
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
@@ -107,7 +136,7 @@ class Trainer:
             generator = getattr(loader, "generator", None)
             if generator is not None:
                 generator.manual_seed(self.seed * 100_003 + epoch)
-            for owner in (loader, getattr(loader, "dataset", None)):  # like DistributedSampler.set_epoch
+            for owner in (loader, getattr(loader, "dataset", None), getattr(loader, "sampler", None)):
                 if hasattr(owner, "set_epoch"):
                     owner.set_epoch(epoch)
 
@@ -132,6 +161,7 @@ class Trainer:
         self.phase = phase
         self.metrics = PhaseMetrics(self.num_classes, confusion=confusion)
         self.module.train(train)
+        forward = self._train_module if train else self.module
         self.emit(Event.PHASE_START)
         grad = contextlib.nullcontext() if train else torch.inference_mode()
         with grad:
@@ -151,7 +181,7 @@ class Trainer:
                 self.emit(Event.BATCH_START)
                 self._resume_timing()
                 with self._autocast():
-                    self.outputs = self.module(self.inputs)
+                    self.outputs = forward(self.inputs)
                     self.loss = self.loss_fn(self.outputs.float(), self.targets)
                 self._mark("forward")
                 self.emit(Event.AFTER_FORWARD)
@@ -172,14 +202,17 @@ class Trainer:
                 self.metrics.update(self.outputs, self.targets, self.loss)
                 self.emit(Event.BATCH_END)
                 batch_index += 1
-                if self.stop_reason and train:
+                if train and self._agree_on_stop():
                     break
+        if self.data_parallel:
+            self.metrics.sum_over_ranks()
         self.emit(Event.PHASE_END)
         return self.metrics
 
     def fit(self, start_epoch: int = 1) -> list[dict[str, Any]]:
         """Train from `start_epoch` to `epochs` (or until a callback stops it); returns the history."""
         self.emit(Event.FIT_START)
+        self._agree_on_stop()
         for epoch in range(start_epoch, self.epochs + 1):
             if self.stop_reason:
                 break
@@ -202,6 +235,7 @@ class Trainer:
             self.epoch_record.update(step=self.step, epoch_time=time.perf_counter() - started)
             self.history.append(self.epoch_record)
             self.emit(Event.EPOCH_END)
+            self._agree_on_stop()
         self.emit(Event.FIT_END)
         return self.history
 

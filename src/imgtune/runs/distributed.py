@@ -1,0 +1,315 @@
+"""One training job on N data-parallel workers: Ray Train's TorchTrainer (DDP; gloo on CPU, NCCL on GPU).
+
+The job's own process (the driver) keeps the job's lifecycle (lock, status, plugins' job hooks, push) and
+starts a TorchTrainer; each worker runs `imgtune.training.process.train_in_this_process` as one rank. Rank 0
+writes the job directory, which every worker reaches at the same path (one machine, or a path every node
+mounts). What goes where:
+
+* checkpoints: each epoch's end, through Ray Train's checkpoint API (`ray.train.report`), into
+  JOB/ray-train/ (Ray's run folder: its checkpoints and its run snapshot, plain JSON). When a worker dies, Ray
+  Train restarts the group (`FailureConfig(max_failures)`) and every rank continues from the latest checkpoint;
+  `imgtune train --resume` starts a TorchTrainer on the same run folder, which finds the same checkpoint.
+* the results: rank 0's last report carries them (and a results.json checkpoint), read by the driver.
+* progress: the driver follows metrics.jsonl, shows the epochs and calls its own callbacks' `on_epoch_end` (a
+  tuning trial's reporter); a stop one of them asks for reaches the workers through a file in the job
+  (STOP_REQUEST), which rank 0 reads after each batch and all ranks agree on.
+
+Head training on cached features (a frozen backbone) is not data-parallel: the workers build the feature cache
+together, each a shard of the files, and the job's own process then trains the head on it (`head_trained_on`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imgtune.config import JobConfig, build_config
+from imgtune.core.errors import JobError
+from imgtune.core.progress import progress_bar
+from imgtune.runs.lifecycle import JobLifecycle
+from imgtune.runs.plugins import training_plugins
+from imgtune.storage.jobs import Job, push_interval
+from imgtune.training import distributed
+from imgtune.training.callbacks import Callback, StopTraining
+from imgtune.training.plugin import PluginSet
+from imgtune.training.standard_callbacks import load_checkpoint
+
+RUN_FOLDER = "ray-train"  # JOB/ray-train: Ray Train's checkpoints and run snapshot
+STOP_REQUEST = "stop-request.txt"  # JOB/checkpoints/stop-request.txt: the driver asks the workers to stop
+LAST_CHECKPOINT = "last.pt"
+RESULTS_FILE = "results.json"
+FOLLOW_SECONDS = 0.5
+
+
+def train_on_workers(
+    life: JobLifecycle,
+    config: JobConfig,
+    *,
+    ray_address: str | None = None,
+    callbacks: list[Callback] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train `config` on `config.train.workers` Ray Train workers; returns the job's results (rank 0's)."""
+    from imgtune.tuning.tuner import connect  # first: it keeps Ray on loopback unless told of a cluster
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # isort: skip
+    from ray.train.torch import TorchConfig, TorchTrainer  # isort: skip
+
+    job, cfg = life.job, config.train
+    connect(ray_address)
+    stop_request = job.checkpoint_dir / STOP_REQUEST
+    stop_request.unlink(missing_ok=True)
+    job.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    use_gpu = cfg.gpus_per_worker > 0
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _train_on_this_worker,
+        train_loop_config={
+            "job": str(job.path),
+            "config": config.model_dump(mode="json"),
+            "resumed": life.resumed,
+            "timings": dict(life.timings),
+        },
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=RUN_FOLDER,
+            storage_path=str(job.path),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # the last epoch's checkpoint and the final results.json (kept: a resumed job that ended reads it)
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    started = time.perf_counter()
+    outcome = _Outcome()
+    fit = threading.Thread(target=outcome.capture, args=(trainer.fit,), name="imgtune-ray-train", daemon=True)
+    fit.start()
+    _follow(job, cfg.epochs, fit, stop_request, list(callbacks), progress)
+    result = outcome.value()
+    life.timings["ray_train"] = time.perf_counter() - started
+    metrics = result.metrics or {}
+    if "results" not in metrics:
+        raise JobError(f"the workers of job {job.name} ended without results", f"see {job.log_file}")
+    life.timings.update(metrics.get("timings", {}))
+    return metrics["results"]
+
+
+@dataclass
+class _Outcome:
+    """What the thread running TorchTrainer.fit returned or raised."""
+
+    result: Any = None
+    error: BaseException | None = None
+
+    def capture(self, fit: Callable[[], Any]) -> None:
+        try:
+            self.result = fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the job's own thread by value()
+            self.error = exc
+
+    def value(self) -> Any:
+        if self.error is not None:
+            raise JobError(f"training on the workers failed: {_first_line(self.error)}", _hint(self.error)) from (
+                self.error
+            )
+        return self.result
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line and "Traceback" not in line]
+    return (errors[-1] if errors else lines[0]).strip()
+
+
+def _hint(error: BaseException) -> str:
+    return "the job's log (logs.txt) and Ray's worker logs (/tmp/ray/session_latest/logs) say more"
+
+
+@dataclass
+class EpochEnd:
+    """What the driver's callbacks see at each epoch's end (the Trainer runs on the workers)."""
+
+    epoch_record: dict[str, Any]
+    epoch: int
+    epochs: int
+
+
+def _follow(
+    job: Job,
+    epochs: int,
+    fit: threading.Thread,
+    stop_request: Path,
+    callbacks: list[Callback],
+    progress: bool,
+) -> None:
+    """Until `fit` ends: show the epochs rank 0 records, give each to `callbacks`, push the job every push
+    interval (a remote workspace), and pass a stop one of the callbacks asks for on to the workers."""
+    seen = len(job.read_metrics()) if job.metrics_file.exists() else 0
+    bar = progress_bar(enabled=progress)
+    with bar:
+        task = bar.add_task(f"epochs on {_workers_label(job)}", total=epochs, completed=seen, info="")
+        while True:
+            running = fit.is_alive()
+            records = job.read_metrics() if job.metrics_file.exists() else []
+            if len(records) < seen:  # the workers restarted from a checkpoint and dropped later epochs
+                seen = len(records)
+            for record in records[seen:]:
+                info = f"train acc {record['train_accuracy']:.3f}"
+                if "valid_accuracy" in record:
+                    info += f" valid acc {record['valid_accuracy']:.3f} loss {record['valid_loss']:.4f}"
+                bar.update(task, completed=record["epoch"], info=info, description=f"epochs on {_workers_label(job)}")
+                for callback in callbacks:
+                    handler = getattr(callback, "on_epoch_end", None)
+                    try:
+                        if handler is not None:
+                            handler(EpochEnd(record, record["epoch"], epochs))
+                    except StopTraining as stop:
+                        if not stop_request.exists():
+                            stop_request.write_text(stop.reason)
+            seen = max(seen, len(records))
+            job.push(min_interval=push_interval(), strict=False)
+            if not running:
+                return
+            fit.join(FOLLOW_SECONDS)
+
+
+def _workers_label(job: Job) -> str:
+    workers = job.record().workers or []
+    nodes = {w.get("node") for w in workers}
+    if not workers:
+        return "workers (starting)"
+    return f"{len(workers)} workers" + (f" on {len(nodes)} nodes" if len(nodes) > 1 else "")
+
+
+# -- on each worker ----------------------------------------------------------------------------------------
+
+
+class RayTrainCheckpoints:
+    """A worker's CheckpointStore: rank 0 writes the checkpoint into a temporary folder and hands it to Ray
+    Train, which keeps it in JOB/ray-train; every rank reports (Ray Train's report is collective)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def save(self, state: dict[str, Any], epoch_record: dict[str, Any]) -> None:
+        from imgtune.training.standard_callbacks import atomic_torch_save
+
+        epoch = int(epoch_record["epoch"])
+        self.report({"epoch": epoch}, lambda folder: atomic_torch_save(state, folder / LAST_CHECKPOINT))
+
+    def report(self, metrics: dict[str, Any], write: Callable[[Path], None]) -> None:
+        import ray.train
+
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        folder = Path(tempfile.mkdtemp(prefix="imgtune-checkpoint-"))
+        try:
+            write(folder)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _folder(self) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return Path(checkpoint.path) if checkpoint is not None else None
+
+    def load(self) -> dict[str, Any] | None:
+        folder = self._folder()
+        if folder is None or not (folder / LAST_CHECKPOINT).is_file():
+            return None
+        return load_checkpoint(folder / LAST_CHECKPOINT)
+
+    def final_results(self) -> dict[str, Any] | None:
+        """The results of a run whose workers had finished (its driver died before it read them)."""
+        folder = self._folder()
+        if folder is None or not (folder / RESULTS_FILE).is_file():
+            return None
+        return json.loads((folder / RESULTS_FILE).read_text())
+
+
+class StopRequestFile(Callback):
+    """Rank 0 reads the driver's stop request after each batch; the Trainer makes every rank agree on it."""
+
+    order = 5
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_batch_end(self, trainer: Any) -> None:
+        if trainer.phase == "train" and self.path.exists():
+            raise StopTraining(self.path.read_text().strip() or "stop requested by the job's process")
+
+
+def _train_on_this_worker(loop_config: dict[str, Any]) -> None:
+    """The body of each Ray Train worker: one rank of the job."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from imgtune.training.process import train_in_this_process
+
+    started = time.perf_counter()
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    node = ray.util.get_node_ip_address()
+    job = Job(Path(loop_config["job"]), pushes=False)
+    if not job.job_file.is_file():
+        raise JobError(
+            f"job directory {job.path} not found on node {node}",
+            "a data-parallel job's workers write into the job's directory where its process has it: put the "
+            "workspace (and the data, and IMGTUNE_CACHE) on a path every node mounts, or train on one node",
+        )
+    config = build_config(loop_config["config"], f"config of job {job.name}")
+    cfg = config.train
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    device = ray.train.torch.get_device() if cfg.gpus_per_worker > 0 else torch.device("cpu")
+    store = RayTrainCheckpoints(rank)
+    where = {"rank": rank, "node": node, "host": socket.gethostname(), "pid": os.getpid(), "device": str(device)}
+    everyone = distributed.gather_objects(where)
+    results = store.final_results()
+    timings: dict[str, float] = dict(loop_config["timings"])
+    if results is None:
+        # A restart (after a failed worker, or of a resumed job) continues; a first start starts clean.
+        record = job.record()
+        resuming = bool(loop_config["resumed"] or record.worker_starts or store.load() is not None)
+        if rank == 0:
+            job.update(world_size=world_size, workers=everyone, worker_starts=(record.worker_starts or 0) + 1)
+            job.log(
+                f"{'restarted' if record.worker_starts else 'started'} {world_size} workers: "
+                + ", ".join(f"rank {w['rank']} on {w['node']} (pid {w['pid']}, {w['device']})" for w in everyone)
+            )
+        plugins = PluginSet(training_plugins(config), rank=rank, log=job.log if rank == 0 else None)
+        results = train_in_this_process(
+            job,
+            config,
+            plugins,
+            resuming=resuming,
+            callbacks=[StopRequestFile(job.checkpoint_dir / STOP_REQUEST)] if rank == 0 else [],
+            progress=False,
+            timings=timings,
+            started=started,
+            rank=rank,
+            world_size=world_size,
+            checkpoints=store,
+            device=device,
+        )
+        if plugins.failures and rank == 0:
+            job.update(plugin_failures=plugins.failures)
+    store.report(
+        {"results": results, "timings": timings},
+        lambda folder: (folder / RESULTS_FILE).write_text(json.dumps(results)),
+    )
