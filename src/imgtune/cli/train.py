@@ -37,6 +37,13 @@ def train(
     batch_size: int | None = field_option(TrainConfig, "batch_size", default=None, help="Batch size."),
     image_size: int | None = field_option(DataConfig, "image_size", default=None),
     name: str | None = field_option(JobConfig, "name", default=None),
+    workers: int | None = field_option(TrainConfig, "workers", default=None),
+    gpus_per_worker: float | None = field_option(TrainConfig, "gpus_per_worker", default=None),
+    cpus_per_worker: float | None = field_option(TrainConfig, "cpus_per_worker", default=None),
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="The Ray cluster the --workers run on (e.g. 10.0.0.1:6379) \\[default: in-process Ray]."),
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML config file (its keys: see above).")] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override any config key: --set train.optimizer=sgd.")
@@ -63,18 +70,25 @@ def train(
             "--batch-size": batch_size,
             "--image-size": image_size,
             "--name": name,
+            "--workers": workers,
+            "--gpus-per-worker": gpus_per_worker,
+            "--cpus-per-worker": cpus_per_worker,
             "--config": config,
             "--set": set_,
         }
         ignored = [flag for flag, value in given.items() if value]
         if ignored:
             err.print(f"[yellow]note:[/] --resume continues with the job's own config; ignored: {', '.join(ignored)}")
-        job = imgtune.train(resume=resume, workspace=workspace, progress=not as_json, force=force)
+        job = imgtune.train(
+            resume=resume, workspace=workspace, progress=not as_json, force=force, ray_address=ray_address
+        )
     else:
         job = imgtune.train(
             data, config=config, overrides=set_ or (), backbone=backbone, weights=weights, pretrained=pretrained,
             freeze=freeze, epochs=epochs, lr=lr, batch_size=batch_size, image_size=image_size, name=name,
-            debugger=not no_debugger, profiler=not no_profiler, workspace=workspace, progress=not as_json,
+            workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+            ray_address=ray_address, debugger=not no_debugger, profiler=not no_profiler, workspace=workspace,
+            progress=not as_json,
         )  # fmt: skip
     summary = imgtune.job_summary(job)
     print_json(summary) if as_json else render.job_summary(summary)

@@ -52,6 +52,10 @@ def train(
     batch_size: int | None = None,
     image_size: int | None = None,
     name: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    cpus_per_worker: float | None = None,
+    ray_address: str | None = None,
     debugger: bool = True,
     profiler: bool = True,
     workspace: Workspace = None,
@@ -63,14 +67,19 @@ def train(
 ) -> Job:
     """Train a classifier on a folder of labelled photos (or continue a killed job with `resume`); returns the job.
 
+    `workers` > 1 trains on that many data-parallel Ray Train workers (in-process Ray, or the cluster at
+    `ray_address`); `batch_size` stays the global batch.
+
     Example: `imgtune.train("photos/", backbone="mobilenet_v2", epochs=5, overrides=["train.optimizer=sgd"])`.
     """
     from imgtune.runs.train import run_training_job
+    from imgtune.tuning import use_ray_address
 
+    use_ray_address(ray_address)  # before Ray is imported
     if resume is not None:
         return run_training_job(
             resume=resume, workspace=workspace, progress=progress, force=force, callbacks=callbacks,
-            on_finding=on_finding,
+            on_finding=on_finding, ray_address=ray_address,
         )  # fmt: skip
     flags = {
         "name": name,
@@ -79,14 +88,18 @@ def train(
             "backbone": backbone, "weights": str(weights) if weights else None, "pretrained": pretrained,
             "freeze": freeze,
         },
-        "train": {"epochs": epochs, "lr": lr, "batch_size": batch_size},
+        "train": {
+            "epochs": epochs, "lr": lr, "batch_size": batch_size, "workers": workers,
+            "gpus_per_worker": gpus_per_worker, "cpus_per_worker": cpus_per_worker,
+        },
         "debugger": {} if debugger else {"enabled": False},
         "profiler": {} if profiler else {"enabled": False},
     }  # fmt: skip
     raw = job_config(config, flags, overrides)
     return run_training_job(
-        build_config(raw), workspace=workspace, progress=progress, callbacks=callbacks, on_finding=on_finding
-    )
+        build_config(raw), workspace=workspace, progress=progress, callbacks=callbacks, on_finding=on_finding,
+        ray_address=ray_address,
+    )  # fmt: skip
 
 
 def tune(
