@@ -44,6 +44,7 @@ from imgtune.training.plugin import PluginSet
 from imgtune.training.standard_callbacks import load_checkpoint
 
 RUN_FOLDER = "ray-train"  # JOB/ray-train: Ray Train's checkpoints and run snapshot
+FEATURES_RUN_FOLDER = "ray-train-features"  # the same for the workers that build a feature cache
 STOP_REQUEST = "stop-request.txt"  # JOB/checkpoints/stop-request.txt: the driver asks the workers to stop
 LAST_CHECKPOINT = "last.pt"
 RESULTS_FILE = "results.json"
@@ -59,6 +60,46 @@ def train_on_workers(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train `config` on `config.train.workers` Ray Train workers; returns the job's results (rank 0's)."""
+    job = life.job
+    stop_request = job.checkpoint_dir / STOP_REQUEST
+    job.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    stop_request.unlink(missing_ok=True)
+
+    def follow(fit: threading.Thread) -> None:
+        _follow(job, config.train.epochs, fit, stop_request, list(callbacks), progress)
+
+    return _run_workers(life, config, ray_address, _train_on_this_worker, RUN_FOLDER, follow)
+
+
+def build_features_on_workers(
+    life: JobLifecycle, config: JobConfig, *, ray_address: str | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Compute the feature cache a frozen-backbone job needs on `config.train.workers` Ray Train workers, each a
+    shard of the files; returns the backend they used (`feature_backend`) and what they computed."""
+
+    def follow(fit: threading.Thread) -> None:
+        from imgtune.core.progress import console
+
+        with console.status(f"feature cache on {config.train.workers} workers", spinner="dots") as status:
+            while fit.is_alive():
+                status.update(f"feature cache on {_workers_label(life.job)}")
+                fit.join(FOLLOW_SECONDS)
+
+    return _run_workers(life, config, ray_address, _features_on_this_worker, FEATURES_RUN_FOLDER, follow, progress)
+
+
+def _run_workers(
+    life: JobLifecycle,
+    config: JobConfig,
+    ray_address: str | None,
+    body: Callable[[dict[str, Any]], None],
+    run_folder: str,
+    follow: Callable[[threading.Thread], None],
+    show: bool = True,
+) -> dict[str, Any]:
+    """Run `body` on the job's Ray Train workers (TorchTrainer.fit in a thread, `follow` in this one); returns
+    rank 0's results and adds the workers' timings to the job's."""
+    from imgtune.tuning import is_loopback
     from imgtune.tuning.tuner import connect  # first: it keeps Ray on loopback unless told of a cluster
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # isort: skip
@@ -66,13 +107,10 @@ def train_on_workers(
 
     job, cfg = life.job, config.train
     connect(ray_address)
-    stop_request = job.checkpoint_dir / STOP_REQUEST
-    stop_request.unlink(missing_ok=True)
-    job.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
-        _train_on_this_worker,
+        body,
         train_loop_config={
             "job": str(job.path),
             "config": config.model_dump(mode="json"),
@@ -82,9 +120,10 @@ def train_on_workers(
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=RUN_FOLDER,
+            name=run_folder,
             storage_path=str(job.path),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env={"env_vars": loopback_gloo()} if is_loopback(ray_address) else None,
             # the last epoch's checkpoint and the final results.json (kept: a resumed job that ended reads it)
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -93,14 +132,29 @@ def train_on_workers(
     outcome = _Outcome()
     fit = threading.Thread(target=outcome.capture, args=(trainer.fit,), name="imgtune-ray-train", daemon=True)
     fit.start()
-    _follow(job, cfg.epochs, fit, stop_request, list(callbacks), progress)
+    follow(fit)
+    fit.join()
     result = outcome.value()
-    life.timings["ray_train"] = time.perf_counter() - started
+    life.timings[run_folder.replace("-", "_")] = time.perf_counter() - started
     metrics = result.metrics or {}
     if "results" not in metrics:
         raise JobError(f"the workers of job {job.name} ended without results", f"see {job.log_file}")
     life.timings.update(metrics.get("timings", {}))
+    life.plugins.failures.extend(metrics.get("plugin_failures", []))
     return metrics["results"]
+
+
+def loopback_gloo() -> dict[str, str]:
+    """For ranks on one machine's loopback Ray: gloo on the loopback interface too. Gloo otherwise picks the
+    interface the host name resolves to, which may be the machine's network address."""
+    import psutil
+
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return {}
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address.startswith("127.") for a in addresses):
+            return {"GLOO_SOCKET_IFNAME": name}
+    return {}
 
 
 @dataclass
@@ -220,6 +274,12 @@ class RayTrainCheckpoints:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
+    def report_results(self, results: dict[str, Any], **extra: Any) -> None:
+        """Hand rank 0's results to the job's process, in the report's metrics and a results.json checkpoint."""
+        self.report(
+            {"results": results, **extra}, lambda folder: (folder / RESULTS_FILE).write_text(json.dumps(results))
+        )
+
     def _folder(self) -> Path | None:
         import ray.train
 
@@ -253,63 +313,114 @@ class StopRequestFile(Callback):
             raise StopTraining(self.path.read_text().strip() or "stop requested by the job's process")
 
 
-def _train_on_this_worker(loop_config: dict[str, Any]) -> None:
-    """The body of each Ray Train worker: one rank of the job."""
-    import ray
-    import ray.train
-    import ray.train.torch
-    import torch
+@dataclass
+class _Worker:
+    """One rank of the job, as its worker process sees it."""
 
-    from imgtune.training.process import train_in_this_process
+    rank: int
+    world_size: int
+    job: Job
+    config: JobConfig
+    device: Any
+    store: RayTrainCheckpoints
+    record: Any  # the job's JobRecord when the workers started
+    started: float
 
-    started = time.perf_counter()
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    node = ray.util.get_node_ip_address()
-    job = Job(Path(loop_config["job"]), pushes=False)
-    if not job.job_file.is_file():
-        raise JobError(
-            f"job directory {job.path} not found on node {node}",
-            "a data-parallel job's workers write into the job's directory where its process has it: put the "
-            "workspace (and the data, and IMGTUNE_CACHE) on a path every node mounts, or train on one node",
-        )
-    config = build_config(loop_config["config"], f"config of job {job.name}")
-    cfg = config.train
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    device = ray.train.torch.get_device() if cfg.gpus_per_worker > 0 else torch.device("cpu")
-    store = RayTrainCheckpoints(rank)
-    where = {"rank": rank, "node": node, "host": socket.gethostname(), "pid": os.getpid(), "device": str(device)}
-    everyone = distributed.gather_objects(where)
-    results = store.final_results()
-    timings: dict[str, float] = dict(loop_config["timings"])
-    if results is None:
-        # A restart (after a failed worker, or of a resumed job) continues; a first start starts clean.
+    @classmethod
+    def start(cls, loop_config: dict[str, Any]) -> _Worker:
+        """Where am I, the job (its directory must be here), the config; rank 0 records where every rank runs."""
+        import ray
+        import ray.train
+        import ray.train.torch
+        import torch
+
+        started = time.perf_counter()
+        context = ray.train.get_context()
+        rank, world_size = context.get_world_rank(), context.get_world_size()
+        node = ray.util.get_node_ip_address()
+        job = Job(Path(loop_config["job"]), pushes=False)
+        if not job.job_file.is_file():
+            raise JobError(
+                f"job directory {job.path} not found on node {node}",
+                "a data-parallel job's workers write into the job's directory where its process has it: put the "
+                "workspace (and the data, and IMGTUNE_CACHE) on a path every node mounts, or train on one node",
+            )
+        config = build_config(loop_config["config"], f"config of job {job.name}")
+        cfg = config.train
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        device = ray.train.torch.get_device() if cfg.gpus_per_worker > 0 else torch.device("cpu")
+        where = {"rank": rank, "node": node, "host": socket.gethostname(), "pid": os.getpid(), "device": str(device)}
+        everyone = distributed.gather_objects(where)
         record = job.record()
-        resuming = bool(loop_config["resumed"] or record.worker_starts or store.load() is not None)
+        worker = cls(rank, world_size, job, config, device, RayTrainCheckpoints(rank), record, started)
         if rank == 0:
             job.update(world_size=world_size, workers=everyone, worker_starts=(record.worker_starts or 0) + 1)
             job.log(
                 f"{'restarted' if record.worker_starts else 'started'} {world_size} workers: "
                 + ", ".join(f"rank {w['rank']} on {w['node']} (pid {w['pid']}, {w['device']})" for w in everyone)
             )
-        plugins = PluginSet(training_plugins(config), rank=rank, log=job.log if rank == 0 else None)
-        results = train_in_this_process(
-            job,
-            config,
-            plugins,
-            resuming=resuming,
-            callbacks=[StopRequestFile(job.checkpoint_dir / STOP_REQUEST)] if rank == 0 else [],
-            progress=False,
-            timings=timings,
-            started=started,
-            rank=rank,
-            world_size=world_size,
-            checkpoints=store,
-            device=device,
-        )
-        if plugins.failures and rank == 0:
-            job.update(plugin_failures=plugins.failures)
-    store.report(
-        {"results": results, "timings": timings},
-        lambda folder: (folder / RESULTS_FILE).write_text(json.dumps(results)),
+        return worker
+
+    def finish(self, results: dict[str, Any], **extra: Any) -> None:
+        self.store.report_results(results, **extra)
+
+
+def _train_on_this_worker(loop_config: dict[str, Any]) -> None:
+    """The body of each Ray Train worker of a training job: one rank of it."""
+    from imgtune.training.process import train_in_this_process
+
+    if _reported_before():
+        return
+    worker = _Worker.start(loop_config)
+    job, config, rank = worker.job, worker.config, worker.rank
+    # A restart (after a failed worker, or of a resumed job) continues; a first start starts clean.
+    resuming = bool(loop_config["resumed"] or worker.record.worker_starts or worker.store.load() is not None)
+    plugins = PluginSet(training_plugins(config), rank=rank, log=job.log if rank == 0 else None)
+    timings: dict[str, float] = dict(loop_config["timings"])
+    results = train_in_this_process(
+        job,
+        config,
+        plugins,
+        resuming=resuming,
+        callbacks=[StopRequestFile(job.checkpoint_dir / STOP_REQUEST)] if rank == 0 else [],
+        progress=False,
+        timings=timings,
+        started=worker.started,
+        rank=rank,
+        world_size=worker.world_size,
+        checkpoints=worker.store,
+        device=worker.device,
     )
+    worker.finish(results, timings=timings, plugin_failures=plugins.failures)
+
+
+def _features_on_this_worker(loop_config: dict[str, Any]) -> None:
+    """The body of each Ray Train worker building a frozen-backbone job's feature cache: its shard of the files."""
+    from imgtune.training import memo
+    from imgtune.training.setup import build_feature_cache_on_ranks, build_model
+
+    if _reported_before():
+        return
+    worker = _Worker.start(loop_config)
+    config = worker.config
+    data = memo.prepared_data(config.data, progress=False)
+    model, fingerprint = memo.model(config, data.num_classes, build_model)
+    preprocessing = model.preprocessing(config.data.image_size)
+    results = build_feature_cache_on_ranks(
+        model, data, preprocessing, config, worker.device,
+        rank=worker.rank, world_size=worker.world_size, backbone_fingerprint=fingerprint,
+    )  # fmt: skip
+    worker.finish(results, timings={"feature_cache_on_workers": time.perf_counter() - worker.started})
+
+
+def _reported_before() -> bool:
+    """True when this run's workers had finished (the job's process died before it read their results): their
+    results are reported again, for the job's process to read, and there is nothing else to do."""
+    import ray.train
+
+    store = RayTrainCheckpoints(ray.train.get_context().get_world_rank())
+    results = store.final_results()
+    if results is None:
+        return False
+    store.report_results(results)
+    return True

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,18 @@ def _train(
         return life.run(train_data_parallel, versions=versions())
 
     def train(life: JobLifecycle) -> dict[str, Any]:
+        feature_backend = None
+        if config.train.workers > 1:  # the workers build the feature cache; the head trains here, in one process
+            from imgtune.runs.distributed import build_features_on_workers
+
+            built = build_features_on_workers(life, config, ray_address=ray_address, progress=progress)
+            feature_backend = built["feature_backend"]
+            where = f"the job's own process (pid {os.getpid()} on {socket.gethostname()})"
+            life.job.update(head_trained_on=where)
+            life.job.log(
+                f"{config.train.workers} workers computed {built['entries_computed']} feature cache entries "
+                f"({feature_backend}); the head trains on them in {where}"
+            )
         return train_in_this_process(
             life.job,
             config,
@@ -91,6 +105,7 @@ def _train(
             timings=life.timings,
             started=life.started,
             on_finding=on_finding,
+            feature_backend=feature_backend,
         )
 
     return life.run(train, versions=versions())

@@ -65,29 +65,33 @@ def extract_features(
     batch_size: int = 64,
     num_workers: int = -1,
     max_pixels: int | None = None,
-    seed: int = 0,
+    augment_seed: int | None = None,
     progress: bool = True,
     description: str = "features",
     stats: dict[str, float] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> torch.Tensor:
     """Run the backbone's inference backend over the samples' images; returns float32 features [N, D] on the CPU.
 
-    `stats`, when given, receives the seconds spent waiting for the loader and running the backbone, so that a
-    job can say whether its backbone waited for data.
+    `augment_seed`: a random `transform` (an augmented view) draws from per-sample seeds made from it, so a view
+    does not depend on loader workers or ranks. `rank` of `world_size`: only samples rank, rank + world_size, ...
+    (a data-parallel worker's shard). `stats`, when given, receives the seconds spent waiting for the loader and
+    running the backbone, so that a job can say whether its backbone waited for data.
     """
     loader = make_loader(
-        ImageFileDataset(samples, transform, max_pixels),
-        batch_size=batch_size,
+        ImageFileDataset(samples, transform, max_pixels, seed=augment_seed),
+        batch_size=batch_size * world_size,
         shuffle=False,
         num_workers=num_workers,
-        seed=seed,
         pin_memory=device.type == "cuda",
+        rank=rank,
+        world_size=world_size,
     )
-    torch.manual_seed(seed)
     chunks = []
     waited = computed = 0.0
     with progress_bar(enabled=progress, transient=True) as bar:
-        task = bar.add_task(description, total=len(samples), info=backend.name)
+        task = bar.add_task(description, total=len(loader.dataset), info=backend.name)
         batches = iter(loader)
         while True:
             started = time.perf_counter()
@@ -102,7 +106,7 @@ def extract_features(
     if stats is not None:
         stats["data_wait_seconds"] = stats.get("data_wait_seconds", 0.0) + waited
         stats["backbone_seconds"] = stats.get("backbone_seconds", 0.0) + computed
-        stats["images"] = stats.get("images", 0) + len(samples)
+        stats["images"] = stats.get("images", 0) + len(loader.dataset)
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 

@@ -63,9 +63,11 @@ def train_in_this_process(
     world_size: int = 1,
     checkpoints: CheckpointStore | None = None,
     device: torch.device | None = None,
+    feature_backend: str | None = None,
 ) -> dict[str, Any]:
     """Train `config` into `job` on this process; returns the results for job.json (and fills `timings`).
-    `checkpoints`: where the checkpoint goes (default JOB/checkpoints/last.pt); `device`: default train.device."""
+    `checkpoints`: where the checkpoint goes (default JOB/checkpoints/last.pt); `device`: default train.device;
+    `feature_backend`: the backend cached features were computed with elsewhere (see setup_training)."""
     cfg = config.train
     writer = rank == 0
     seed_everything(cfg.seed, cfg.deterministic)
@@ -83,7 +85,7 @@ def train_in_this_process(
     preprocessing = model.preprocessing(config.data.image_size)
     setup = setup_training(
         model, data, preprocessing, config, device, progress=progress, backbone_fingerprint=backbone_fingerprint,
-        rank=rank, world_size=world_size,
+        rank=rank, world_size=world_size, feature_backend=feature_backend,
     )  # fmt: skip
     timings["initialization"] = time.perf_counter() - started
     timings["feature_cache"] = setup.cache_seconds

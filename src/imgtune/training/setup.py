@@ -3,6 +3,7 @@ backbone), model, optimizer and schedule."""
 
 from __future__ import annotations
 
+import json
 import platform
 import random
 import time
@@ -23,7 +24,7 @@ from imgtune.data.dataset import ImageFileDataset, PreparedData, make_loader, pr
 from imgtune.data.transforms import Preprocessing
 from imgtune.models.backends import known_backend_name
 from imgtune.models.factory import ImageClassifier, create_model
-from imgtune.training import memo
+from imgtune.training import distributed, memo
 from imgtune.training.feature_cache import (
     FeatureCache,
     FeatureLoader,
@@ -138,68 +139,31 @@ def setup_training(
     backbone_fingerprint: str | None = None,
     rank: int = 0,
     world_size: int = 1,
+    feature_backend: str | None = None,
 ) -> TrainingSetup:
     """Loaders for each split; with a frozen backbone and the cache on, features instead of images.
     `backbone_fingerprint`: the backbone's module_fingerprint when the caller knows it (else it is computed).
     `rank` of `world_size`: a data-parallel worker's share of each batch (images only: head training on cached
-    features runs in one process)."""
+    features runs in one process). `feature_backend`: the inference backend the features were computed with
+    (data-parallel workers built the cache), instead of this process's own choice."""
     cfg = config.train
     workers = config.data.num_workers
     labels = {s: torch.tensor([x.label for x in samples], dtype=torch.long) for s, samples in data.splits.items()}
     if model.backbone_frozen and cfg.feature_cache:
         started = time.perf_counter()
-        cache = FeatureCache((cache_root or cache_dir()) / "features")
-        backbone_fp = backbone_fingerprint or module_fingerprint(model.backbone, model.spec.backbone)
-        size = preprocessing.image_size
-        backend: Any = None  # built on the first cache miss
-        choice = config.model.backend
-        backend_name = known_backend_name(model.backbone, choice, device, (3, size, size), fingerprint=backbone_fp)
-        if backend_name is None:  # auto, never measured on this device: measure now
-            backend, _ = backbone_backend(
-                model.backbone, backbone_fp, data.splits["train"], preprocessing.eval_transform(), device, choice
-            )
-            backend_name = backend.name
+        features = FeaturePlan(model, data, preprocessing, config, device, cache_root, backbone_fingerprint)
+        backend_name = features.choose_backend(feature_backend)
         loaders: dict[str, Any] = {}
         extraction: dict[str, float] = {}
-        for split, samples in data.splits.items():
-            views = [0] + (list(range(1, cfg.augment_views + 1)) if split == "train" else [])
-            tensors = []
-            for view in views:
-                # An augmented view's random stream depends on the seed and on how samples meet workers.
-                view_id = "eval" if view == 0 else f"augment-{view}-seed-{cfg.seed}-workers-{workers}"
-                key = cache.key(backbone_fp, preprocessing, data.fingerprint(split), view_id, backend_name)
-                features = memo.features(cache, key)
-                if features is None or features.shape[0] != len(samples):
-                    transform = preprocessing.eval_transform() if view == 0 else preprocessing.train_transform()
-                    if backend is None:
-                        backend, _ = backbone_backend(
-                            model.backbone, backbone_fp, samples, preprocessing.eval_transform(), device, backend_name
-                        )
-                    features = extract_features(
-                        backend,
-                        samples,
-                        transform,
-                        device=device,
-                        batch_size=FEATURE_BATCH_SIZE,
-                        num_workers=workers,
-                        max_pixels=config.data.max_image_pixels,
-                        seed=cfg.seed * 1000 + view,
-                        progress=progress,
-                        description=f"features {split}" + (f" view {view}" if view else ""),
-                        stats=extraction,
-                    )
-                    cache.store(key, features, {"backbone": model.spec.backbone, "split": split, "view": str(view)})
-                tensors.append(features)
+        for split in data.splits:
+            entries = features.entries(backend_name, split)
+            tensors = [features.compute(entry, backend_name, progress, extraction) for entry in entries]
             loaders[split] = FeatureLoader(
                 torch.stack(tensors), labels[split], cfg.batch_size, shuffle=split == "train"
             )
         model.backbone.cpu()
-        if extraction:
-            busy = extraction["data_wait_seconds"] + extraction["backbone_seconds"]
-            extraction["data_wait_fraction"] = extraction["data_wait_seconds"] / busy if busy else 0.0
-            extraction["images_per_second"] = extraction["images"] / busy if busy else 0.0
         seconds = time.perf_counter() - started
-        return TrainingSetup(model.head, loaders, "features", seconds, backend_name, extraction or None)
+        return TrainingSetup(model.head, loaders, "features", seconds, backend_name, _rates(extraction) or None)
     loaders = {}
     for split, samples in data.splits.items():
         transform = preprocessing.train_transform() if split == "train" else preprocessing.eval_transform()
@@ -215,6 +179,176 @@ def setup_training(
             world_size=world_size,
         )
     return TrainingSetup(model, loaders, "images")
+
+
+@dataclass
+class FeatureEntry:
+    """One cache entry a job needs: a split's features in one view (0: the eval crop; k: the k-th augmented view)."""
+
+    split: str
+    view: int
+    key: str
+    samples: list[Any]
+
+
+class FeaturePlan:
+    """The feature cache entries a job with a frozen backbone needs, and how to compute each: in one process, or
+    shared by the ranks of a data-parallel job (`compute_shard`, then `merge_shards` on rank 0)."""
+
+    def __init__(
+        self,
+        model: ImageClassifier,
+        data: PreparedData,
+        preprocessing: Preprocessing,
+        config: JobConfig,
+        device: torch.device,
+        cache_root: Path | None = None,
+        backbone_fingerprint: str | None = None,
+    ):
+        self.model, self.data, self.preprocessing, self.config, self.device = model, data, preprocessing, config, device
+        self.cache = FeatureCache((cache_root or cache_dir()) / "features")
+        self.backbone_fp = backbone_fingerprint or module_fingerprint(model.backbone, model.spec.backbone)
+        self._backend: Any = None  # built on the first cache miss
+
+    def choose_backend(self, name: str | None = None) -> str:
+        """The inference backend's name: `name`, else the one remembered for this device, else measured now."""
+        if name is not None:
+            return name
+        size = self.preprocessing.image_size
+        choice = self.config.model.backend
+        known = known_backend_name(
+            self.model.backbone, choice, self.device, (3, size, size), fingerprint=self.backbone_fp
+        )
+        if known is not None:
+            return known
+        self._backend, _ = backbone_backend(  # auto, never measured on this device: measure now
+            self.model.backbone,
+            self.backbone_fp,
+            self.data.splits["train"],
+            self.preprocessing.eval_transform(),
+            self.device,
+            choice,
+        )
+        return self._backend.name
+
+    def entries(self, backend_name: str, split: str | None = None) -> list[FeatureEntry]:
+        cfg = self.config.train
+        out = []
+        for name, samples in self.data.splits.items():
+            if split is not None and name != split:
+                continue
+            for view in [0] + (list(range(1, cfg.augment_views + 1)) if name == "train" else []):
+                # An augmented view draws from per-sample seeds: the same whatever process or rank computes it.
+                view_id = "eval" if view == 0 else f"augment-{view}-sample-seed-{cfg.seed}"
+                key = self.cache.key(
+                    self.backbone_fp, self.preprocessing, self.data.fingerprint(name), view_id, backend_name
+                )
+                out.append(FeatureEntry(name, view, key, samples))
+        return out
+
+    def cached(self, entry: FeatureEntry) -> torch.Tensor | None:
+        features = memo.features(self.cache, entry.key)
+        return features if features is not None and features.shape[0] == len(entry.samples) else None
+
+    def _extract(self, entry: FeatureEntry, backend_name: str, progress: bool, stats: dict, rank: int, world_size: int):
+        if self._backend is None or self._backend.name != backend_name:
+            self._backend, _ = backbone_backend(
+                self.model.backbone,
+                self.backbone_fp,
+                entry.samples,
+                self.preprocessing.eval_transform(),
+                self.device,
+                backend_name,
+            )
+        transform = self.preprocessing.eval_transform() if entry.view == 0 else self.preprocessing.train_transform()
+        return extract_features(
+            self._backend,
+            entry.samples,
+            transform,
+            device=self.device,
+            batch_size=FEATURE_BATCH_SIZE,
+            num_workers=self.config.data.num_workers,
+            max_pixels=self.config.data.max_image_pixels,
+            augment_seed=None if entry.view == 0 else self.config.train.seed * 1000 + entry.view,
+            progress=progress,
+            description=f"features {entry.split}" + (f" view {entry.view}" if entry.view else ""),
+            stats=stats,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def _meta(self, entry: FeatureEntry) -> dict[str, str]:
+        return {"backbone": self.model.spec.backbone, "split": entry.split, "view": str(entry.view)}
+
+    def compute(self, entry: FeatureEntry, backend_name: str, progress: bool, stats: dict) -> torch.Tensor:
+        """The entry's features: from the cache, or computed here and stored."""
+        features = self.cached(entry)
+        if features is None:
+            features = self._extract(entry, backend_name, progress, stats, 0, 1)
+            self.cache.store(entry.key, features, self._meta(entry))
+        return features
+
+    def shard_key(self, entry: FeatureEntry, rank: int, world_size: int) -> str:
+        return f"{entry.key}-shard-{rank}-of-{world_size}"
+
+    def compute_shard(
+        self, entry: FeatureEntry, backend_name: str, rank: int, world_size: int, progress: bool, stats: dict
+    ) -> None:
+        """Rank `rank`'s share of a missing entry (samples rank, rank + world_size, ...), stored beside it."""
+        features = self._extract(entry, backend_name, progress, stats, rank, world_size)
+        self.cache.store(self.shard_key(entry, rank, world_size), features, self._meta(entry))
+
+    def merge_shards(self, entry: FeatureEntry, world_size: int) -> None:
+        """The ranks' shards put back in sample order as the entry itself (on one rank, after all stored theirs)."""
+        shards = [self.cache.load(self.shard_key(entry, r, world_size)) for r in range(world_size)]
+        if any(shard is None for shard in shards):
+            raise RuntimeError(f"a feature shard of {entry.split} view {entry.view} is missing from {self.cache.root}")
+        features = torch.empty(len(entry.samples), shards[0].shape[1], dtype=shards[0].dtype)
+        for r, shard in enumerate(shards):
+            features[r::world_size] = shard
+        self.cache.store(entry.key, features, self._meta(entry))
+        for r in range(world_size):
+            self.cache.path(self.shard_key(entry, r, world_size)).unlink(missing_ok=True)
+
+
+def _rates(extraction: dict[str, float]) -> dict[str, float]:
+    if extraction:
+        busy = extraction["data_wait_seconds"] + extraction["backbone_seconds"]
+        extraction["data_wait_fraction"] = extraction["data_wait_seconds"] / busy if busy else 0.0
+        extraction["images_per_second"] = extraction["images"] / busy if busy else 0.0
+    return extraction
+
+
+def build_feature_cache_on_ranks(
+    model: ImageClassifier,
+    data: PreparedData,
+    preprocessing: Preprocessing,
+    config: JobConfig,
+    device: torch.device,
+    *,
+    rank: int,
+    world_size: int,
+    backbone_fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """Called on every rank of a data-parallel job with a frozen backbone: the ranks compute the missing cache
+    entries together, each a shard of the files, and rank 0 merges each entry. Rank 0 chooses the inference
+    backend for all. Returns (on every rank) the backend's name, the entries computed and this rank's
+    extraction figures."""
+    plan = FeaturePlan(model, data, preprocessing, config, device, backbone_fingerprint=backbone_fingerprint)
+    backend_name = distributed.broadcast_text(plan.choose_backend() if rank == 0 else None, 0)
+    entries = plan.entries(backend_name)
+    missing_here = [e.key for e in entries if plan.cached(e) is None] if rank == 0 else None
+    missing = set(json.loads(distributed.broadcast_text(json.dumps(missing_here), 0)))
+    stats: dict[str, float] = {}
+    for entry in (e for e in entries if e.key in missing):
+        plan.compute_shard(entry, backend_name, rank, world_size, progress=False, stats=stats)
+    distributed.barrier()
+    if rank == 0:
+        for entry in (e for e in entries if e.key in missing):
+            plan.merge_shards(entry, world_size)
+    distributed.barrier()
+    model.backbone.cpu()
+    return {"feature_backend": backend_name, "entries_computed": len(missing), "extraction": _rates(stats)}
 
 
 def trains_head_on_features(config: JobConfig) -> bool:
