@@ -50,6 +50,7 @@ def tune(
     early_stopping: str = field_option(TuneOptions, "early_stopping"),
     cpus_per_trial: float = field_option(TuneOptions, "cpus_per_trial"),
     gpus_per_trial: float = field_option(TuneOptions, "gpus_per_trial"),
+    workers_per_trial: int = field_option(TuneOptions, "workers_per_trial"),
     time_budget: float | None = field_option(TuneOptions, "time_budget_s", "--time-budget"),
     stop_after: int | None = field_option(TuneOptions, "stop_after_no_improvement", "--stop-after"),
     seed: int = field_option(TuneOptions, "seed"),
@@ -81,7 +82,7 @@ def tune(
             epochs=epochs, workspace=workspace, progress=not as_json, strategy=strategy, max_trials=max_trials,
             max_parallel=max_parallel, heads_per_worker=heads_per_worker, objective=objective,
             early_stopping=early_stopping, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
-            time_budget_s=time_budget,
+            workers_per_trial=workers_per_trial, time_budget_s=time_budget,
             stop_after_no_improvement=stop_after, seed=seed, ray_address=ray_address, warm_start=warm_start or [],
             name=name,
         )  # fmt: skip

@@ -62,8 +62,18 @@ class TuneOptions(Options):
         le=1024,
         description="With a frozen backbone's cached features: trials a worker trains at once as one batch of heads.",
     )
-    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs each trial (on cached features: each worker) takes.")
-    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs each trial reserves.")
+    cpus_per_trial: float = Field(
+        1.0,
+        gt=0,
+        description="CPUs each trial (on cached features: each worker; with --workers-per-trial: each of a "
+        "trial's workers) takes.",
+    )
+    gpus_per_trial: float = Field(
+        0.0, ge=0, description="GPUs each trial (with --workers-per-trial: each of its workers) reserves."
+    )
+    workers_per_trial: int = Field(
+        1, ge=1, le=4096, description="Data-parallel workers per trial: each trial a Ray Train job (train.workers)."
+    )
     time_budget_s: float | None = Field(None, gt=0, description="Stop starting trials after this many seconds.")
     stop_after_no_improvement: int | None = Field(
         None, ge=1, description="Stop after this many finished trials without a better objective."

@@ -121,7 +121,8 @@ def tune(
     """Tune hyperparameters on Ray Tune (each trial a training job); returns the tuning job.
 
     `options` are TuneOptions fields: strategy, max_trials, max_parallel, heads_per_worker, objective, early_stopping,
-    cpus_per_trial, gpus_per_trial, time_budget_s, stop_after_no_improvement, seed, ray_address, warm_start, name.
+    cpus_per_trial, gpus_per_trial, workers_per_trial, time_budget_s, stop_after_no_improvement, seed, ray_address,
+    warm_start, name.
     Trials run with the debugger and profiler off; `train_best` trains the final model with them on.
     """
     from imgtune.config import TuneOptions

@@ -79,7 +79,7 @@ def run_tuning_job(
     elif options is None:
         raise ConfigError("run_tuning_job needs options or a job to resume")
     else:
-        options = options.model_copy(update={"base": with_absolute_paths(options.base)})
+        options = options.model_copy(update={"base": with_trial_workers(with_absolute_paths(options.base), options)})
         space = validate(options)
         warm = warm_start_points(options.warm_start, workspace, space, options.objective)
         record = JobRecord(
@@ -141,6 +141,19 @@ def _tune(
         return tuning.run()
     tuner = build_tuner(job, _trial, context, options, space, warm, life.resumed)
     return fit(tuner, job, options, space, progress, on_trial)
+
+
+def with_trial_workers(base: dict[str, Any], options: TuneOptions) -> dict[str, Any]:
+    """The trials' config with `workers_per_trial` data-parallel workers, each taking the trial's resources."""
+    if options.workers_per_trial == 1:
+        return base
+    train = {
+        **base.get("train", {}),
+        "workers": options.workers_per_trial,
+        "cpus_per_worker": options.cpus_per_trial,
+        "gpus_per_worker": options.gpus_per_trial,
+    }
+    return {**base, "train": train}
 
 
 def _trains_batches(job: Job, options: TuneOptions, features_shared: bool, resumed: bool) -> bool:

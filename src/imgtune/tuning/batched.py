@@ -51,7 +51,9 @@ _NAME = "imgtune_trial"  # the user attribute holding a trial's name (its traini
 
 def can_batch(base: dict[str, Any]) -> bool:
     """Trials on shared features can train as batches of heads unless they capture tensors or profile (per
-    trial hooks on a model that is not there alone)."""
+    trial hooks on a model that is not there alone), or each trial is a data-parallel job."""
+    if base.get("train", {}).get("workers", 1) > 1:
+        return False
     return not base.get("debugger", {}).get("enabled", True) and not base.get("profiler", {}).get("enabled", True)
 
 

@@ -325,9 +325,12 @@ def build_tuner(
 ) -> tune.Tuner:
     """The Tuner of a tuning job: restored from JOB/ray when it resumes and Ray saved its state, else new."""
     context = {**context, "first_round": first_round_size(options, space)}  # (see wait_for_first_round)
+    # A data-parallel trial is a light driver: its Ray Train workers take the trial's CPUs and GPUs. Ray Tune
+    # refuses a trial that reserves nothing, so it reserves one byte of memory; max_parallel bounds the trials.
+    data_parallel = options.workers_per_trial > 1
+    resources = {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
     trainable = tune.with_resources(
-        tune.with_parameters(trainable, context=context),
-        {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
+        tune.with_parameters(trainable, context=context), {"cpu": 0, "memory": 1} if data_parallel else resources
     )
     storage = str(job.path / RAY_DIR)
     if resuming and tune.Tuner.can_restore(os.path.join(storage, EXPERIMENT)):
