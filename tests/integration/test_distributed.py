@@ -23,6 +23,7 @@ from imgtune.core.errors import ConfigError
 from imgtune.runs.distributed import RUN_FOLDER
 from imgtune.runs.train import run_training_job
 from imgtune.storage.jobs import Job
+from imgtune.training.callbacks import Callback, StopTraining
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -203,3 +204,46 @@ def test_workers_build_the_feature_cache_one_process_would(
     assert sorted(p.name for p in (tmp_path / "cache" / "features").iterdir()) == cache
     for mine, theirs in zip(pair.read_metrics(), single.read_metrics(), strict=True):
         assert mine["valid_loss"] == pytest.approx(theirs["valid_loss"], rel=1e-6)
+
+
+class StopAfterFirstEpoch(Callback):
+    """A callback of the job's own process (as a tuning trial's reporter is): it sees each epoch's end there."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def on_epoch_end(self, trainer) -> None:
+        self.seen.append(trainer.epoch)
+        raise StopTraining("the driver's callback asked")
+
+
+def test_a_stop_asked_in_the_jobs_process_reaches_the_workers(tmp_path: Path, dogs_mini: Path, mobilenet_weights: Path):
+    raw = image_config(dogs_mini, mobilenet_weights, 2, epochs=8)
+    raw["debugger"] = {"enabled": False}
+    raw["profiler"] = {"enabled": False}
+    callback = StopAfterFirstEpoch()
+    job = run_training_job(build_config(raw), workspace=tmp_path, progress=False, callbacks=[callback])
+    record = job.record()
+    assert callback.seen[0] == 1
+    assert record.status == "completed" and record.stop_reason == "the driver's callback asked"
+    assert record.epochs_run < 8
+
+
+def test_tuning_trials_on_two_workers_each(tmp_path: Path, dogs_mini: Path, mobilenet_weights: Path):
+    import imgtune
+
+    job = imgtune.tune(
+        dogs_mini, backbone="mobilenet_v2", weights=mobilenet_weights, epochs=1, workspace=tmp_path, progress=False,
+        overrides=["data.image_size=64", "data.num_workers=0", "train.feature_cache=false", "debugger.enabled=false",
+                   "profiler.enabled=false"],
+        space={"train.lr": {"type": "categorical", "values": [0.001, 0.003]}}, strategy="grid", max_parallel=1,
+        workers_per_trial=2,
+    )  # fmt: skip
+    record = job.record()
+    assert record.status == "completed" and not record.trials_batched
+    assert [t["status"] for t in record.trials] == ["completed", "completed"]
+    for trial in record.trials:
+        trial_record = Job(job.path / trial["job"]).record()
+        assert trial_record.world_size == 2 and len({w["pid"] for w in trial_record.workers}) == 2
+        assert trial_record.config["train"]["workers"] == 2
+        assert trial["objective"] == trial_record.best["valid_accuracy"]
