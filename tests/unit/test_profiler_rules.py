@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -91,6 +94,7 @@ def test_every_rule_has_sagemakers_defaults() -> None:
     assert RULES["StepOutlier"].parameters == {"stddev": 3, "mode": None, "n_outliers": 10}
     assert RULES["MaxInitializationTime"].parameters == {"threshold": 20}
     assert RULES["LoadBalancing"].parameters == {"threshold": 0.5, "patience": 1000}
+    assert RULES["StragglerRank"].parameters == {"threshold": 1.2, "patience": 5}  # ours: SageMaker has none
     with pytest.raises(ConfigError, match="no parameter"):
         make_profiler_rules(["BatchSize"], {"BatchSize": {"bogus": 1}})
     with pytest.raises(ConfigError, match="unknown profiler rule"):
@@ -226,3 +230,97 @@ def test_a_failing_rule_is_reported_not_lost() -> None:
     results = evaluate_rules(make_profiler_rules(list(RULES)), broken)
     assert set(results) == set(RULES)
     assert all(r["status"] in (ISSUES, NO_ISSUES, NOT_APPLICABLE, INSUFFICIENT, "Error") for r in results.values())
+
+
+def lockstep(
+    n: int = 40,
+    data: dict[int, float] | None = None,
+    forward: dict[int, float] | None = None,
+    other: dict[int, float] | None = None,
+    jitter: float = 0.0,
+) -> dict[int, list[dict]]:
+    """Training steps of synchronous data-parallel ranks, as their timelines record them: each rank's batch
+    arrives after its own data wait; the forward starts with a buffer broadcast, so a rank whose batch came
+    early waits there for the latest; backward averages gradients, so every rank leaves it together."""
+    data, forward, other = data or {0: 0.01, 1: 0.01}, forward or {}, other or {}
+    ranks = sorted(data)
+    out: dict[int, list[dict]] = {r: [] for r in ranks}
+    for i in range(n):
+        wait = {r: data[r] + jitter * RNG.random() for r in ranks}
+        arrival = {r: wait[r] + 0.001 for r in ranks}
+        latest = max(arrival.values())
+        compute = {r: forward.get(r, 0.03) + jitter * RNG.random() for r in ranks}
+        synced = max(latest + compute[r] + 0.04 for r in ranks)  # everyone leaves backward together
+        for r in ranks:
+            segments = {
+                "data": wait[r],
+                "h2d": 0.001,
+                "forward": latest - arrival[r] + compute[r],
+                "backward": synced - latest - compute[r],
+                "optimizer": 0.01,
+            }
+            total = synced + 0.01 + other.get(r, 0.002)
+            out[r].append(
+                {
+                    "rank": r,
+                    "phase": "train",
+                    "epoch": 1 + i // 20,
+                    "batch": i % 20,
+                    "step": i + 1,
+                    "t": 0.0,
+                    **segments,
+                    "total": total,
+                }
+            )
+    return out
+
+
+def test_straggler_rank_names_the_rank_the_others_wait_for() -> None:
+    slow_data = lockstep(data={0: 0.01, 1: 0.01, 2: 0.08})
+    totals = {r: np.median([s["total"] for s in records]) for r, records in slow_data.items()}
+    assert max(totals.values()) - min(totals.values()) < 1e-9  # the whole step cannot tell: ranks wait for it
+    result = run("StragglerRank", ProfileData(rank_steps=slow_data, rank_meta={2: {"host": "node-b"}}))
+    assert result["status"] == ISSUES and result["triggers"] == 1
+    assert result["message"].startswith("rank 2 (on node-b) took") and result["recommendation"]
+    assert result["details"]["slowest_rank"] == 2 and result["details"]["stragglers"] == [2]
+    assert result["details"]["ranks"][2]["slowdown"] == pytest.approx((0.08 + 0.001 + 0.03 + 0.012) / 0.053)
+    assert result["datapoints"] == 40 - 5  # patience: the first 5 steps are warm-up
+
+    slow_forward = run("StragglerRank", ProfileData(rank_steps=lockstep(forward={0: 0.03, 1: 0.07})))
+    assert slow_forward["status"] == ISSUES and slow_forward["details"]["stragglers"] == [1]
+    busy_rank0 = run("StragglerRank", ProfileData(rank_steps=lockstep(other={0: 0.05})))  # rank 0 alone writes
+    assert busy_rank0["status"] == ISSUES and busy_rank0["details"]["stragglers"] == [0]
+
+
+def test_straggler_rank_is_quiet_when_the_ranks_keep_pace() -> None:
+    even = run("StragglerRank", ProfileData(rank_steps=lockstep(data={0: 0.01, 1: 0.01, 2: 0.01}, jitter=0.002)))
+    assert even["status"] == NO_ISSUES and even["details"]["slowdown"] < 1.2 and not even["details"]["stragglers"]
+    mild = ProfileData(rank_steps=lockstep(data={0: 0.01, 1: 0.03}))  # 1.38x
+    assert run("StragglerRank", mild)["status"] == ISSUES
+    assert run("StragglerRank", mild, threshold=1.5)["status"] == NO_ISSUES
+
+
+def test_straggler_rank_needs_ranks_and_steps() -> None:
+    assert run("StragglerRank", ProfileData(steps=steps()))["status"] == NOT_APPLICABLE  # a single process
+    assert run("StragglerRank", ProfileData(rank_steps={0: lockstep()[0]}))["status"] == NOT_APPLICABLE
+    lost = ProfileData(rank_steps={0: lockstep()[0]}, meta={"world_size": 2})  # a rank recorded nothing
+    assert run("StragglerRank", lost)["status"] == INSUFFICIENT
+    assert run("StragglerRank", ProfileData(rank_steps=lockstep(n=8)))["status"] == INSUFFICIENT  # 3 after patience
+    assert run("StragglerRank", ProfileData(rank_steps=lockstep(n=8)), patience=0)["status"] == NO_ISSUES
+
+
+def test_a_data_parallel_profile_loads_every_rank_and_node(tmp_path: Path) -> None:
+    directory = tmp_path / "profiler"
+    directory.mkdir()
+    ranks = lockstep(n=10)
+    for rank, records in ranks.items():
+        (directory / f"steps.rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (directory / f"meta.rank{rank}.json").write_text(json.dumps({"rank": rank, "world_size": 2, "host": "h"}))
+    node = [{**sample, "rank": 0, "host": "h"} for sample in samples(n=3)]
+    (directory / "system.rank0.jsonl").write_text("".join(json.dumps(s) + "\n" for s in node))
+    (directory / "system.jsonl").write_text(json.dumps(samples(n=1)[0]) + "\n")  # the job's own process
+    data = ProfileData.load(tmp_path)
+    assert sorted(data.rank_steps) == [0, 1] and data.steps == ranks[0] and data.meta["rank"] == 0
+    assert data.world_size == 2 and list(data.node_samples) == [0] and data.samples == node  # rank 0's node
+    single = ProfileData.load(tmp_path / "nothing")
+    assert single.world_size == 1 and not single.rank_steps and not single.steps

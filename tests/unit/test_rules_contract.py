@@ -79,7 +79,7 @@ def trial_with_losses(tmp_path, losses: list[float]) -> Trial:
 
 
 def test_every_builtin_rule_has_a_description_and_advice():
-    assert len(builtin("debugger")) == 15 and len(builtin("profiler")) == 11
+    assert len(builtin("debugger")) == 15 and len(builtin("profiler")) == 12
     assert {"StalledTraining", "Overfit", "CheckInputImages"} <= set(builtin("debugger"))
     assert {"LowGPUUtilization", "OverallSystemUsage"} <= set(builtin("profiler"))
     for kind in KINDS:

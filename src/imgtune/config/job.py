@@ -214,6 +214,7 @@ PROFILER_RULES = [
     "GPUMemoryIncrease",
     "MaxInitializationTime",
     "LoadBalancing",
+    "StragglerRank",
     "OverallSystemUsage",
     "OverallFrameworkMetrics",
 ]

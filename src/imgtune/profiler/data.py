@@ -1,8 +1,16 @@
-"""Reading what the profiler wrote under `JOB/profiler/` (samples, steps, meta, operators) for rules and reports."""
+"""Reading what the profiler wrote under `JOB/profiler/` (samples, steps, meta, operators) for rules and reports.
+
+A data-parallel job's profile has every rank's steps and meta (`rank_steps`, `rank_meta`) and each node's
+samples (`node_samples`, by the rank that sampled the node). What the rules read as one job, `steps` and `meta`,
+are then rank 0's (the rank whose trace window the job keeps), and `samples` those of rank 0's node (a node
+that trained: the job's own process, which also samples, may run on a node that only drives the workers); the
+job process's own samples (`system.jsonl`) are read where no rank sampled (workers that never started).
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -17,9 +25,29 @@ from imgtune.profiler.timeline import META_FILE, OPERATORS_FILE, SEGMENTS, STEPS
 PROFILER_DIR = "profiler"
 
 
+def rank_files(directory: Path, name: str) -> dict[int, Path]:
+    """The ranks' files of a data-parallel job named after `name` (`steps.jsonl`: `steps.rank0.jsonl`, ...)."""
+    stem, _, suffix = name.partition(".")
+    pattern = re.compile(rf"{re.escape(stem)}\.rank(\d+)\.{re.escape(suffix)}")
+    found = {}
+    for path in directory.glob(f"{stem}.rank*.{suffix}") if directory.is_dir() else ():
+        match = pattern.fullmatch(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 @dataclass
 class ProfileData:
-    """A job's profile: system samples as arrays, step records, and the run's facts."""
+    """A job's profile: system samples as arrays, step records, and the run's facts (see the module docstring
+    for which rank's and node's a data-parallel job's are)."""
 
     samples: list[dict[str, Any]] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
@@ -27,19 +55,39 @@ class ProfileData:
     operators: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     trace: Path | None = None
+    rank_steps: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # data-parallel: every rank's steps
+    rank_meta: dict[int, dict[str, Any]] = field(default_factory=dict)
+    node_samples: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # by the rank that sampled
 
     @classmethod
     def load(cls, job_path: Path, timings: dict[str, float] | None = None) -> ProfileData:
         directory = job_path / PROFILER_DIR
         meta_path, ops_path, trace = directory / META_FILE, directory / OPERATORS_FILE, directory / TRACE_FILE
+        rank_steps = {rank: list(read_jsonl(path)) for rank, path in rank_files(directory, STEPS_FILE).items()}
+        rank_meta = {rank: _read_json(path) for rank, path in rank_files(directory, META_FILE).items()}
+        node_samples = {rank: list(read_jsonl(path)) for rank, path in rank_files(directory, SYSTEM_FILE).items()}
+        if rank_steps:  # data-parallel: rank 0's steps and meta, rank 0's node's samples
+            first = min(rank_steps)
+            steps, meta = rank_steps[first], rank_meta.get(first, {})
+        else:
+            steps = list(read_jsonl(directory / STEPS_FILE))
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         return cls(
-            samples=list(read_jsonl(directory / SYSTEM_FILE)),
-            steps=list(read_jsonl(directory / STEPS_FILE)),
-            meta=json.loads(meta_path.read_text()) if meta_path.exists() else {},
+            samples=node_samples[min(node_samples)] if node_samples else list(read_jsonl(directory / SYSTEM_FILE)),
+            steps=steps,
+            meta=meta,
             operators=json.loads(ops_path.read_text()) if ops_path.exists() else {},
             timings=dict(timings or {}),
             trace=trace if trace.exists() else None,
+            rank_steps=rank_steps,
+            rank_meta=rank_meta,
+            node_samples=node_samples,
         )
+
+    @property
+    def world_size(self) -> int:
+        """The ranks the job trained on (1: a single process)."""
+        return int(self.meta.get("world_size") or max(len(self.rank_steps), 1))
 
     # -- system samples ---------------------------------------------------------------------------------
 

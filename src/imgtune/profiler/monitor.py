@@ -11,6 +11,10 @@ Every `interval` seconds it appends one JSON line to `JOB/profiler/system.jsonl`
 Lines are flushed as they are written, so a killed job keeps its samples and a running job can be read. When
 the monitor stops, a last sample covers the time since the previous one (so a job shorter than one interval
 still has a sample).
+
+In a data-parallel job, the first rank on each node also samples its node, from its training's start to its
+end, into ``system.rankR.jsonl`` (R: that rank), each sample with ``rank`` and ``host``; its ``proc_*`` are that
+rank's process (and its loader workers). ``system.jsonl`` stays the job's own process's (there: the driver's).
 """
 
 from __future__ import annotations
@@ -68,12 +72,16 @@ def gpu_count() -> int:
 
 
 class SystemMonitor:
-    """Samples the machine every `interval` seconds into `directory/system.jsonl`, in a daemon thread."""
+    """Samples the machine every `interval` seconds into `directory/system.jsonl` (or `name`), in a daemon
+    thread; `fields` are added to every sample (a rank's: its rank and host)."""
 
-    def __init__(self, directory: Path, interval: float = 0.5):
-        self.path = directory / SYSTEM_FILE
+    def __init__(
+        self, directory: Path, interval: float = 0.5, *, name: str = SYSTEM_FILE, fields: dict[str, Any] | None = None
+    ):
+        self.path = directory / name
         directory.mkdir(parents=True, exist_ok=True)
         self.interval = interval
+        self.fields = dict(fields or {})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._process = psutil.Process()
@@ -143,6 +151,7 @@ class SystemMonitor:
                 memory = psutil.virtual_memory()
                 cores = psutil.cpu_percent(percpu=True)
                 sample: dict[str, Any] = {
+                    **self.fields,
                     "t": round(time.time(), 3),
                     "cpu": cores,
                     "cpu_total": round(sum(cores) / max(len(cores), 1), 2),

@@ -1,13 +1,20 @@
 """The profiler as a job plugin: the system monitor for the job's whole life, the step timeline while it trains,
-and the profiler rules at its end (their summary goes to job.json's `profiler`)."""
+and the profiler rules at its end (their summary goes to job.json's `profiler`).
+
+In a data-parallel job the training hooks run on every rank, each in its own process: each rank records its own
+step timeline (and the first rank of each node its node's samples), and closes them when its training ends,
+before the job's process evaluates the rules over all of them.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from imgtune.config import ProfilerConfig
-from imgtune.profiler import ProfilerSession
+from imgtune.profiler import ProfilerSession, RankSession
 from imgtune.storage.jobs import Job
 from imgtune.training.callbacks import Callback
-from imgtune.training.plugin import JobPlugin, TrainingRun
+from imgtune.training.plugin import JobPlugin, TrainingRun, every_rank
 
 
 class ProfilerPlugin(JobPlugin):
@@ -16,12 +23,14 @@ class ProfilerPlugin(JobPlugin):
     def __init__(self, config: ProfilerConfig):
         self.config = config
         self.session: ProfilerSession | None = None
+        self.rank_session: RankSession | None = None
 
     def on_job_start(self, job: Job) -> None:
         self.session = ProfilerSession(job, self.config).start()  # from the start: initialisation is sampled
 
+    @every_rank
     def callbacks(self, run: TrainingRun) -> list[Callback]:
-        if self.session is None:
+        if run.world_size == 1 and self.session is None:
             return []
         loader = run.setup.loaders["train"]
         meta = {
@@ -30,7 +39,24 @@ class ProfilerPlugin(JobPlugin):
             "num_workers": getattr(loader, "num_workers", 0),
             "pin_memory": bool(getattr(loader, "pin_memory", False)),
         }
+        if run.world_size > 1:
+            self._close_rank()  # (a plugin object reused for a second training in one process)
+            self.rank_session = RankSession(run.job, self.config, run.rank, run.world_size).start()
+            return [self.rank_session.callback(meta)]
         return [self.session.callback(meta)]
+
+    @every_rank
+    def on_fit_end(self, run: TrainingRun, results: dict[str, Any]) -> None:
+        self._close_rank()
+
+    @every_rank
+    def on_fit_abort(self, run: TrainingRun) -> None:
+        self._close_rank()
+
+    def _close_rank(self) -> None:
+        if self.rank_session is not None:
+            session, self.rank_session = self.rank_session, None
+            session.close()
 
     def on_job_end(self, job: Job, status: str) -> None:
         if self.session is not None:

@@ -22,6 +22,7 @@ import numpy as np
 
 import imgtune.rules as contract
 from imgtune.profiler.data import ProfileData, percentiles
+from imgtune.profiler.timeline import SEGMENTS
 from imgtune.rules import RuleResult, Status
 
 KIND = "profiler"
@@ -39,6 +40,8 @@ __all__ = [
     "evaluate_rules",
     "jensen_shannon",
     "make_profiler_rules",
+    "rank_step_table",
+    "rank_step_times",
     "system_usage_table",
 ]
 
@@ -506,6 +509,123 @@ def jensen_shannon(counts_a: np.ndarray, counts_b: np.ndarray) -> float:
         return float(np.sum(x[mask] * np.log(x[mask] / m[mask])))
 
     return math.sqrt(max((kl(p) + kl(q)) / 2, 0.0))
+
+
+def rank_step_times(data: ProfileData, patience: int = 0) -> dict[int, dict[str, np.ndarray]]:
+    """Per rank of a data-parallel job: seconds per training step, of the steps every rank recorded (matched by
+    epoch and batch, in order, the first `patience` left out): the step's `total`, each segment, and `own`.
+
+    `own` is what the rank did alone: the step's total less backward (where gradients are averaged over the
+    ranks, so each waits there for the slowest) and less what it waited at the forward's start for the rank
+    whose batch arrived last (DDP broadcasts buffers there; every rank starts each step together, after the
+    ranks agree on stopping): its data wait, copy to the device, forward computation, optimizer step and
+    callbacks. A step recorded twice (a restarted worker repeats it) counts as last recorded."""
+    tables: dict[int, dict[tuple[int, int], dict[str, Any]]] = {}
+    for rank, records in sorted(data.rank_steps.items()):
+        tables[rank] = {
+            (int(s.get("epoch", 0)), int(s.get("batch", 0))): s for s in records if s.get("phase") == "train"
+        }
+    if not tables:
+        return {}
+    keys = sorted(set.intersection(*(set(table) for table in tables.values())))[max(int(patience), 0) :]
+    columns = {
+        rank: {k: np.array([float(table[key].get(k, 0.0)) for key in keys]) for k in (*SEGMENTS, "total")}
+        for rank, table in tables.items()
+    }
+    arrival = {rank: c["data"] + c["h2d"] for rank, c in columns.items()}
+    latest = np.max(np.stack(list(arrival.values())), axis=0)
+    for rank, c in columns.items():
+        c["own"] = c["total"] - c["backward"] - np.minimum(c["forward"], latest - arrival[rank])
+    return columns
+
+
+def rank_step_table(data: ProfileData, patience: int = 0) -> list[dict[str, Any]]:
+    """One row per rank of a data-parallel job (none for a single process): its host, the training steps
+    compared, medians in ms of its step, own time (see `rank_step_times`) and segments, and `slowdown`, its own
+    time over the fastest rank's."""
+    times = rank_step_times(data, patience)
+    if len(times) < 2 or not next(iter(times.values()))["total"].size:
+        return []
+    rows = []
+    for rank, c in times.items():
+        row: dict[str, Any] = {"rank": rank, "host": data.rank_meta.get(rank, {}).get("host"), "steps": c["total"].size}
+        row["step_ms"] = 1000 * float(np.median(c["total"]))
+        row["own_ms"] = 1000 * float(np.median(c["own"]))
+        for key in SEGMENTS:
+            row[f"{key}_ms"] = 1000 * float(np.median(c[key]))
+        row["other_ms"] = 1000 * float(np.median(c["total"] - sum(c[key] for key in SEGMENTS)))
+        rows.append(row)
+    fastest = max(min(row["own_ms"] for row in rows), 1e-6)
+    for row in rows:
+        row["slowdown"] = row["own_ms"] / fastest
+    return rows
+
+
+MIN_STRAGGLER_STEPS = 5
+
+
+class StragglerRank(ProfilerRule):
+    """Data-parallel jobs: fires when a rank's median own time per training step (what it did alone: its data
+    wait, copy to the device, forward computation, optimizer step and callbacks) is more than `threshold`
+    times the fastest rank's, over the training steps every rank recorded after the first `patience`. The whole
+    step cannot tell: synchronous ranks wait for each other, so every rank's step lasts as long as the
+    slowest's (see `rank_step_times`). NotApplicable to a single-process job."""
+
+    parameters = {"threshold": 1.2, "patience": 5}
+    description = "one rank of a data-parallel job holds the others back"
+    advice = (
+        "Every rank waits for the slowest at each step: look at what the straggler does alone. A longer data "
+        "wait points at its node's storage or loader (data.num_workers; a local copy of the data); a longer "
+        "forward at a slower or busier device or node (other work on it, fewer cores: train.cpus_per_worker); "
+        "more callback time at work only that rank does (rank 0 writes metrics, debugger tensors and "
+        "checkpoints: save less often). Give the ranks equal machines and equal shares."
+    )
+
+    def evaluate(self, data: ProfileData) -> RuleResult:
+        if len(data.rank_steps) < 2:
+            if data.world_size > 1:
+                return self.result(
+                    INSUFFICIENT,
+                    f"the job trained on {data.world_size} ranks but {len(data.rank_steps)} recorded its steps",
+                )
+            return self.result(NOT_APPLICABLE, "a single-process job: there is no other rank to compare with")
+        rows = rank_step_table(data, self.patience)
+        count = rows[0]["steps"] if rows else 0
+        if count < MIN_STRAGGLER_STEPS:
+            return self.result(
+                INSUFFICIENT,
+                f"not evaluated: {count} training steps recorded by every rank after patience={self.patience}; "
+                f"the rule needs {MIN_STRAGGLER_STEPS}",
+                datapoints=count,
+            )
+        fastest = min(rows, key=lambda row: row["own_ms"])
+        slowest = max(rows, key=lambda row: row["own_ms"])
+        stragglers = [row["rank"] for row in rows if row["slowdown"] > self.threshold]
+        details = {
+            "ranks": rows,
+            "fastest_rank": fastest["rank"],
+            "slowest_rank": slowest["rank"],
+            "slowdown": slowest["slowdown"],
+            "stragglers": stragglers,
+        }
+        where = f" (on {slowest['host']})" if slowest.get("host") else ""
+        if stragglers:
+            return self.result(
+                ISSUES,
+                f"rank {slowest['rank']}{where} took {slowest['slowdown']:.2f}x the fastest rank's (rank "
+                f"{fastest['rank']}) own time per training step: median {slowest['own_ms']:.1f} ms vs "
+                f"{fastest['own_ms']:.1f} ms; the other ranks wait for it",
+                datapoints=count,
+                triggers=len(stragglers),
+                details=details,
+            )
+        return self.result(
+            NO_ISSUES,
+            f"the ranks kept pace: the slowest, rank {slowest['rank']}, took {slowest['slowdown']:.2f}x the "
+            f"fastest's own time per training step (threshold {self.threshold}x)",
+            datapoints=count,
+            details=details,
+        )
 
 
 SYSTEM_METRICS = {

@@ -10,6 +10,11 @@
 * ``trace-meta.json``: how many steps the trace holds; ``operators.json``: its top operators by self time,
   made from the trace when the job ends (`imgtune.profiler.operators`);
 * ``meta.json``: what the rules need to know about the run (cores, GPUs, loader settings).
+
+In a data-parallel job (more than one rank) every rank writes its own timeline: rank R writes
+``steps.rankR.jsonl`` (each record with a ``rank`` field) and ``meta.rankR.json`` (with ``rank``,
+``world_size``, ``local_rank`` and ``host``), rank 0 included; the trace window is rank 0's alone and keeps its
+names. A single-process job writes the plain names above, without ``rank`` fields.
 """
 
 from __future__ import annotations
@@ -41,6 +46,15 @@ SEGMENTS = ("data", "h2d", "forward", "backward", "optimizer")
 FLUSH_SECONDS = 1.0
 
 
+def rank_file(name: str, rank: int | None) -> str:
+    """Rank `rank`'s file of a data-parallel job (`steps.jsonl` -> `steps.rank1.jsonl`); `name` itself for a
+    single process (`rank` None)."""
+    if rank is None:
+        return name
+    stem, _, suffix = name.partition(".")
+    return f"{stem}.rank{rank}.{suffix}"
+
+
 @contextlib.contextmanager
 def _quiet_native_stderr() -> Iterator[None]:
     """Silence what the native profiler (Kineto) prints to the process's stderr when it starts and stops
@@ -70,14 +84,20 @@ class StepTimeline(Callback):
         trace_start_step: int = 5,
         trace_steps: int = 5,
         meta: dict[str, Any] | None = None,
+        rank: int | None = None,
     ):
+        """`rank`: this process's rank in a data-parallel job (its files are named by it and its records carry
+        it); None for a single-process job."""
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.trace = trace and not (directory / TRACE_FILE).exists()  # a resumed job keeps its first trace
         self.trace_start_step = trace_start_step
         self.trace_steps = trace_steps
         self.meta = meta or {}
-        self._file = (directory / STEPS_FILE).open("a")
+        self.rank = rank
+        self._tag = {} if rank is None else {"rank": rank}
+        self._meta_path = directory / rank_file(META_FILE, rank)
+        self._file = (directory / rank_file(STEPS_FILE, rank)).open("a")
         self._pending: list[str] = []  # written at least every FLUSH_SECONDS and at each phase's end
         self._flushed = time.perf_counter()
         self._train_batches = 0
@@ -97,7 +117,7 @@ class StepTimeline(Callback):
             "torch_threads": torch.get_num_threads(),
             **self.meta,
         }
-        atomic_write_json(self.directory / META_FILE, meta)
+        atomic_write_json(self._meta_path, meta)
         if self.trace and self.trace_start_step == 0:
             self._start_trace(trainer)
 
@@ -105,6 +125,7 @@ class StepTimeline(Callback):
         now = time.perf_counter()
         timing = trainer.step_timing
         record = {
+            **self._tag,
             "phase": trainer.phase,
             "epoch": trainer.epoch,
             "batch": trainer.batch_index,

@@ -14,13 +14,16 @@ import html
 import json
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from imgtune.core.io import atomic_write_text, json_safe
 from imgtune.rules import advice_for
 from imgtune.storage.jobs import Job
+
+if TYPE_CHECKING:
+    from imgtune.profiler.data import ProfileData
 
 # The profiler (and torch with it) is imported where a training job's report reads it: a tuning job's report
 # (`imgtune report TUNING_JOB`) needs neither, and torch takes seconds to load.
@@ -274,9 +277,11 @@ def _profiler_section(figures: Figures, job: Job, timings: dict[str, float]) -> 
         fig.update_xaxes(title_text="seconds", row=1, col=1)
         fig.update_xaxes(title_text="epoch", row=1, col=2)
         plots.append(figures.div(fig, 320))
+    ranks = _ranks_section(figures, job, data, rules) if len(data.rank_steps) > 1 else None
     return {
         "rules": list(rules.values()),
         "usage": system_usage_table(data) if data.samples else [],
+        "ranks": ranks,
         "plots": plots,
         "operators": data.operators,
         "trace": data.trace.relative_to(job.path).as_posix() if data.trace else None,
@@ -284,6 +289,65 @@ def _profiler_section(figures: Figures, job: Job, timings: dict[str, float]) -> 
         "samples": len(data.samples),
         "steps": len(data.steps),
     }
+
+
+def _ranks_section(figures: Figures, job: Job, data: ProfileData, rules: dict[str, Any]) -> dict[str, Any]:
+    """A data-parallel job's ranks side by side: per rank, where it ran and its median training step by segment
+    (a table and a figure, over the steps StragglerRank judges), its step times over the steps, and each node's
+    system usage."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from imgtune.profiler.data import ProfileData, percentiles
+    from imgtune.profiler.rules import RULES, rank_step_table
+    from imgtune.profiler.timeline import SEGMENTS
+
+    nodes = {w.get("rank"): w.get("node") for w in job.record().workers or []}
+    default = RULES["StragglerRank"].parameters["patience"]
+    patience = int(rules.get("StragglerRank", {}).get("parameters", {}).get("patience", default))
+    rows = rank_step_table(data, patience)
+    if not rows:  # a job shorter than the warm-up: every step
+        patience, rows = 0, rank_step_table(data)
+    for row in rows:
+        row["node"] = nodes.get(row["rank"]) or row["host"]
+    plots = []
+    if rows:
+        labels = [f"rank {row['rank']}" for row in rows]
+        fig = make_subplots(
+            rows=1, cols=2, column_widths=[0.45, 0.55], subplot_titles=("median training step", "training steps")
+        )
+        for i, segment in enumerate((*SEGMENTS, "other")):
+            values = [row[f"{segment}_ms"] for row in rows]
+            fig.add_trace(
+                go.Bar(y=labels, x=values, name=segment, orientation="h", marker_color=SEGMENT_COLORS[i]), row=1, col=1
+            )
+        for rank, records in sorted(data.rank_steps.items()):
+            durations = ProfileData(steps=records).step_array("total", "train") * 1000
+            x, y = reduce_series(np.arange(durations.size, dtype=float), durations, peaks=True)
+            fig.add_trace(go.Scatter(x=x, y=y, name=f"rank {rank}", mode="lines", line={"width": 1}), row=1, col=2)
+        fig.update_yaxes(autorange="reversed", row=1, col=1)  # rank 0 on top, as in the table
+        fig.update_xaxes(title_text="ms", row=1, col=1)
+        fig.update_xaxes(title_text="training batch", row=1, col=2)
+        fig.update_yaxes(title_text="ms", row=1, col=2)
+        fig.update_layout(barmode="stack", title=f"Ranks side by side ({len(rows)} ranks, milliseconds)")
+        plots.append(figures.div(fig, max(320, 40 * len(rows) + 200)))
+    usage = []
+    for rank, samples in sorted(data.node_samples.items()):
+        node = ProfileData(samples=samples)
+        gpus = [node.gpu_series(i, "util") for i in range(node.gpu_count)]
+        usage.append(
+            {
+                "host": next((s.get("host") for s in samples if s.get("host")), None),
+                "node": nodes.get(rank),
+                "rank": rank,
+                "samples": len(samples),
+                "cpu": percentiles(node.series("cpu_total")),
+                "memory_p95": percentiles(node.series("mem_used"))["p95"],
+                "rss_max_mb": percentiles(node.series("proc_rss") / 1e6)["max"],
+                "gpu_p50": percentiles(np.concatenate(gpus))["p50"] if gpus else None,
+            }
+        )
+    return {"rows": rows, "plots": plots, "nodes": usage, "world_size": data.world_size, "warmup": patience}
 
 
 def _recommendations(profiler: dict[str, Any] | None, debugger: dict[str, Any] | None) -> list[dict[str, str]]:
