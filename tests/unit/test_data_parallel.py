@@ -14,9 +14,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from imgtune.data.dataset import make_loader
-from imgtune.runs.distributed import loopback_gloo
 from imgtune.training.callbacks import Callback, StopTraining
 from imgtune.training.trainer import Trainer
+from imgtune.tuning import gloo_interface
 from servers import free_port
 
 
@@ -131,7 +131,7 @@ def _train(rank: int, world_size: int, stop_at: int | None = None) -> dict:
 
 
 def _rank_main(rank: int, port: int, out: str, stop_at: int | None) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **loopback_gloo())
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **gloo_interface("127.0.0.1"))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         torch.save(_train(rank, 2, stop_at), Path(out) / f"rank{rank}.pt")

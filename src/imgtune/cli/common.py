@@ -50,9 +50,9 @@ def friendly_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except ImgtuneError as exc:
-            err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
             if exc.hint:
-                err.print(f"[dim]hint:[/] {exc.hint}", highlight=False)
+                err.print(f"[dim]hint:[/] {escape(exc.hint)}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")

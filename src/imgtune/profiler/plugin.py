@@ -30,8 +30,6 @@ class ProfilerPlugin(JobPlugin):
 
     @every_rank
     def callbacks(self, run: TrainingRun) -> list[Callback]:
-        if run.world_size == 1 and self.session is None:
-            return []
         loader = run.setup.loaders["train"]
         meta = {
             "training_mode": run.setup.mode,
@@ -39,7 +37,7 @@ class ProfilerPlugin(JobPlugin):
             "num_workers": getattr(loader, "num_workers", 0),
             "pin_memory": bool(getattr(loader, "pin_memory", False)),
         }
-        if run.world_size > 1:
+        if self.session is None:  # a Ray Train worker: the job's process (which has the session) is another
             self._close_rank()  # (a plugin object reused for a second training in one process)
             self.rank_session = RankSession(run.job, self.config, run.rank, run.world_size).start()
             return [self.rank_session.callback(meta)]

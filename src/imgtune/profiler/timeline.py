@@ -11,7 +11,7 @@
   made from the trace when the job ends (`imgtune.profiler.operators`);
 * ``meta.json``: what the rules need to know about the run (cores, GPUs, loader settings).
 
-In a data-parallel job (more than one rank) every rank writes its own timeline: rank R writes
+In a job on Ray Train workers (data-parallel) every rank writes its own timeline: rank R writes
 ``steps.rankR.jsonl`` (each record with a ``rank`` field) and ``meta.rankR.json`` (with ``rank``,
 ``world_size``, ``local_rank`` and ``host``), rank 0 included; the trace window is rank 0's alone and keeps its
 names. A single-process job writes the plain names above, without ``rank`` fields.

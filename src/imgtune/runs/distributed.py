@@ -99,7 +99,6 @@ def _run_workers(
 ) -> dict[str, Any]:
     """Run `body` on the job's Ray Train workers (TorchTrainer.fit in a thread, `follow` in this one); returns
     rank 0's results and adds the workers' timings to the job's."""
-    from imgtune.tuning import is_loopback
     from imgtune.tuning.tuner import connect  # first: it keeps Ray on loopback unless told of a cluster
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # isort: skip
@@ -123,7 +122,6 @@ def _run_workers(
             name=run_folder,
             storage_path=str(job.path),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            worker_runtime_env={"env_vars": loopback_gloo()} if is_loopback(ray_address) else None,
             # the last epoch's checkpoint and the final results.json (kept: a resumed job that ended reads it)
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -142,19 +140,6 @@ def _run_workers(
     life.timings.update(metrics.get("timings", {}))
     life.plugins.failures.extend(metrics.get("plugin_failures", []))
     return metrics["results"]
-
-
-def loopback_gloo() -> dict[str, str]:
-    """For ranks on one machine's loopback Ray: gloo on the loopback interface too. Gloo otherwise picks the
-    interface the host name resolves to, which may be the machine's network address."""
-    import psutil
-
-    if "GLOO_SOCKET_IFNAME" in os.environ:
-        return {}
-    for name, addresses in psutil.net_if_addrs().items():
-        if any(a.family == socket.AF_INET and a.address.startswith("127.") for a in addresses):
-            return {"GLOO_SOCKET_IFNAME": name}
-    return {}
 
 
 @dataclass
@@ -345,7 +330,7 @@ class _Worker:
                 "a data-parallel job's workers write into the job's directory where its process has it: put the "
                 "workspace (and the data, and IMGTUNE_CACHE) on a path every node mounts, or train on one node",
             )
-        config = build_config(loop_config["config"], f"config of job {job.name}")
+        config = build_config(rank_defaults(loop_config["config"]), f"config of job {job.name}")
         cfg = config.train
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         device = ray.train.torch.get_device() if cfg.gpus_per_worker > 0 else torch.device("cpu")
@@ -363,6 +348,18 @@ class _Worker:
 
     def finish(self, results: dict[str, Any], **extra: Any) -> None:
         self.store.report_results(results, **extra)
+
+
+def rank_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """A rank's config: `data.num_workers: -1` (one loader process per core) becomes one per core of the rank's
+    share (`train.cpus_per_worker`), so ranks sharing a node do not each start a loader process per core."""
+    from imgtune.core.resources import default_workers
+
+    data, train = raw.get("data", {}), raw.get("train", {})
+    if data.get("num_workers", -1) >= 0:
+        return raw
+    share = max(1, int(float(train.get("cpus_per_worker", 1))))
+    return {**raw, "data": {**data, "num_workers": min(default_workers(), share)}}
 
 
 def _train_on_this_worker(loop_config: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ def run_training_job(
     force: bool = False,
     must_push: bool = True,
     ray_address: str | None = None,
+    ray_train: bool = False,
 ) -> Job:
     """Run a training job to the end and return its directory.
 
@@ -49,11 +50,13 @@ def run_training_job(
             (a tuning trial does not: its tuning job pushes it again at the end).
         ray_address: the Ray cluster a data-parallel job (train.workers > 1) runs on (default: an in-process
             Ray); never read from a job, so a resumed job runs where its resumer says.
+        ray_train: run on Ray Train workers even when train.workers is 1 (what the distributed path costs at
+            one worker: benchmarks/distributed.py); `imgtune train --workers 1` keeps the single process.
     """
     if resume is not None:
         with JobLifecycle.resume(resume, workspace, "training", force=force, must_push=must_push) as life:
             config = build_config(life.job.record().config or {}, f"config of job {life.job.name}")
-            return _train(life, config, callbacks, progress, on_finding, ray_address)
+            return _train(life, config, callbacks, progress, on_finding, ray_address, ray_train)
     else:
         if config is None:
             raise ConfigError("run_training_job needs a config or a job to resume")
@@ -62,7 +65,7 @@ def run_training_job(
         check_plugins(config)  # unknown rules or parameters: refused before a job directory exists
         record = JobRecord(name=config.name or "", kind="training", config=config.model_dump(mode="json"))
         with JobLifecycle.create(workspace, record, prefix=config.model.backbone, must_push=must_push) as life:
-            return _train(life, config, callbacks, progress, on_finding, ray_address)
+            return _train(life, config, callbacks, progress, on_finding, ray_address, ray_train)
 
 
 def _train(
@@ -72,9 +75,11 @@ def _train(
     progress: bool,
     on_finding: Callable[[str, Any], None] | None,
     ray_address: str | None,
+    ray_train: bool = False,
 ) -> Job:
     life.use_plugins(training_plugins(config))
-    if config.train.workers > 1 and not trains_head_on_features(config):
+    on_workers = config.train.workers > 1 or ray_train
+    if on_workers and not trains_head_on_features(config):
         from imgtune.runs.distributed import train_on_workers
 
         def train_data_parallel(life: JobLifecycle) -> dict[str, Any]:
@@ -84,7 +89,7 @@ def _train(
 
     def train(life: JobLifecycle) -> dict[str, Any]:
         feature_backend = None
-        if config.train.workers > 1:  # the workers build the feature cache; the head trains here, in one process
+        if on_workers:  # the workers build the feature cache; the head trains here, in one process
             from imgtune.runs.distributed import build_features_on_workers
 
             built = build_features_on_workers(life, config, ray_address=ray_address, progress=progress)

@@ -50,3 +50,35 @@ def use_ray_address(address: str | None) -> None:
 
 
 use_ray_address(None)
+
+
+GLOO_SETUP_HOOK = "imgtune.tuning.use_the_nodes_interface_for_gloo"  # every Ray worker process of imgtune's Ray job
+
+
+def gloo_interface(address: str) -> dict[str, str]:
+    """GLOO_SOCKET_IFNAME for ranks that reach each other at `address` (their node's IP): the network interface
+    that holds it, unless the environment names one already. Without it gloo picks the interface the host name
+    resolves to, which may be one the other ranks cannot reach (loopback on a cluster's node, the machine's
+    network address on a loopback Ray)."""
+    import socket
+
+    import psutil
+
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return {}
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == address for a in addresses):
+            return {"GLOO_SOCKET_IFNAME": name}
+    return {}
+
+
+def use_the_nodes_interface_for_gloo() -> None:
+    """Ray's worker process setup hook (GLOO_SETUP_HOOK, set when imgtune starts or joins Ray): gloo, which Ray
+    Train's data-parallel workers use on CPUs, on the interface of the address Ray gives this node, which every
+    other node of the cluster reaches."""
+    import contextlib
+
+    import ray
+
+    with contextlib.suppress(Exception):  # a hook that raises fails the worker; gloo then keeps its own choice
+        os.environ.update(gloo_interface(ray.util.get_node_ip_address()))

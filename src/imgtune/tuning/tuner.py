@@ -30,7 +30,7 @@ from imgtune.data.sources import is_remote
 from imgtune.storage.jobs import JOB_FILE, Job, push_interval
 from imgtune.training import memo
 from imgtune.training.callbacks import Callback, StopTraining
-from imgtune.tuning import RAY_CLUSTERS_ENV, is_loopback
+from imgtune.tuning import GLOO_SETUP_HOOK, RAY_CLUSTERS_ENV, is_loopback
 from imgtune.tuning.space import SearchSpace, parse_space
 
 TRIALS_DIR = "trials"
@@ -413,6 +413,7 @@ def _ray_init(address: str | None) -> None:
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    kwargs["runtime_env"] = {"worker_process_setup_hook": GLOO_SETUP_HOOK}  # data-parallel ranks find each other
     if address:
         from ray._private import ray_constants
 
