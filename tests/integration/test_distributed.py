@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from cli_helpers import resume_command
-from imgtune.config import build_config
+from imgtune.config import TuneOptions, build_config
 from imgtune.core.errors import ConfigError
 from imgtune.runs.distributed import RUN_FOLDER
 from imgtune.runs.train import run_training_job
@@ -118,6 +118,14 @@ def test_a_debugger_rule_stop_reaches_every_rank(tmp_path: Path, dogs_mini: Path
 def test_batch_size_must_split_over_the_workers(dogs_mini: Path, mobilenet_weights: Path):
     with pytest.raises(ConfigError, match="split evenly over 4 workers"):
         build_config(image_config(dogs_mini, mobilenet_weights, 4, batch_size=30))
+
+
+def test_a_gpu_is_not_shared_by_two_workers(dogs_mini: Path, mobilenet_weights: Path):
+    with pytest.raises(ConfigError, match="needs a whole GPU"):
+        build_config(image_config(dogs_mini, mobilenet_weights, 2, gpus_per_worker=0.5))
+    build_config(image_config(dogs_mini, mobilenet_weights, 1, gpus_per_worker=0.5))  # one worker may share one
+    with pytest.raises(ConfigError, match="needs a whole GPU"):
+        TuneOptions(base={}, space={}, workers_per_trial=2, gpus_per_trial=0.5)
 
 
 def test_a_killed_worker_is_restarted_from_the_last_checkpoint(
@@ -227,6 +235,26 @@ def test_a_stop_asked_in_the_jobs_process_reaches_the_workers(tmp_path: Path, do
     assert callback.seen[0] == 1
     assert record.status == "completed" and record.stop_reason == "the driver's callback asked"
     assert record.epochs_run < 8
+
+
+class FailAfterFirstEpoch(Callback):
+    def on_epoch_end(self, trainer) -> None:
+        raise RuntimeError("the driver's callback broke")
+
+
+def test_a_failing_job_process_stops_its_workers(tmp_path: Path, dogs_mini: Path, mobilenet_weights: Path):
+    raw = image_config(dogs_mini, mobilenet_weights, 2, epochs=8)
+    raw["name"] = "driver-fails"
+    raw["debugger"] = {"enabled": False}
+    raw["profiler"] = {"enabled": False}
+    with pytest.raises(RuntimeError, match="the driver's callback broke"):
+        run_training_job(build_config(raw), workspace=tmp_path, progress=False, callbacks=[FailAfterFirstEpoch()])
+    job = Job(tmp_path / "driver-fails")
+    assert job.record().status == "failed"
+    assert "asked its workers to stop" in job.log_file.read_text()
+    epochs = len(job.read_metrics())
+    time.sleep(5)  # workers left running would go on recording epochs into the failed job
+    assert len(job.read_metrics()) == epochs < 8
 
 
 def test_tuning_trials_on_two_workers_each(tmp_path: Path, dogs_mini: Path, mobilenet_weights: Path):

@@ -4,6 +4,7 @@ processes (torch.multiprocessing) against one process on the same data."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -105,9 +106,23 @@ class StopOnRankZero(Callback):
             raise StopTraining("rank 0 asked")
 
 
-def _train(rank: int, world_size: int, stop_at: int | None = None) -> dict:
+class StopAfterTrainingPhaseOnRankZero(Callback):
+    """Asks to stop on rank 0 only, after the last training batch's agreement (in epoch 2's training phase_end):
+    every rank must still leave at the same point."""
+
+    def on_phase_end(self, trainer: Trainer) -> None:
+        if trainer.phase == "train" and trainer.epoch == 2 and dist.get_rank() == 0:
+            trainer.request_stop("rank 0 asked late")
+
+
+def _train(rank: int, world_size: int, stop_at: int | None = None, variant: str = "") -> dict:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    if variant == "batchnorm":
+        model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    callbacks: list[Callback] = [StopOnRankZero(stop_at)] if stop_at else []
+    if variant == "late stop":
+        callbacks.append(StopAfterTrainingPhaseOnRankZero())
     train, valid = Pairs(*_data(0)), Pairs(*_data(1))
     loaders = {
         "train": make_loader(train, batch_size=16, shuffle=True, num_workers=0, rank=rank, world_size=world_size),
@@ -119,7 +134,7 @@ def _train(rank: int, world_size: int, stop_at: int | None = None) -> dict:
         loaders,
         epochs=3,
         num_classes=3,
-        callbacks=[StopOnRankZero(stop_at)] if stop_at else [],
+        callbacks=callbacks,
     )
     history = trainer.fit()
     return {
@@ -130,17 +145,25 @@ def _train(rank: int, world_size: int, stop_at: int | None = None) -> dict:
     }
 
 
-def _rank_main(rank: int, port: int, out: str, stop_at: int | None) -> None:
+def _rank_main(rank: int, port: int, out: str, stop_at: int | None, variant: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **gloo_interface("127.0.0.1"))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        torch.save(_train(rank, 2, stop_at), Path(out) / f"rank{rank}.pt")
+        torch.save(_train(rank, 2, stop_at, variant), Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _two_ranks(tmp_path: Path, stop_at: int | None = None) -> list[dict]:
-    mp.start_processes(_rank_main, args=(free_port(), str(tmp_path), stop_at), nprocs=2, start_method="spawn")
+def _two_ranks(tmp_path: Path, stop_at: int | None = None, variant: str = "") -> list[dict]:
+    """Both ranks' results; fails (instead of hanging) when the ranks wait for each other for good."""
+    args = (free_port(), str(tmp_path), stop_at, variant)
+    context = mp.start_processes(_rank_main, args=args, nprocs=2, start_method="spawn", join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks hung: one waits in a collective the other never reaches")
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
@@ -163,3 +186,17 @@ def test_a_stop_on_one_rank_stops_every_rank(tmp_path: Path):
     assert [r["step"] for r in ranks] == [4, 4]
     assert [r["stop_reason"] for r in ranks] == ["rank 0 asked", "rank 0 asked"]
     assert [len(r["history"]) for r in ranks] == [0, 0]  # stopped inside epoch 1: no epoch recorded
+
+
+def test_a_stop_asked_between_agreements_still_stops_every_rank_together(tmp_path: Path):
+    ranks = _two_ranks(tmp_path, variant="late stop")
+    assert [r["stop_reason"] for r in ranks] == ["rank 0 asked late"] * 2
+    assert [len(r["history"]) for r in ranks] == [1, 1]  # epoch 2 stopped after its training phase: not recorded
+    assert [r["step"] for r in ranks] == [12, 12]
+
+
+def test_every_rank_evaluates_and_keeps_rank_zeros_batchnorm_statistics(tmp_path: Path):
+    ranks = _two_ranks(tmp_path, variant="batchnorm")
+    for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        torch.testing.assert_close(ranks[0]["weights"][name], ranks[1]["weights"][name], rtol=0, atol=0)
+    assert [len(r["history"]) for r in ranks] == [3, 3]

@@ -142,6 +142,16 @@ class TrainConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _one_whole_gpu_per_rank(self) -> TrainConfig:
+        # NCCL refuses two ranks of one group on the same GPU, which a fractional share would allow.
+        if self.workers > 1 and 0 < self.gpus_per_worker < 1:
+            raise ValueError(
+                f"gpus_per_worker {self.gpus_per_worker:g} with {self.workers} workers: each data-parallel worker "
+                "needs a whole GPU (NCCL cannot put two ranks on one); use 1 or more, or 0 to train on CPUs"
+            )
+        return self
+
 
 class SaveConfig(_Section):
     """When a mode's tensors are saved: every `save_interval` steps from `start_step` to `end_step`, and at

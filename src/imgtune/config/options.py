@@ -91,6 +91,15 @@ class TuneOptions(Options):
     def mode(self) -> str:
         return OBJECTIVE_MODES[self.objective]
 
+    @model_validator(mode="after")
+    def _one_whole_gpu_per_rank(self) -> TuneOptions:
+        if self.workers_per_trial > 1 and 0 < self.gpus_per_trial < 1:
+            raise ValueError(
+                f"gpus_per_trial {self.gpus_per_trial:g} with {self.workers_per_trial} workers per trial: each "
+                "data-parallel worker needs a whole GPU (NCCL cannot put two ranks on one); use 1 or more, or 0"
+            )
+        return self
+
 
 class ServeOptions(Options):
     """How an endpoint serves; the defaults follow the managed endpoint where it has one (6 MB payloads)."""

@@ -206,7 +206,9 @@ class ImageFileDataset(Dataset):
         if self.seed is None:
             return self.transform(image), sample.label
         with torch.random.fork_rng(devices=[]):  # the caller's own random stream is left as it was
-            torch.manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
+            # the CPU generator only: torch.manual_seed would also reseed every CUDA generator, which fork_rng
+            # with devices=[] does not restore (GPU dropout would then depend on the last sample loaded)
+            torch.random.default_generator.manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
             return self.transform(image), sample.label
 
 

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -49,6 +50,7 @@ STOP_REQUEST = "stop-request.txt"  # JOB/checkpoints/stop-request.txt: the drive
 LAST_CHECKPOINT = "last.pt"
 RESULTS_FILE = "results.json"
 FOLLOW_SECONDS = 0.5
+STOP_GRACE_SECONDS = 60.0  # how long a failed driver waits for its workers to stop
 
 
 def train_on_workers(
@@ -85,7 +87,7 @@ def build_features_on_workers(
                 status.update(f"feature cache on {_workers_label(life.job)}")
                 fit.join(FOLLOW_SECONDS)
 
-    return _run_workers(life, config, ray_address, _features_on_this_worker, FEATURES_RUN_FOLDER, follow, progress)
+    return _run_workers(life, config, ray_address, _features_on_this_worker, FEATURES_RUN_FOLDER, follow)
 
 
 def _run_workers(
@@ -95,7 +97,6 @@ def _run_workers(
     body: Callable[[dict[str, Any]], None],
     run_folder: str,
     follow: Callable[[threading.Thread], None],
-    show: bool = True,
 ) -> dict[str, Any]:
     """Run `body` on the job's Ray Train workers (TorchTrainer.fit in a thread, `follow` in this one); returns
     rank 0's results and adds the workers' timings to the job's."""
@@ -130,7 +131,11 @@ def _run_workers(
     outcome = _Outcome()
     fit = threading.Thread(target=outcome.capture, args=(trainer.fit,), name="imgtune-ray-train", daemon=True)
     fit.start()
-    follow(fit)
+    try:
+        follow(fit)
+    except BaseException:
+        _stop_workers(job, fit)
+        raise
     fit.join()
     result = outcome.value()
     life.timings[run_folder.replace("-", "_")] = time.perf_counter() - started
@@ -140,6 +145,17 @@ def _run_workers(
     life.timings.update(metrics.get("timings", {}))
     life.plugins.failures.extend(metrics.get("plugin_failures", []))
     return metrics["results"]
+
+
+def _stop_workers(job: Job, fit: threading.Thread) -> None:
+    """The driver failed (a callback raised, Ctrl-C): ask the workers to stop, so that they do not train on
+    into a job that has ended (in a process that lives on: a notebook, a reused tuning actor). Training workers
+    stop after their current batch; feature-cache workers finish their shard. Waits a little, except on Ctrl-C."""
+    job.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    (job.checkpoint_dir / STOP_REQUEST).write_text("the job's own process failed")
+    job.log("the job's own process failed: asked its workers to stop")
+    if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+        fit.join(STOP_GRACE_SECONDS)
 
 
 @dataclass
@@ -194,6 +210,7 @@ def _follow(
     """Until `fit` ends: show the epochs rank 0 records, give each to `callbacks`, push the job every push
     interval (a remote workspace), and pass a stop one of the callbacks asks for on to the workers."""
     seen = len(job.read_metrics()) if job.metrics_file.exists() else 0
+    delivered = seen  # the last epoch given to `callbacks`: an epoch redone after a restart is not given twice
     bar = progress_bar(enabled=progress)
     with bar:
         task = bar.add_task(f"epochs on {_workers_label(job)}", total=epochs, completed=seen, info="")
@@ -207,6 +224,9 @@ def _follow(
                 if "valid_accuracy" in record:
                     info += f" valid acc {record['valid_accuracy']:.3f} loss {record['valid_loss']:.4f}"
                 bar.update(task, completed=record["epoch"], info=info, description=f"epochs on {_workers_label(job)}")
+                if record["epoch"] <= delivered:
+                    continue
+                delivered = record["epoch"]
                 for callback in callbacks:
                     handler = getattr(callback, "on_epoch_end", None)
                     try:
@@ -335,8 +355,8 @@ class _Worker:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         device = ray.train.torch.get_device() if cfg.gpus_per_worker > 0 else torch.device("cpu")
         where = {"rank": rank, "node": node, "host": socket.gethostname(), "pid": os.getpid(), "device": str(device)}
+        record = job.record()  # before the gather: rank 0 updates it once every rank has read it
         everyone = distributed.gather_objects(where)
-        record = job.record()
         worker = cls(rank, world_size, job, config, device, RayTrainCheckpoints(rank), record, started)
         if rank == 0:
             job.update(world_size=world_size, workers=everyone, worker_starts=(record.worker_starts or 0) + 1)

@@ -53,6 +53,16 @@ def first_stopping_rank(stopping: bool) -> int | None:
     return None if first == size else first
 
 
+def share_buffers(module: torch.nn.Module, source: int = 0) -> None:
+    """Give every rank rank `source`'s buffers (BatchNorm's running statistics), in place. DDP does this at
+    the start of each training forward only, so after the last step each rank holds statistics that include
+    its own last batch; evaluating with them would score each shard with a different model."""
+    if not is_distributed():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=source)
+
+
 def broadcast_text(text: str | None, source: int) -> str | None:
     """`text` as rank `source` has it, on every rank."""
     if not is_distributed():

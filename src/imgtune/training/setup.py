@@ -303,9 +303,14 @@ class FeaturePlan:
         shards = [self.cache.load(self.shard_key(entry, r, world_size)) for r in range(world_size)]
         if any(shard is None for shard in shards):
             raise RuntimeError(f"a feature shard of {entry.split} view {entry.view} is missing from {self.cache.root}")
-        features = torch.empty(len(entry.samples), shards[0].shape[1], dtype=shards[0].dtype)
-        for r, shard in enumerate(shards):
-            features[r::world_size] = shard
+        # a rank with no samples of a small split has an empty (1-D) shard
+        filled = [(r, shard) for r, shard in enumerate(shards) if shard.numel()]
+        if not filled:
+            features = shards[0]
+        else:
+            features = torch.empty(len(entry.samples), filled[0][1].shape[1], dtype=filled[0][1].dtype)
+            for r, shard in filled:
+                features[r::world_size] = shard
         self.cache.store(entry.key, features, self._meta(entry))
         for r in range(world_size):
             self.cache.path(self.shard_key(entry, r, world_size)).unlink(missing_ok=True)

@@ -162,6 +162,8 @@ class Trainer:
         self.metrics = PhaseMetrics(self.num_classes, confusion=confusion)
         self.module.train(train)
         forward = self._train_module if train else self.module
+        if self.data_parallel and not train:
+            distributed.share_buffers(self.module)  # every rank evaluates rank 0's model (the one it saves)
         self.emit(Event.PHASE_START)
         grad = contextlib.nullcontext() if train else torch.inference_mode()
         with grad:
@@ -211,10 +213,12 @@ class Trainer:
 
     def fit(self, start_epoch: int = 1) -> list[dict[str, Any]]:
         """Train from `start_epoch` to `epochs` (or until a callback stops it); returns the history."""
+        # Ranks leave the loop only on an agreed stop: a stop asked between two agreements (a callback in
+        # phase_end, the debugger's watchdog thread) is seen by every rank at the next one, never by one alone.
         self.emit(Event.FIT_START)
-        self._agree_on_stop()
+        stopping = self._agree_on_stop()
         for epoch in range(start_epoch, self.epochs + 1):
-            if self.stop_reason:
+            if stopping:
                 break
             self.epoch = epoch
             self._seed_epoch(epoch)
@@ -223,7 +227,7 @@ class Trainer:
             self.emit(Event.EPOCH_START)
             train = self.run_phase("train", train=True)
             self.epoch_record.update(train_loss=train.loss, train_accuracy=train.accuracy)
-            if self.stop_reason:  # stopped mid-epoch: the epoch is incomplete, record nothing for it
+            if self._agree_on_stop():  # stopped mid-epoch: the epoch is incomplete, record nothing for it
                 break
             if "valid" in self.loaders:
                 valid = self.run_phase("valid", train=False)
@@ -235,7 +239,7 @@ class Trainer:
             self.epoch_record.update(step=self.step, epoch_time=time.perf_counter() - started)
             self.history.append(self.epoch_record)
             self.emit(Event.EPOCH_END)
-            self._agree_on_stop()
+            stopping = self._agree_on_stop()
         self.emit(Event.FIT_END)
         return self.history
 
