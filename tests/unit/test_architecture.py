@@ -25,9 +25,10 @@ ALLOWED: dict[str, set[str]] = {
     "debugger": BELOW_TRAINING | {"training", "rules"},
     "profiler": BELOW_TRAINING | {"training", "rules"},
     "report": BELOW_TRAINING | {"training", "rules", "debugger", "profiler"},  # reads what they stored
+    "tracking": BELOW_TRAINING | {"training", "debugger", "profiler", "serving"},  # sends on what they stored
     "serving": BELOW_TRAINING,
     "tuning": BELOW_TRAINING | {"training"},
-    "runs": BELOW_TRAINING | {"training", "rules", "debugger", "profiler", "report", "serving", "tuning"},
+    "runs": BELOW_TRAINING | {"training", "rules", "debugger", "profiler", "report", "serving", "tuning", "tracking"},
     "cli": {"imgtune", "core", "config", "runs"},
     "__main__": {"cli"},
     "__init__": {"core"},

@@ -39,6 +39,49 @@ WorkspaceOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 JobArgument = Annotated[str, typer.Argument(help="Job name or path.")]
 
+# Trackers (config `tracking.*`): the same options on train, tune and pipeline.
+MlflowOption = Annotated[
+    bool, typer.Option("--mlflow", help="Make the job an MLflow run (pip install 'imgtune[mlflow]').")
+]
+MlflowUriOption = Annotated[
+    str | None,
+    typer.Option(
+        "--mlflow-uri",
+        help="MLflow tracking URI (implies --mlflow) \\[default: $MLFLOW_TRACKING_URI, else MLflow's local store].",
+    ),
+]
+ExperimentOption = Annotated[str | None, typer.Option("--experiment", help="MLflow experiment \\[default: imgtune].")]
+RegisterOption = Annotated[
+    str | None,
+    typer.Option("--register", help="Register the trained model in MLflow's registry under this name (a version)."),
+]
+AliasOption = Annotated[
+    str | None, typer.Option("--alias", help="With --register: point this alias (e.g. champion) at the version.")
+]
+TensorboardOption = Annotated[
+    bool, typer.Option("--tensorboard", help="Write TensorBoard event files into JOB/tensorboard as it trains.")
+]
+
+
+def tracking_overrides(
+    mlflow: bool = False,
+    mlflow_uri: str | None = None,
+    experiment: str | None = None,
+    register: str | None = None,
+    alias: str | None = None,
+    tensorboard: bool = False,
+) -> list[str]:
+    """The tracker options as `--set` overrides of `tracking.*` (a URI, experiment or name implies --mlflow)."""
+    import json
+
+    values = {"mlflow_uri": mlflow_uri, "experiment": experiment, "registered_model": register, "alias": alias}
+    overrides = [f"tracking.{key}={json.dumps(value)}" for key, value in values.items() if value is not None]
+    if mlflow or overrides:
+        overrides.insert(0, "tracking.mlflow=true")
+    if tensorboard:
+        overrides.append("tracking.tensorboard=true")
+    return overrides
+
 
 def friendly_errors(func: F) -> F:
     """Turn ImgtuneError into one clear line on stderr (and its hint) with its exit code (2); Ctrl-C exits 130."""

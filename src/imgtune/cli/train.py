@@ -12,8 +12,14 @@ from pydantic import BaseModel
 import imgtune
 from imgtune.cli import render
 from imgtune.cli.common import (
+    AliasOption,
+    ExperimentOption,
     ForceOption,
     JsonOption,
+    MlflowOption,
+    MlflowUriOption,
+    RegisterOption,
+    TensorboardOption,
     WorkspaceOption,
     api_default,
     command_help,
@@ -21,6 +27,7 @@ from imgtune.cli.common import (
     field_option,
     friendly_errors,
     print_json,
+    tracking_overrides,
 )
 from imgtune.config import DataConfig, JobConfig, ModelConfig, PipelineOptions, TrainConfig
 
@@ -54,10 +61,17 @@ def train(
     no_profiler: Annotated[
         bool, typer.Option("--no-profiler", help="Turn the system monitor, step timeline and trace off.")
     ] = False,
+    mlflow: MlflowOption = False,
+    mlflow_uri: MlflowUriOption = None,
+    experiment: ExperimentOption = None,
+    register_name: RegisterOption = None,
+    alias: AliasOption = None,
+    tensorboard: TensorboardOption = False,
     workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Train a classifier on a folder of labelled photos; the job directory holds everything it made."""
+    tracking = tracking_overrides(mlflow, mlflow_uri, experiment, register_name, alias, tensorboard)
     if resume:
         given = {
             "--data": data,
@@ -75,6 +89,7 @@ def train(
             "--cpus-per-worker": cpus_per_worker,
             "--config": config,
             "--set": set_,
+            "--mlflow and the other tracker options": tracking,
         }
         ignored = [flag for flag, value in given.items() if value]
         if ignored:
@@ -84,9 +99,9 @@ def train(
         )
     else:
         job = imgtune.train(
-            data, config=config, overrides=set_ or (), backbone=backbone, weights=weights, pretrained=pretrained,
-            freeze=freeze, epochs=epochs, lr=lr, batch_size=batch_size, image_size=image_size, name=name,
-            workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+            data, config=config, overrides=[*(set_ or ()), *tracking], backbone=backbone, weights=weights,
+            pretrained=pretrained, freeze=freeze, epochs=epochs, lr=lr, batch_size=batch_size, image_size=image_size,
+            name=name, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
             ray_address=ray_address, debugger=not no_debugger, profiler=not no_profiler, workspace=workspace,
             progress=not as_json,
         )  # fmt: skip
@@ -155,6 +170,12 @@ def pipeline(
     ] = False,
     name: str | None = field_option(PipelineOptions, "name"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key of every job's config.")] = None,
+    mlflow: MlflowOption = False,
+    mlflow_uri: MlflowUriOption = None,
+    experiment: ExperimentOption = None,
+    register_name: RegisterOption = None,
+    alias: AliasOption = None,
+    tensorboard: TensorboardOption = False,
     workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -174,7 +195,8 @@ def pipeline(
             pass
 
     job = imgtune.pipeline(
-        data, overrides=set_ or (), workspace=workspace, progress=not as_json, say=_say(as_json),
+        data, overrides=[*(set_ or ()), *tracking_overrides(mlflow, mlflow_uri, experiment, register_name, alias,
+        tensorboard)], workspace=workspace, progress=not as_json, say=_say(as_json),
         keep_serving=wait if keep_serving else None, backbone=backbone, weights=weights, epochs=epochs,
         max_trials=max_trials, max_parallel=max_parallel, name=name, port=port,
     )  # fmt: skip

@@ -14,13 +14,20 @@ import typer
 import imgtune
 from imgtune.cli import render
 from imgtune.cli.common import (
+    AliasOption,
+    ExperimentOption,
     ForceOption,
     JsonOption,
+    MlflowOption,
+    MlflowUriOption,
+    RegisterOption,
+    TensorboardOption,
     WorkspaceOption,
     field_option,
     friendly_errors,
     out,
     print_json,
+    tracking_overrides,
 )
 from imgtune.config import DataConfig, ModelConfig, TrainConfig, TuneOptions
 from imgtune.core.errors import ImgtuneError
@@ -66,6 +73,12 @@ def tune(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key of the trials' config.")] = None,
     resume: Annotated[str | None, typer.Option(help="Continue a tuning job whose driver was killed.")] = None,
     force: ForceOption = False,
+    mlflow: MlflowOption = False,
+    mlflow_uri: MlflowUriOption = None,
+    experiment: ExperimentOption = None,
+    register_name: RegisterOption = None,
+    alias: AliasOption = None,
+    tensorboard: TensorboardOption = False,
     workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -74,11 +87,12 @@ def tune(
     `imgtune tune show JOB` lists the trials; `imgtune tune best JOB --train` trains the final model."""
     if ctx.invoked_subcommand is not None:
         return
+    tracking = tracking_overrides(mlflow, mlflow_uri, experiment, register_name, alias, tensorboard)
     if resume:
         job = imgtune.tune(workspace=workspace, resume=resume, force=force, progress=not as_json)
     else:
         job = imgtune.tune(
-            data, space=space, config=config, overrides=set_ or (), backbone=backbone, weights=weights,
+            data, space=space, config=config, overrides=[*(set_ or ()), *tracking], backbone=backbone, weights=weights,
             epochs=epochs, workspace=workspace, progress=not as_json, strategy=strategy, max_trials=max_trials,
             max_parallel=max_parallel, heads_per_worker=heads_per_worker, objective=objective,
             early_stopping=early_stopping, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,

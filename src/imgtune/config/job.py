@@ -253,6 +253,34 @@ class ProfilerConfig(_Section):
         return self
 
 
+class TrackingConfig(_Section):
+    """Trackers a job also reports to (imgtune.tracking): an MLflow run, TensorBoard event files."""
+
+    mlflow: bool = Field(False, description="Make the job an MLflow run (pip install 'imgtune[mlflow]').")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else MLflow's own local store]."
+    )
+    experiment: str = Field("imgtune", min_length=1, description="MLflow experiment the run goes into.")
+    registered_model: str | None = Field(
+        None, min_length=1, description="Register the job's model under this name (a new version each job)."
+    )
+    alias: str | None = Field(None, min_length=1, description="Point this alias of the registered model at it.")
+    parent_run_id: str | None = Field(
+        None, description="The MLflow run this job's run nests under (set by a tuning job for its trials)."
+    )
+    tensorboard: bool = Field(False, description="Write TensorBoard event files into JOB/tensorboard as it trains.")
+
+    @model_validator(mode="after")
+    def _alias_needs_a_name(self) -> TrackingConfig:
+        if self.alias and not self.registered_model:
+            raise ValueError(
+                "tracking.alias needs tracking.registered_model (--register: the model the alias belongs to)"
+            )
+        if (self.registered_model or self.parent_run_id) and not self.mlflow:
+            raise ValueError("tracking.registered_model and tracking.parent_run_id need tracking.mlflow (--mlflow)")
+        return self
+
+
 class JobConfig(_Section):
     """A complete training job."""
 
@@ -262,6 +290,7 @@ class JobConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     debugger: DebuggerConfig = Field(default_factory=DebuggerConfig)
     profiler: ProfilerConfig = Field(default_factory=ProfilerConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _weights_or_pretrained(self) -> JobConfig:

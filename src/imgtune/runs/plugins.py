@@ -55,6 +55,17 @@ def training_plugins(config: JobConfig) -> list[JobPlugin]:
     plugins += [BundlePlugin(), RemotePushPlugin()]
     if config.profiler.report:
         plugins.append(ReportPlugin())
+    return plugins + tracking_plugins(config)
+
+
+def tracking_plugins(config: JobConfig) -> list[JobPlugin]:
+    """The trackers a training job reports to, last: they send on what the other plugins wrote. Tuning trials
+    trained as batches of heads get these alone (they have no debugger, profiler or report)."""
+    plugins: list[JobPlugin] = []
+    if config.tracking.mlflow:
+        from imgtune.tracking.mlflow_run import MlflowPlugin
+
+        plugins.append(MlflowPlugin(config))
     return plugins
 
 

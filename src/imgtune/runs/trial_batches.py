@@ -29,6 +29,7 @@ from imgtune.config import JobConfig, build_config
 from imgtune.core.io import atomic_output
 from imgtune.data.dataset import PreparedData, prepare_data
 from imgtune.runs.lifecycle import JobLifecycle
+from imgtune.runs.plugins import tracking_plugins
 from imgtune.storage.record import JobRecord
 from imgtune.training.batched_heads import HeadBatch, batch_key
 from imgtune.training.feature_cache import FeatureLoader
@@ -146,8 +147,11 @@ class TrialBatchWorker:
             for name, config in members:
                 record = JobRecord(name=name, kind="training", config=config.model_dump(mode="json"))
                 lives.append(
-                    JobLifecycle.create(self.trials_dir, record, prefix="trial", must_push=False, durable=False)
-                )
+                    JobLifecycle.create(
+                        self.trials_dir, record, prefix="trial", must_push=False, durable=False,
+                        plugins=tracking_plugins(config),
+                    )
+                )  # fmt: skip
             prepared = self._prepare(members[0][1])
             configs = [config for _, config in members]
             batch = HeadBatch(configs, prepared.num_features, prepared.data.num_classes, prepared.device)

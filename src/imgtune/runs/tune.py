@@ -82,6 +82,7 @@ def run_tuning_job(
         options = options.model_copy(update={"base": with_trial_workers(with_absolute_paths(options.base), options)})
         space = validate(options)
         warm = warm_start_points(options.warm_start, workspace, space, options.objective)
+        tuning_tracking_plugins(options)  # a tracker that is not installed: refused before the job exists
         record = JobRecord(
             name=options.name or "", kind="tuning", options=options.model_dump(mode="json"), warm_start_points=len(warm)
         )
@@ -90,7 +91,7 @@ def run_tuning_job(
         if life.resumed:
             options = TuneOptions(**(life.job.record().options or {}))
             space, warm = validate(options), []
-        life.use_plugins([TuningReportPlugin(), TrialsPush()])
+        life.use_plugins([TuningReportPlugin(), TrialsPush(), *tuning_tracking_plugins(options)])
         return life.run(lambda life: _tune(life, options, space, warm, progress, on_trial))
 
 
@@ -103,6 +104,7 @@ def _tune(
     on_trial: Callable[[dict[str, Any]], None] | None,
 ) -> dict[str, Any]:
     job = life.job
+    options = options.model_copy(update={"base": with_parent_run(options.base, job)})  # trials nest in its run
     trials_dir = job.path / TRIALS_DIR
     trials_dir.mkdir(exist_ok=True)
     nodes = connect(options.ray_address)  # first: a wrong address or a missing token fails before any work
@@ -141,6 +143,25 @@ def _tune(
         return tuning.run()
     tuner = build_tuner(job, _trial, context, options, space, warm, life.resumed)
     return fit(tuner, job, options, space, progress, on_trial)
+
+
+def tuning_tracking_plugins(options: TuneOptions) -> list[JobPlugin]:
+    """A tuning job's own trackers: with `tracking.mlflow` in its trials' config, a parent run for the trials."""
+    base = build_config(options.base, "the trials' config")
+    if not base.tracking.mlflow:
+        return []
+    from imgtune.tracking.mlflow_run import MlflowTuningPlugin
+
+    return [MlflowTuningPlugin(base, options.model_dump(mode="json"))]
+
+
+def with_parent_run(base: dict[str, Any], job: Job) -> dict[str, Any]:
+    """The trials' config with the tuning job's MLflow run as their parent, once that run exists."""
+    known = job.record().mlflow or {}
+    if not known.get("run_id"):
+        return base
+    tracking = {**base.get("tracking", {}), "parent_run_id": known["run_id"], "mlflow_uri": known["tracking_uri"]}
+    return {**base, "tracking": tracking}
 
 
 def with_trial_workers(base: dict[str, Any], options: TuneOptions) -> dict[str, Any]:

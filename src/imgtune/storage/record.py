@@ -36,6 +36,8 @@ class JobRecord(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     seconds: float | None = None  # wall time from the (last) start to the end
     plugin_failures: list[dict[str, str]] | None = None  # optional plugins that failed and were switched off
+    mlflow: dict[str, Any] | None = None  # the job's MLflow run: tracking_uri, experiment_id, run_id, model, ...
+    tracking_gaps: list[str] | None = None  # what a failing tracker could not log
 
     # -- a training job -----------------------------------------------------------------------------------
     config: dict[str, Any] | None = None  # the resolved JobConfig (model_dump)

@@ -1,0 +1,22 @@
+"""Trackers a job also reports to, as job plugins: MLflow (`mlflow_run`: runs, nested tuning trials, the model as
+a pyfunc model, the registry) and TensorBoard (`tensorboard`: event files from what the job directory holds).
+
+The job directory stays the record; a tracker reads what the job wrote (metrics.jsonl, the profiler's samples,
+the debugger's tensors and rule results, report.html, the model bundle) and sends it on. A tracker that fails
+never fails the job: what it could not log goes to the job's log and `tracking_gaps` in job.json.
+"""
+
+from __future__ import annotations
+
+from imgtune.core.errors import ConfigError
+
+
+def require(module: str, extra: str) -> None:
+    """Refuse a tracker whose library is not installed, with the install command."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f"{module} is not installed, and this job asks for it",
+            f"pip install 'imgtune[{extra}]' (or leave out the option that turns it on)",
+        )
