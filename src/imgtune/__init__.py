@@ -34,6 +34,7 @@ _EXPORTS = {
     "predict": "imgtune.runs.api",
     "batch_transform": "imgtune.runs.api",
     "write_report": "imgtune.runs.api",
+    "export_tensorboard": "imgtune.runs.api",
     "job_config": "imgtune.runs.api",
     # reading jobs and data
     "open_job": "imgtune.runs.api",

@@ -94,7 +94,27 @@ def evaluate(
     print_json(result) if as_json else render.evaluation(result, split)
 
 
+@friendly_errors
+def tensorboard(
+    job: JobArgument,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Folder for the event files \\[default: JOB/tensorboard].")
+    ] = None,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a job's metrics, debugger tensors (as histograms) and profiler step segments as TensorBoard event
+    files, and print the command that shows them (pip install 'imgtune[tensorboard]')."""
+    result = imgtune.export_tensorboard(imgtune.open_job(job, workspace), out=out_dir)
+    if as_json:
+        print_json(result)
+    else:
+        out.print(f"wrote {result['points']} points to {result['out']}; view them with:", highlight=False)
+        out.print(f"  {result['view']}", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command(help=command_help(report))(report)
     app.command(help=command_help(evaluate))(evaluate)
+    app.command(help=command_help(tensorboard))(tensorboard)
     app.add_typer(jobs_app, name="jobs")

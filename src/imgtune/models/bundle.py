@@ -3,6 +3,7 @@
 model/
   model.safetensors   every tensor of the ImageClassifier (backbone and head)
   manifest.json       architecture, labels, preprocessing, metrics, versions, sha256 of each file
+  job-config.json     (a bundle that left its job: an MLflow model) the job's resolved config, for evaluation
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from imgtune.models.weights import sha256_file
 BUNDLE_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
+JOB_CONFIG_FILE = "job-config.json"  # beside a bundle that left its job: how its data was split and loaded
 
 
 @dataclass

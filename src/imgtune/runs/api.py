@@ -174,8 +174,7 @@ def evaluate(
     in the job's `evaluations`)."""
     from imgtune.runs.evaluate import evaluate_job
 
-    path = job.path if isinstance(job, Job) else job
-    return evaluate_job(path, str(data), split=split, workspace=workspace, progress=progress)
+    return evaluate_job(model_source(job), str(data), split=split, workspace=workspace, progress=progress)
 
 
 def pipeline(
@@ -232,7 +231,7 @@ def deploy(
     fields (backend, max_batch_size, max_batch_delay_ms, max_queue, max_payload_bytes, api_key, ...)."""
     from imgtune.serving.server import BackgroundEndpoint, serve
 
-    source = job.path if isinstance(job, Job) else job
+    source = model_source(job)
     serve_options = ServeOptions(**options)
     if background:
         return BackgroundEndpoint(source, serve_options, host=host, port=port, workspace=workspace).start()
@@ -246,7 +245,17 @@ def load_predictor(
     """A job's model (or a bundle directory's) ready to classify images in this process (`Predictor`)."""
     from imgtune.serving.predictor import Predictor
 
-    return Predictor.load(job.path if isinstance(job, Job) else job, backend, threads, workspace)
+    return Predictor.load(model_source(job), backend, threads, workspace)
+
+
+def model_source(job: str | Path | Job) -> str | Path:
+    """Where a model is: a job (name or path), a bundle directory, or an MLflow model URI (`models:/NAME@ALIAS`,
+    `models:/NAME/VERSION`, `runs:/RUN/model`) that imgtune logged, fetched into the cache."""
+    from imgtune.tracking.registry import fetch_bundle, is_model_uri
+
+    if is_model_uri(job):
+        return fetch_bundle(str(job))
+    return job.path if isinstance(job, Job) else job
 
 
 def predict(
@@ -326,6 +335,16 @@ def write_report(
     path = render(handle, Path(out) if out else None)
     amend_job(handle)
     return path
+
+
+def export_tensorboard(job: str | Path | Job, out: str | Path | None = None, workspace: Workspace = None) -> dict:
+    """A job's metrics, debugger tensors (histograms) and profiler step segments as TensorBoard event files in
+    `out` (default JOB/tensorboard); an export run again adds only what is new. Returns where and how much."""
+    from imgtune.tracking.tensorboard import export_job
+
+    handle = job if isinstance(job, Job) else Job.open(job, workspace)
+    folder, written = export_job(handle, out)
+    return {"job": handle.name, "out": str(folder), "points": written, "view": f"tensorboard --logdir {folder}"}
 
 
 def open_job(job: str | Path, workspace: Workspace = None, *, shallow: bool = False) -> Job:

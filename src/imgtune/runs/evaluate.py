@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from imgtune.data.check import MAX_IMAGE_PIXELS, check_layout
 from imgtune.data.dataset import ImageFileDataset, Sample, make_loader, prepare_data
 from imgtune.data.folders import discover
 from imgtune.data.sources import resolve_source
+from imgtune.models.bundle import JOB_CONFIG_FILE, MANIFEST_FILE
 from imgtune.runs.lifecycle import amend_job
 from imgtune.serving.predictor import Predictor
 from imgtune.storage.jobs import Job
@@ -70,11 +72,10 @@ def evaluate_job(
     `split` is train, valid, test, or all. Images of classes the model does not know are left out and
     counted. The result is also appended to the job's `evaluations` in job.json.
     """
-    handle = Job.open(job, workspace)
-    config = handle.record().config or {}
+    handle, model_dir, config = _model_and_config(job, workspace)
     model = config.get("model", {})
     backend = model.get("backend", model.get("inference", "auto"))  # `inference`: job configs of older imgtune
-    predictor = Predictor.load(handle.model_dir, backend=backend)
+    predictor = Predictor.load(model_dir, backend=backend)
     bundle = predictor.bundle
     job_data = {**config["data"], "num_workers": num_workers}
     index_of = {c.id: i for i, c in enumerate(bundle.classes)}
@@ -85,7 +86,8 @@ def evaluate_job(
         else:
             unknown += 1
     if not samples:
-        raise DataError(f"none of the {split} images of {data_path} belong to classes the model of {handle.name} knows")
+        whose = handle.name if handle else model_dir
+        raise DataError(f"none of the {split} images of {data_path} belong to classes the model of {whose} knows")
     loader = make_loader(
         ImageFileDataset(samples, bundle.preprocessing.eval_transform(), job_data.get("max_image_pixels")),
         batch_size=batch_size,
@@ -106,5 +108,16 @@ def evaluate_job(
         "per_class_accuracy": {c.id: a for c, a in zip(bundle.classes, metrics.per_class_accuracy(), strict=True)},
         "confusion_matrix": metrics.confusion.tolist(),
     }
-    amend_job(handle, evaluations=[*(handle.record().evaluations or []), result])
+    if handle is not None:
+        amend_job(handle, evaluations=[*(handle.record().evaluations or []), result])
     return result
+
+
+def _model_and_config(job: str | Path, workspace: str | Path | None) -> tuple[Job | None, Path, dict[str, Any]]:
+    """A job (its bundle and config), or a bundle that left its job (an MLflow model: its config beside it; the
+    evaluation is then returned, with no job to record it in)."""
+    bundle = Path(job)
+    if (bundle / MANIFEST_FILE).is_file() and (bundle / JOB_CONFIG_FILE).is_file():
+        return None, bundle, json.loads((bundle / JOB_CONFIG_FILE).read_text())
+    handle = Job.open(job, workspace)
+    return handle, handle.model_dir, handle.record().config or {}

@@ -66,6 +66,10 @@ def tracking_plugins(config: JobConfig) -> list[JobPlugin]:
         from imgtune.tracking.mlflow_run import MlflowPlugin
 
         plugins.append(MlflowPlugin(config))
+    if config.tracking.tensorboard:
+        from imgtune.tracking.tensorboard import TensorBoardPlugin
+
+        plugins.append(TensorBoardPlugin())
     return plugins
 
 

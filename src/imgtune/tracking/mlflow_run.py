@@ -361,10 +361,12 @@ def log_model(job: Job, run_id: str, register: str | None, alias: str | None) ->
     mlflow.set_registry_uri(uri)
     # MLflow prints links and registry progress on stdout, which `--json` output keeps for its JSON alone
     try:
-        with contextlib.redirect_stdout(sys.stderr), mlflow.start_run(run_id=run_id, log_system_metrics=False):
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT, registered_model_name=register, **pyfunc_model_arguments(job)
-            )
+        with (
+            contextlib.redirect_stdout(sys.stderr),
+            pyfunc_model_arguments(job) as arguments,
+            mlflow.start_run(run_id=run_id, log_system_metrics=False),
+        ):
+            info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, registered_model_name=register, **arguments)
     finally:
         mlflow.set_tracking_uri(previous)
     logged: dict[str, Any] = {"model_uri": info.model_uri}

@@ -14,9 +14,15 @@ probable class.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from imgtune.models.bundle import JOB_CONFIG_FILE
 from imgtune.storage.jobs import Job
 
 EXAMPLE_MAX_BYTES = 200_000  # the input example stored with the model: one small photo of the job's own
@@ -125,14 +131,20 @@ def input_example(job: Job) -> Any:
     return None
 
 
-def pyfunc_model_arguments(job: Job) -> dict[str, Any]:
-    """What `mlflow.pyfunc.log_model` needs besides the name: the bundle as data, this module as the loader."""
+@contextlib.contextmanager
+def pyfunc_model_arguments(job: Job) -> Iterator[dict[str, Any]]:
+    """What `mlflow.pyfunc.log_model` needs besides the name: the bundle (with the job's config beside it, for
+    `imgtune evaluate models:/...`) as data, this module as the loader."""
     from importlib.metadata import version
 
-    return {
-        "loader_module": __name__,
-        "data_path": str(job.model_dir),
-        "signature": signature(),
-        "input_example": input_example(job),
-        "pip_requirements": [f"imgtune=={version('imgtune')}", f"torch>={version('torch').split('+')[0]}"],
-    }
+    with tempfile.TemporaryDirectory(prefix="imgtune-model-") as staging:
+        bundle = Path(staging) / "bundle"
+        shutil.copytree(job.model_dir, bundle)
+        (bundle / JOB_CONFIG_FILE).write_text(json.dumps(job.record().config or {}, indent=2))
+        yield {
+            "loader_module": __name__,
+            "data_path": str(bundle),
+            "signature": signature(),
+            "input_example": input_example(job),
+            "pip_requirements": [f"imgtune=={version('imgtune')}", f"torch>={version('torch').split('+')[0]}"],
+        }
