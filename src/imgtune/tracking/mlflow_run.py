@@ -195,6 +195,14 @@ class MlflowPlugin(JobPlugin):
         require("mlflow", "mlflow")
 
     def on_job_start(self, job: Job) -> None:
+        try:
+            self._start_run(job)
+        except Exception as exc:  # the job goes on without its run: say so in job.json
+            gap = f"mlflow: nothing logged, the run could not be made: {type(exc).__name__}: {str(exc)[:300]}"
+            job.update(tracking_gaps=[*(job.record().tracking_gaps or []), gap])
+            raise
+
+    def _start_run(self, job: Job) -> None:
         record = job.record()
         known = record.mlflow or {}
         uri = resolve_uri(self.tracking.mlflow_uri or known.get("tracking_uri"))
@@ -352,23 +360,21 @@ def log_model(job: Job, run_id: str, register: str | None, alias: str | None) ->
     """The job's bundle as an MLflow model in `run_id` (pyfunc flavour, signature, an input example), registered
     as `register` with `alias` when asked; returns what job.json records."""
     import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     from imgtune.tracking.pyfunc import pyfunc_model_arguments
 
     uri = (job.record().mlflow or {})["tracking_uri"]
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    # MLflow prints links and registry progress on stdout, which `--json` output keeps for its JSON alone
-    try:
-        with (
-            contextlib.redirect_stdout(sys.stderr),
-            pyfunc_model_arguments(job) as arguments,
-            mlflow.start_run(run_id=run_id, log_system_metrics=False),
-        ):
-            info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, registered_model_name=register, **arguments)
-    finally:
-        mlflow.set_tracking_uri(previous)
+    # MLflow logs a model only through its active run, which reads the process's tracking URI: this job's, for
+    # the time it takes (restored after, unset as it may have been); the registry follows the tracking URI.
+    # MLflow prints links and registry progress on stdout, which `--json` output keeps for its JSON alone.
+    with (
+        _use_tracking_uri(uri),
+        contextlib.redirect_stdout(sys.stderr),
+        pyfunc_model_arguments(job) as arguments,
+        mlflow.start_run(run_id=run_id, log_system_metrics=False),
+    ):
+        info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, registered_model_name=register, **arguments)
     logged: dict[str, Any] = {"model_uri": info.model_uri}
     if register:
         version = str(info.registered_model_version)
