@@ -105,6 +105,8 @@ def test_the_model_is_registered_and_its_pyfunc_predicts_as_imgtune_does(
     assert list(answer["class_id"]) == [r["classes"][0]["id"] for r in expected]
     with pytest.raises(Exception, match="not usable"):
         model.predict(pd.DataFrame({"image": [b"not an image"]}))
+    with pytest.raises(Exception, match="expected encoded image bytes"):  # never a file of the server's
+        model.predict(pd.DataFrame({"image": [str(photos[0])]}))
 
 
 def test_registered_models_load_in_deploy_predict_evaluate_and_batch_transform(

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from imgtune.config import DataConfig
+from imgtune.config import DataConfig, build_config
 from imgtune.core.errors import DataError
 from imgtune.core.io import cache_dir, now_iso
 from imgtune.data.check import MAX_IMAGE_PIXELS, check_layout
@@ -118,6 +118,8 @@ def _model_and_config(job: str | Path, workspace: str | Path | None) -> tuple[Jo
     evaluation is then returned, with no job to record it in)."""
     bundle = Path(job)
     if (bundle / MANIFEST_FILE).is_file() and (bundle / JOB_CONFIG_FILE).is_file():
-        return None, bundle, json.loads((bundle / JOB_CONFIG_FILE).read_text())
+        config = json.loads((bundle / JOB_CONFIG_FILE).read_text())
+        build_config(config, f"the config that came with the model at {bundle}")  # checked as a job's own
+        return None, bundle, config
     handle = Job.open(job, workspace)
     return handle, handle.model_dir, handle.record().config or {}

@@ -156,11 +156,12 @@ def tuning_tracking_plugins(options: TuneOptions) -> list[JobPlugin]:
 
 
 def with_parent_run(base: dict[str, Any], job: Job) -> dict[str, Any]:
-    """The trials' config with the tuning job's MLflow run as their parent, once that run exists."""
+    """The trials' config: never registering a model (the final training job does), and nested in the tuning
+    job's MLflow run once that run exists."""
+    tracking = {**base.get("tracking", {}), "registered_model": None, "alias": None}
     known = job.record().mlflow or {}
-    if not known.get("run_id"):
-        return base
-    tracking = {**base.get("tracking", {}), "parent_run_id": known["run_id"], "mlflow_uri": known["tracking_uri"]}
+    if known.get("run_id"):
+        tracking.update(parent_run_id=known["run_id"], mlflow_uri=known["tracking_uri"])
     return {**base, "tracking": tracking}
 
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,10 +72,23 @@ def resolve_uri(uri: str | None) -> str:
     return resolved
 
 
+# MLflow retries a failing request 7 times with exponential backoff, 120 s each: minutes per request against a
+# server that is down, which would hold a job (and a tuning trial's wrap-up) for as long. imgtune's default is
+# a short budget; a user's own setting of these variables wins.
+BOUNDED_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
 def client_for(uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
+    for name, value in BOUNDED_RETRIES.items():
+        os.environ.setdefault(name, value)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(sign in text for sign in ("Max retries exceeded", "Connection refused", "timed out", "Read timed"))
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -103,6 +117,19 @@ def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             text = value if isinstance(value, str) else json.dumps(value)
             params[name] = text[:PARAM_VALUE_LIMIT]
+    return params
+
+
+def without_secrets(params: dict[str, str]) -> dict[str, str]:
+    """The tracking URI without a user and password in it (params are readable by everyone on the server)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    uri = params.get("tracking.mlflow_uri", "")
+    parts = urlsplit(uri) if uri else None
+    if parts and parts.password:
+        params["tracking.mlflow_uri"] = urlunsplit(
+            parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+        )
     return params
 
 
@@ -152,12 +179,18 @@ class _Gaps:
     def __init__(self, job: Job):
         self.job = job
         self.missing: list[str] = []
+        self.unreachable = False
 
-    @contextlib.contextmanager
-    def part(self, what: str) -> Iterator[None]:
+    def part(self, what: str, log: Callable[[], Any]) -> None:
+        """Call `log`; its failure is recorded, not raised. Once the server proved unreachable, the remaining
+        parts are recorded without being tried (each would wait for its own timeouts)."""
+        if self.unreachable:
+            self.missing.append(f"mlflow: {what} not logged: the tracking server was unreachable")
+            return
         try:
-            yield
+            log()
         except Exception as exc:
+            self.unreachable = _unreachable(exc)
             self.missing.append(f"mlflow: {what} not logged: {type(exc).__name__}: {str(exc)[:300]}")
 
     def settle(self) -> None:
@@ -218,7 +251,7 @@ class MlflowPlugin(JobPlugin):
         run = client.create_run(experiment, tags=tags, run_name=job.name)
         run_id = run.info.run_id
         job.update(mlflow={"tracking_uri": uri, "experiment_id": experiment, "run_id": run_id})
-        log_params(client, run_id, flat_params(record.config or self.config.model_dump(mode="json")))
+        log_params(client, run_id, without_secrets(flat_params(record.config or self.config.model_dump(mode="json"))))
         job.log(f"mlflow: run {run_id} in experiment {self.tracking.experiment!r} at {uri}")
 
     def callbacks(self, run: TrainingRun) -> list[Callback]:
@@ -231,35 +264,43 @@ class MlflowPlugin(JobPlugin):
             return
         client, run_id = found
         gaps = _Gaps(job)
-        with gaps.part("epoch metrics"):
-            log_missing_epochs(client, run_id, job)
         record = job.record()
-        with gaps.part("test metrics"):
-            test = record.test or {}
-            stamp = int(time.time() * 1000)
-            step = int(record.epochs_run or 0)
-            log_metrics(client, run_id, [(f"test_{k}", v, stamp, step) for k, v in test.items() if _finite(v)])
-        with gaps.part("system metrics"):
-            log_metrics(client, run_id, system_points(job))
-        with gaps.part("tags"):
-            for key, value in job_tags(job, status).items():
-                client.set_tag(run_id, key, value)
-        with gaps.part("rule results"):
-            table = rule_table(job)
-            if table["rule"]:
-                client.log_table(run_id, data=table, artifact_file="imgtune/rules.json")
-        with gaps.part("artifacts"):
-            log_job_files(client, run_id, job)
+        gaps.part("epoch metrics", lambda: log_missing_epochs(client, run_id, job))
+        stamp, step = int(time.time() * 1000), int(record.epochs_run or 0)
+        test = [(f"test_{k}", v, stamp, step) for k, v in (record.test or {}).items() if _finite(v)]
+        gaps.part("test metrics", lambda: log_metrics(client, run_id, test))
+        gaps.part("system metrics", lambda: log_metrics(client, run_id, system_points(job)))
+        gaps.part("tags", lambda: set_tags(client, run_id, job_tags(job, status)))
+        gaps.part("rule results", lambda: log_rule_table(client, run_id, job))
+        gaps.part("artifacts", lambda: log_job_files(client, run_id, job))
         # a tuning trial's model stays in its job: the tuning job's final training job logs (and registers) one
         is_trial = bool(self.tracking.parent_run_id)
         if status == "completed" and not is_trial and (job.model_dir / "manifest.json").is_file():
-            with gaps.part("the model"):
-                logged = log_model(job, run_id, self.tracking.registered_model, self.tracking.alias)
-                job.update(mlflow={**(job.record().mlflow or {}), **logged})
-                job.log(f"mlflow: model {logged['model_uri']}" + _registered(logged))
-        with contextlib.redirect_stdout(sys.stderr):  # MLflow prints the run's link; stdout is for --json
-            client.set_terminated(run_id, STATUS.get(status, "FAILED"))
+            gaps.part("the model", lambda: self._log_model(job, run_id))
+        gaps.part("the run's status", lambda: end_run(client, run_id, status))
         gaps.settle()
+
+    def _log_model(self, job: Job, run_id: str) -> None:
+        logged = log_model(job, run_id, self.tracking.registered_model, self.tracking.alias)
+        job.update(mlflow={**(job.record().mlflow or {}), **logged})
+        job.log(f"mlflow: model {logged['model_uri']}" + _registered(logged))
+
+
+def end_run(client: MlflowClient, run_id: str, status: str) -> None:
+    with contextlib.redirect_stdout(sys.stderr):  # MLflow prints the run's link; stdout is for --json
+        client.set_terminated(run_id, STATUS.get(status, "FAILED"))
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def log_rule_table(client: MlflowClient, run_id: str, job: Job) -> None:
+    table = rule_table(job)
+    if table["rule"]:
+        client.log_table(run_id, data=table, artifact_file="imgtune/rules.json")
 
 
 def _registered(logged: dict[str, Any]) -> str:
@@ -275,8 +316,8 @@ def log_missing_epochs(client: MlflowClient, run_id: str, job: Job) -> None:
     records = job.read_metrics() if job.metrics_file.exists() else []
     if not records:
         return
-    logged = {point.step for point in client.get_metric_history(run_id, "train_loss")}
-    points = [p for r in records if int(r["epoch"]) not in logged for p in epoch_points(r)]
+    logged = {(key, point.step) for key in EPOCH_METRICS for point in client.get_metric_history(run_id, key)}
+    points = [p for r in records for p in epoch_points(r) if (p[0], p[3]) not in logged]
     log_metrics(client, run_id, points)
 
 
@@ -366,15 +407,21 @@ def log_model(job: Job, run_id: str, register: str | None, alias: str | None) ->
 
     uri = (job.record().mlflow or {})["tracking_uri"]
     # MLflow logs a model only through its active run, which reads the process's tracking URI: this job's, for
-    # the time it takes (restored after, unset as it may have been); the registry follows the tracking URI.
-    # MLflow prints links and registry progress on stdout, which `--json` output keeps for its JSON alone.
-    with (
-        _use_tracking_uri(uri),
-        contextlib.redirect_stdout(sys.stderr),
-        pyfunc_model_arguments(job) as arguments,
-        mlflow.start_run(run_id=run_id, log_system_metrics=False),
-    ):
-        info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, registered_model_name=register, **arguments)
+    # the time it takes; the registry follows the tracking URI. Restoring an unset global URI also unsets
+    # $MLFLOW_TRACKING_URI, so that is put back. MLflow prints links and registry progress on stdout, which
+    # `--json` output keeps for its JSON alone.
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with (
+            _use_tracking_uri(uri),
+            contextlib.redirect_stdout(sys.stderr),
+            pyfunc_model_arguments(job) as arguments,
+            mlflow.start_run(run_id=run_id, log_system_metrics=False, nested=mlflow.active_run() is not None),
+        ):
+            info = mlflow.pyfunc.log_model(name=MODEL_ARTIFACT, registered_model_name=register, **arguments)
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
     logged: dict[str, Any] = {"model_uri": info.model_uri}
     if register:
         version = str(info.registered_model_version)
@@ -418,24 +465,31 @@ class MlflowTuningPlugin(JobPlugin):
             return
         client, run_id = found
         gaps = _Gaps(job)
-        record = job.record()
-        with gaps.part("the best trial"):
-            best = record.best or {}
-            trial = best.get("job")  # the trial's job, relative to the tuning job
-            trial_record = Job(job.path / trial).record() if trial else None
-            child = (trial_record.mlflow or {}).get("run_id") if trial_record else None
-            if child:
-                client.set_tag(child, "imgtune.best_trial", "true")
-                client.set_tag(run_id, "imgtune.best_trial_run", child)
-            objective = best.get("objective")
-            if _finite(objective):
-                log_metrics(client, run_id, [("best_objective", objective, int(time.time() * 1000), 0)])
-        with gaps.part("tags and artifacts"):
-            client.set_tag(run_id, "imgtune.status", status)
-            client.set_tag(run_id, "imgtune.trials", str(len(record.trials or [])))
-            for path in (job.path / "report.html", job.log_file, job.job_file):
-                if path.is_file():
-                    client.log_artifact(run_id, str(path), None if path.suffix == ".html" else "imgtune")
-        with contextlib.redirect_stdout(sys.stderr):  # MLflow prints the run's link; stdout is for --json
-            client.set_terminated(run_id, STATUS.get(status, "FAILED"))
+        gaps.part("the best trial", lambda: tag_best_trial(client, run_id, job))
+        gaps.part("tags and artifacts", lambda: self._tags_and_files(client, run_id, job, status))
+        gaps.part("the run's status", lambda: end_run(client, run_id, status))
         gaps.settle()
+
+    @staticmethod
+    def _tags_and_files(client: MlflowClient, run_id: str, job: Job, status: str) -> None:
+        set_tags(client, run_id, {"imgtune.status": status, "imgtune.trials": str(len(job.record().trials or []))})
+        for path in (job.path / "report.html", job.log_file, job.job_file):
+            if path.is_file():
+                client.log_artifact(run_id, str(path), None if path.suffix == ".html" else "imgtune")
+
+
+def tag_best_trial(client: MlflowClient, run_id: str, job: Job) -> None:
+    """Tag the best trial's run (and untag one an earlier end of a resumed tuning job tagged)."""
+    best = job.record().best or {}
+    trial = best.get("job")  # the trial's job, relative to the tuning job
+    trial_record = Job(job.path / trial).record() if trial else None
+    child = (trial_record.mlflow or {}).get("run_id") if trial_record else None
+    earlier = client.get_run(run_id).data.tags.get("imgtune.best_trial_run")
+    if earlier and earlier != child:
+        client.delete_tag(earlier, "imgtune.best_trial")
+    if child:
+        set_tags(client, child, {"imgtune.best_trial": "true"})
+        set_tags(client, run_id, {"imgtune.best_trial_run": child})
+    objective = best.get("objective")
+    if _finite(objective):
+        log_metrics(client, run_id, [("best_objective", objective, int(time.time() * 1000), 0)])

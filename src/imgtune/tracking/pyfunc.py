@@ -7,9 +7,9 @@ unpickles anything from the artifact store. `mlflow.pyfunc.load_model(uri).predi
 other backend is checked against).
 
 Input: a DataFrame with a column `image` of encoded image bytes (JPEG, PNG, ...; base64 in JSON requests to
-`mlflow models serve`, which MLflow decodes from the signature's `binary` type), or a list of bytes, file paths
-or PIL images. Output: a DataFrame, one row per image: `label`, `class_id`, `index` and `probability` of the most
-probable class.
+`mlflow models serve`, which MLflow decodes from the signature's `binary` type) or PIL images. Never a file path:
+behind a server, a string comes from a request. Output: a DataFrame, one row per image: `label`, `class_id`,
+`index` and `probability` of the most probable class.
 """
 
 from __future__ import annotations
@@ -68,13 +68,11 @@ class ImgtunePyfuncModel:
 
         if isinstance(image, Image.Image):
             return self.predictor.preprocess(image), None
-        if isinstance(image, str | Path):
-            path = Path(image)
-            return self.predictor.tensor_from(path.read_bytes, path.suffix)
         if isinstance(image, bytes | bytearray | memoryview):
             data = bytes(image)
             return self.predictor.tensor_from(lambda: data)
-        return None, f"expected encoded image bytes, a file path or a PIL image, got {type(image).__name__}"
+        # never a path: behind `mlflow models serve`, a string is a request's, and must not open a server's file
+        return None, f"expected encoded image bytes or a PIL image, got {type(image).__name__}"
 
 
 def _images(model_input: Any) -> list[Any]:

@@ -44,8 +44,10 @@ def fetch_bundle(uri: str) -> Path:
         ) from None
     spec_file = root / "MLmodel"
     spec = yaml.safe_load(spec_file.read_text()) if spec_file.is_file() else {}
-    pyfunc = (spec.get("flavors") or {}).get("python_function") or {}
-    if pyfunc.get("loader_module") != LOADER_MODULE or not pyfunc.get("data"):
+    flavors = spec.get("flavors") if isinstance(spec, dict) else None
+    pyfunc = flavors.get("python_function") if isinstance(flavors, dict) else None
+    pyfunc = pyfunc if isinstance(pyfunc, dict) else {}
+    if pyfunc.get("loader_module") != LOADER_MODULE or not isinstance(pyfunc.get("data"), str):
         raise JobError(
             f"{uri} is not a model imgtune logged (no imgtune bundle in it)",
             "serve it with `mlflow models serve`, or give a model that an imgtune job with --mlflow logged",

@@ -170,7 +170,13 @@ class TensorBoardPlugin(JobPlugin):
         require("tensorboard", "tensorboard")
 
     def callbacks(self, run: TrainingRun) -> list[Callback]:
-        return [_ExportAfterEachEpoch(TensorBoardExport(run.job))]
+        export = run.extras["tensorboard"] = TensorBoardExport(run.job)
+        return [_ExportAfterEachEpoch(export)]
+
+    def on_fit_abort(self, run: TrainingRun) -> None:
+        export = run.extras.get("tensorboard")
+        if export is not None:
+            export.close()  # its writer's thread, in a process that may live on (a reused Ray worker)
 
     def on_job_end(self, job: Job, status: str) -> None:
         export = TensorBoardExport(job)
