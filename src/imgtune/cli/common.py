@@ -41,7 +41,7 @@ JobArgument = Annotated[str, typer.Argument(help="Job name or path.")]
 
 # Trackers (config `tracking.*`): the same options on train, tune and pipeline.
 MlflowOption = Annotated[
-    bool, typer.Option("--mlflow", help="Make the job an MLflow run (pip install 'imgtune[mlflow]').")
+    bool, typer.Option("--mlflow", help="Make the job an MLflow run (pip install 'imgtune\\[mlflow]').")
 ]
 MlflowUriOption = Annotated[
     str | None,

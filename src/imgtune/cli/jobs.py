@@ -104,7 +104,7 @@ def tensorboard(
     as_json: JsonOption = False,
 ) -> None:
     """Write a job's metrics, debugger tensors (as histograms) and profiler step segments as TensorBoard event
-    files, and print the command that shows them (pip install 'imgtune[tensorboard]')."""
+    files, and print the command that shows them (pip install 'imgtune\\[tensorboard]')."""
     result = imgtune.export_tensorboard(imgtune.open_job(job, workspace), out=out_dir)
     if as_json:
         print_json(result)
