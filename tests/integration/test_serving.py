@@ -234,7 +234,7 @@ def test_bad_requests_get_clear_json_errors(endpoint, photos, tmp_path, dogs_min
         (b'{"photo": 1}', "application/json", 400, 'needs "image"'),
         (b'{"url": "https://example.com/dog.jpg"}', "application/json", 400, "scheme 'https' is not allowed"),
         (b'{"url": "file:///etc/passwd"}', "application/json", 400, "scheme 'file' is not allowed"),
-        (b'{"url": "s3://serving-photos/missing.jpg"}', "application/json", 400, "not found"),
+        (b'{"url": "s3://serving-photos/missing.jpg"}', "application/json", 400, "could not fetch"),
         (json.dumps({"instances": [base64.b64encode(jpeg).decode()] * 65}).encode(), "application/json", 413, "65"),
     ]
     for body, content_type, status, message in cases:
@@ -473,3 +473,108 @@ def test_batch_transform_from_s3_to_json_lines(workspace, s3_client, photos, tmp
     }
     assert next(r for r in records if r["file"].endswith("readme.txt"))["error"].startswith("not an image")
     assert all(len(r["classes"]) == 5 for r in records if r["status"] == "ok")
+
+
+def malformed_requests(jpeg: bytes) -> list[tuple[str, str, str, bytes, dict[str, str]]]:
+    """(what, method, path and query, body, headers) of requests a client should never send, and an endpoint must
+    answer with a 4xx JSON error: bodies, JSON shapes, options, headers, content types, multipart."""
+    b64 = base64.b64encode(jpeg).decode()
+    as_json = {"Content-Type": "application/json"}
+
+    def doc(value: object) -> bytes:
+        return json.dumps(value).encode()
+
+    def multipart(boundary: str, *parts: bytes) -> bytes:
+        return b"".join(f"--{boundary}\r\n".encode() + p + b"\r\n" for p in parts) + f"--{boundary}--\r\n".encode()
+
+    file_part = b'Content-Disposition: form-data; name="file"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+    form = {"Content-Type": "multipart/form-data; boundary=xyz"}
+    return [
+        ("JSON nested 100,000 deep", "POST", "/invocations", b"[" * 100_000 + b"]" * 100_000, as_json),
+        ("JSON object nested deep", "POST", "/invocations", b'{"a":' * 50_000 + b"1" + b"}" * 50_000, as_json),
+        ("top_k 1e400", "POST", "/invocations", b'{"image": "%s", "top_k": 1e400}' % b64.encode(), as_json),
+        ("top_k NaN", "POST", "/invocations", b'{"image": "%s", "top_k": NaN}' % b64.encode(), as_json),
+        ("top_k -Infinity", "POST", "/invocations", b'{"image": "%s", "top_k": -Infinity}' % b64.encode(), as_json),
+        ("top_k 1e308", "POST", "/invocations", doc({"image": b64, "top_k": 1e308}), as_json),
+        ("top_k a list", "POST", "/invocations", doc({"image": b64, "top_k": [1]}), as_json),
+        ("top_k an object", "POST", "/invocations", doc({"image": b64, "top_k": {"k": 1}}), as_json),
+        ("top_k negative", "POST", "/invocations", doc({"image": b64, "top_k": -3}), as_json),
+        ("logits a list", "POST", "/invocations", doc({"image": b64, "logits": [True]}), as_json),
+        ("instances a string", "POST", "/invocations", doc({"instances": "abc"}), as_json),
+        ("instances empty", "POST", "/invocations", doc({"instances": []}), as_json),
+        ("instances of numbers", "POST", "/invocations", doc({"instances": [1, 2]}), as_json),
+        ("instances of lists", "POST", "/invocations", doc({"instances": [[b64]]}), as_json),
+        ("image a number", "POST", "/invocations", doc({"image": 5}), as_json),
+        ("image null", "POST", "/invocations", doc({"image": None}), as_json),
+        ("image not an image", "POST", "/invocations", doc({"image": base64.b64encode(b"hello").decode()}), as_json),
+        ("url a number", "POST", "/invocations", doc({"url": 7}), as_json),
+        ("url empty", "POST", "/invocations", doc({"url": ""}), as_json),
+        ("url s3 without a key", "POST", "/invocations", doc({"url": "s3://"}), as_json),
+        ("JSON an array", "POST", "/invocations", doc([b64]), as_json),
+        ("JSON a string", "POST", "/invocations", doc(b64), as_json),
+        ("JSON null", "POST", "/invocations", b"null", as_json),
+        ("JSON not UTF-8", "POST", "/invocations", b"\xff\xfe{\x00", as_json),
+        ("JSON empty", "POST", "/invocations", b"", as_json),
+        ("a data URL of garbage", "POST", "/invocations", doc({"image": "data:image/png;base64,***"}), as_json),
+        ("content type unknown", "POST", "/invocations", jpeg, {"Content-Type": "application/x-whatever"}),
+        ("content type empty", "POST", "/invocations", jpeg, {"Content-Type": ""}),
+        ("content type garbage", "POST", "/invocations", jpeg, {"Content-Type": ";;;==="}),
+        ("an image of random bytes", "POST", "/invocations", bytes(range(256)) * 40, {"Content-Type": "image/png"}),
+        (
+            "gzip claimed, not gzip",
+            "POST",
+            "/invocations",
+            b"\x1f\x8b garbage",
+            {"Content-Type": "image/jpeg", "Content-Encoding": "gzip"},
+        ),  # fmt: skip
+        ("multipart without a boundary", "POST", "/invocations", jpeg, {"Content-Type": "multipart/form-data"}),
+        ("multipart, another boundary", "POST", "/invocations", multipart("abc", file_part + jpeg), form),
+        ("multipart, empty", "POST", "/invocations", b"", form),
+        (
+            "multipart, a text field only",
+            "POST",
+            "/invocations",
+            multipart("xyz", b'Content-Disposition: form-data; name="top_k"\r\n\r\n3'),
+            form,
+        ),  # fmt: skip
+        ("multipart, cut short", "POST", "/invocations", multipart("xyz", file_part + jpeg)[:-40], form),
+        ("multipart, a file that is not an image", "POST", "/invocations", multipart("xyz", file_part + b"oops"), form),
+        (
+            "CustomAttributes top_k=abc",
+            "POST",
+            "/invocations",
+            jpeg,
+            {"Content-Type": "image/jpeg", "X-Amzn-SageMaker-Custom-Attributes": "top_k=abc"},
+        ),  # fmt: skip
+        (
+            "CustomAttributes top_k=1e400",
+            "POST",
+            "/invocations",
+            jpeg,
+            {"Content-Type": "image/jpeg", "X-Amzn-SageMaker-Custom-Attributes": "top_k=1e400"},
+        ),  # fmt: skip
+        ("query top_k with a NUL", "POST", "/invocations?top_k=%00", jpeg, {"Content-Type": "image/jpeg"}),
+        ("query logits=2", "POST", "/invocations?logits=2", jpeg, {"Content-Type": "image/jpeg"}),
+        ("PUT", "PUT", "/invocations", jpeg, {"Content-Type": "image/jpeg"}),
+        ("another endpoint's name", "POST", "/endpoints/cats/invocations", jpeg, {"Content-Type": "image/jpeg"}),
+    ]
+
+
+def test_a_fuzz_of_malformed_requests_gets_4xx_json_errors_and_the_server_lives_on(endpoint, photos):
+    import re
+
+    import httpx
+
+    jpeg = photos[0].read_bytes()
+    cases = malformed_requests(jpeg)
+    assert len(cases) >= 30
+    internals = re.compile(r"Traceback|File \"|/(?:tmp|root|home|work|usr|etc)/|Error:|Exception")
+    with httpx.Client(timeout=60) as client:
+        for what, method, path, body, headers in cases:
+            answer = client.request(method, endpoint + path, content=body, headers=headers)
+            assert 400 <= answer.status_code < 500, (what, answer.status_code, answer.text[:300])
+            message = answer.json()["error"]["message"]
+            assert not internals.search(message), (what, message)
+        assert client.get(f"{endpoint}/ping").status_code == 200
+        alive = client.post(f"{endpoint}/invocations", content=jpeg, headers={"Content-Type": "image/jpeg"})
+        assert alive.status_code == 200 and alive.json()["predictions"][0]["classes"]

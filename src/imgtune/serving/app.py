@@ -315,8 +315,8 @@ def create_app(model: Predictor | Callable[[], Predictor], options: ServeOptions
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("request failed")
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+        log.exception("request failed")  # the details go to the server's log, never into an answer
+        return error_response(500, "internal error (the server's log has the details)")
 
     @app.get("/ping")
     async def ping() -> Response:

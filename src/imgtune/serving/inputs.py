@@ -59,8 +59,8 @@ def parse_options(sources: list[dict[str, Any]], num_classes: int) -> Options:
                 top = int(value)
                 if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                     raise ValueError
-            except (TypeError, ValueError):
-                raise RequestError(400, f"top_k must be a whole number, not {value!r}") from None
+            except (TypeError, ValueError, OverflowError):  # OverflowError: 1e400 is a float infinity
+                raise RequestError(400, f"top_k must be a whole number, not {str(value)[:40]!r}") from None
             if not 1 <= top <= num_classes:
                 raise RequestError(400, f"top_k must be between 1 and {num_classes} (the model's classes), not {top}")
             options.top_k = top
@@ -72,7 +72,7 @@ def parse_options(sources: list[dict[str, Any]], num_classes: int) -> Options:
             elif str(value).lower() in ("false", "0", "no"):
                 options.logits = False
             else:
-                raise RequestError(400, f"logits must be true or false, not {value!r}")
+                raise RequestError(400, f"logits must be true or false, not {str(value)[:40]!r}")
     return options
 
 
@@ -103,6 +103,8 @@ def json_instances(body: bytes) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         document = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # [[[[...]]]] thousands deep: Python's parser gives up
+        raise RequestError(400, "the JSON body is nested too deeply") from None
     if not isinstance(document, dict):
         raise RequestError(400, 'the JSON body must be an object: {"image": ...}, {"url": ...} or {"instances": [...]}')
     if "instances" in document:
@@ -151,10 +153,8 @@ def fetch_url(url: str, allowed_schemes: tuple[str, ...], max_bytes: int) -> byt
             data = handle.read(max_bytes + 1)
     except RequestError:
         raise
-    except FileNotFoundError:
-        raise RequestError(400, f"{url} was not found") from None
-    except Exception as exc:
-        raise RequestError(400, f"could not read {url}: {type(exc).__name__}: {exc}") from None
+    except Exception:  # one answer for every failure: it must not tell whether a key exists, or why not
+        raise RequestError(400, f"could not fetch {url}") from None
     if len(data) > max_bytes:
         raise RequestError(413, f"{url} is over {max_bytes:,} bytes")
     return data
