@@ -75,7 +75,8 @@ def deploy(workspace: Path, log: Path, *options: str):
 @pytest.fixture(scope="module")
 def endpoint(workspace, s3_env, tmp_path_factory) -> str:
     """The default endpoint (PyTorch backend), with the moto S3 settings in its environment."""
-    with deploy(workspace, tmp_path_factory.mktemp("deploy") / "server.log") as url:
+    log = tmp_path_factory.mktemp("deploy") / "server.log"
+    with deploy(workspace, log, "--allow-bucket", "serving-photos", "--fetch-timeout", "20") as url:
         yield url
 
 
@@ -235,8 +236,12 @@ def test_bad_requests_get_clear_json_errors(endpoint, photos, tmp_path, dogs_min
         (b'{"url": "https://example.com/dog.jpg"}', "application/json", 400, "scheme 'https' is not allowed"),
         (b'{"url": "file:///etc/passwd"}', "application/json", 400, "scheme 'file' is not allowed"),
         (b'{"url": "s3://serving-photos/missing.jpg"}', "application/json", 400, "could not fetch"),
+        (b'{"url": "s3://someone-elses/dog.jpg"}', "application/json", 400, "not one this endpoint fetches from"),
         (json.dumps({"instances": [base64.b64encode(jpeg).decode()] * 65}).encode(), "application/json", 413, "65"),
     ]
+    huge = io.BytesIO()
+    Image.new("1", (7000, 7000)).save(huge, format="PNG")  # 49 MP in a few KB: refused from its header
+    cases.append((huge.getvalue(), "image/png", 400, "exceeds the limit of 25,000,000 pixels"))
     for body, content_type, status, message in cases:
         got, answer = post(f"{endpoint}/invocations", body, content_type)
         assert (got, answer["error"]["status"]) == (status, status), (message, answer)
@@ -284,6 +289,9 @@ def test_api_key_onnx_backend_and_a_bounded_queue(guarded_endpoint, endpoint, ph
         f"{guarded_endpoint}/invocations", two, "application/json", {"Authorization": f"Bearer {API_KEY}"}
     )
     assert status == 413 and "queues at most 1" in answer["error"]["message"]  # two images can never fit
+    by_url = json.dumps({"url": "s3://serving-photos/dog.jpg"}).encode()
+    status, answer = post(f"{guarded_endpoint}/invocations", by_url, "application/json", {"X-API-Key": API_KEY})
+    assert status == 400 and "fetches no URL" in answer["error"]["message"]  # URL fetches are off by default
     statuses, messages = burst(guarded_endpoint, jpeg, 24, {"X-API-Key": API_KEY})  # a queue of one image
     assert set(statuses) == {200, 503}, statuses  # some served, the rest refused at once, nothing else
     assert all("busy" in m for s, m in zip(statuses, messages, strict=True) if s == 503)

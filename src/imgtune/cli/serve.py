@@ -21,7 +21,10 @@ from imgtune.cli.common import (
 )
 from imgtune.config import ServeOptions
 
-ModelArgument = Annotated[str, typer.Argument(help="Job name or path (or a model bundle directory).")]
+ModelArgument = Annotated[
+    str,
+    typer.Argument(help="Job name or path, a model bundle directory, or an MLflow model URI (models:/NAME@ALIAS)."),
+]
 _MB = 1024 * 1024
 
 
@@ -49,8 +52,18 @@ def deploy(
     api_key: str | None = field_option(ServeOptions, "api_key", envvar="IMGTUNE_API_KEY"),
     allow_url_scheme: Annotated[
         list[str] | None,
-        typer.Option("--allow-url-scheme", help='Also fetch {"url": ...} images with this scheme (s3 always).'),
+        typer.Option(
+            "--allow-url-scheme",
+            help='Fetch {"url": ...} images with this scheme (repeatable; e.g. s3), with the server\'s own '
+            "credentials \\[default: no URL is fetched].",
+        ),
     ] = None,
+    allow_bucket: Annotated[
+        list[str] | None,
+        typer.Option("--allow-bucket", help="Fetch s3:// URLs from this bucket only (repeatable; allows s3)."),
+    ] = None,
+    fetch_timeout: float = field_option(ServeOptions, "fetch_timeout_s", "--fetch-timeout"),
+    max_image_pixels: int = field_option(ServeOptions, "max_image_pixels"),
     endpoint_name: str | None = field_option(ServeOptions, "endpoint_name"),
     threads: int | None = field_option(ServeOptions, "threads"),
     workspace: WorkspaceOption = None,
@@ -60,7 +73,7 @@ def deploy(
     POST /invocations (images, multipart, JSON with base64 or s3:// URLs; boto3's sagemaker-runtime client works),
     GET /ping, /health/live, /health/ready, /metrics (Prometheus) and a page at / to try a photo.
     """
-    schemes = tuple(dict.fromkeys(["s3", *(s.lower().removesuffix("://") for s in allow_url_scheme or [])]))
+    schemes = tuple(dict.fromkeys(s.lower().removesuffix("://") for s in allow_url_scheme or []))
     options = ServeOptions(  # checked before the "serving" line: a bad option is the only line printed
         backend=backend,
         max_batch_size=max_batch_size,
@@ -69,6 +82,9 @@ def deploy(
         max_payload_bytes=int(max_payload_mb * _MB),
         api_key=api_key,
         allowed_url_schemes=schemes,
+        allowed_buckets=tuple(allow_bucket or ()),
+        fetch_timeout_s=fetch_timeout,
+        max_image_pixels=max_image_pixels,
         endpoint_name=endpoint_name,
         threads=threads,
     )

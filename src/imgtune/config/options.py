@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from imgtune.config.job import MAX_IMAGE_PIXELS
 from imgtune.core.errors import ConfigError
 
 Strategy = Literal["bayesian", "random", "grid", "hyperband"]
@@ -101,6 +100,9 @@ class TuneOptions(Options):
         return self
 
 
+SERVING_MAX_IMAGE_PIXELS = 25_000_000  # a request's image: 25 MP (a 16-bit 49 MP PNG of a few KB took 5.5 s, 2 GB)
+
+
 class ServeOptions(Options):
     """How an endpoint serves; the defaults follow the managed endpoint where it has one (6 MB payloads)."""
 
@@ -116,10 +118,21 @@ class ServeOptions(Options):
     max_queue: int = Field(256, ge=1, description="Most images waiting; beyond it requests get 503.")
     max_payload_bytes: int = Field(6 * 1024 * 1024, ge=1024, description="Largest request body (413 beyond it).")
     max_image_pixels: int = Field(
-        MAX_IMAGE_PIXELS, ge=1, description="Larger images are refused (decompression bombs)."
+        SERVING_MAX_IMAGE_PIXELS,
+        ge=1,
+        description="Larger images are refused (decompression bombs; a small file can declare a huge image).",
     )
     api_key: str | None = Field(None, min_length=8, description="Require this key (X-API-Key or Bearer).")
-    allowed_url_schemes: tuple[str, ...] = Field(("s3",), description="Schemes of {'url': ...} images fetched.")
+    allowed_url_schemes: tuple[str, ...] = Field(
+        (), description="Schemes of {'url': ...} images the server fetches, with its own credentials [default: none]."
+    )
+    allowed_buckets: tuple[str, ...] = Field(
+        (), description="When set, s3:// URLs must name one of these buckets (and s3 is allowed)."
+    )
+    fetch_timeout_s: float = Field(10.0, gt=0, le=600, description="Longest a {'url': ...} fetch may take.")
+    max_concurrent_decodes: int | None = Field(
+        None, ge=1, le=256, description="Images decoded at once, over all requests [default: the cores]."
+    )
     endpoint_name: str | None = Field(None, description="Name in /endpoints/NAME/invocations [default: the job's].")
     threads: int | None = Field(None, ge=1, description="Inference threads [default: the backend's choice].")
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -40,6 +42,7 @@ from imgtune.serving.inputs import (
     MULTIPART_TYPE,
     RAW_IMAGE_TYPES,
     RequestError,
+    check_url,
     custom_attributes,
     fetch_url,
     json_instances,
@@ -109,6 +112,8 @@ class Endpoint:
         self.predictor: Predictor | None = None
         self.batcher: DynamicBatcher | None = None
         self.load_error: str | None = None
+        # decoding is CPU and memory: many large images at once must not take every core and gigabytes
+        self.decode_slots = threading.BoundedSemaphore(options.max_concurrent_decodes or os.cpu_count() or 1)
 
     async def load(self) -> None:
         try:
@@ -187,12 +192,14 @@ class Endpoint:
         if kind == JSON_TYPE:
             instances, options = json_instances(body)
             self.check_room(len(instances))
+            for instance in instances:  # every URL checked before any is fetched
+                if "url" in instance:
+                    check_url(instance["url"], self.options.allowed_url_schemes, self.options.allowed_buckets)
             images = []
             budget = self.options.max_payload_bytes - len(body)  # what the URLs fetch counts against the payload
             for instance in instances:
                 if "url" in instance:
-                    schemes = self.options.allowed_url_schemes
-                    data = await run_in_threadpool(fetch_url, instance["url"], schemes, max(budget, 0))
+                    data = await self.fetch(instance["url"], max(budget, 0))
                     budget -= len(data)
                     images.append(data)
                 else:
@@ -221,6 +228,14 @@ class Endpoint:
             raise RequestError(400, "the multipart body has no file part")
         return images, [fields]
 
+    async def fetch(self, url: str, max_bytes: int) -> bytes:
+        """An allowed URL's bytes within the fetch timeout (a slow store answers as a failed fetch does)."""
+        timeout = self.options.fetch_timeout_s
+        try:
+            return await asyncio.wait_for(run_in_threadpool(fetch_url, url, max_bytes, timeout), timeout)
+        except TimeoutError:
+            raise RequestError(400, f"could not fetch {url}") from None
+
     def check_room(self, count: int) -> None:
         """Refuse a request whose images could never fit (413) or do not fit now (503), before any work."""
         if count > self.options.max_queue:
@@ -236,7 +251,7 @@ class Endpoint:
         tensors = []
         for number, data in enumerate(images, 1):
             try:
-                with decode_image(data, self.options.max_image_pixels) as image:
+                with self.decode_slots, decode_image(data, self.options.max_image_pixels) as image:
                     tensors.append(self.predictor.preprocess(image))
             except BadImage as exc:
                 where = f"image {number}: " if len(images) > 1 else ""

@@ -134,18 +134,31 @@ def json_instances(body: bytes) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return instances, options
 
 
-def fetch_url(url: str, allowed_schemes: tuple[str, ...], max_bytes: int) -> bytes:
-    """An image named by URL: s3:// by default; other schemes only when the server allows them."""
-    scheme = urlsplit(url).scheme.lower()
-    if scheme not in allowed_schemes:
-        allowed = ", ".join(f"{s}://" for s in allowed_schemes) or "none"
+def check_url(url: str, allowed_schemes: tuple[str, ...], allowed_buckets: tuple[str, ...] = ()) -> None:
+    """Refuse a URL the server does not fetch: fetching is off unless a scheme (or a bucket) is allowed."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    schemes = set(allowed_schemes) | ({"s3"} if allowed_buckets else set())
+    if scheme not in schemes:
+        allowed = ", ".join(f"{s}://" for s in sorted(schemes)) or "none: this endpoint fetches no URL"
         raise RequestError(400, f"URL scheme {scheme or '(none)'!r} is not allowed (allowed: {allowed})")
+    if scheme == "s3" and allowed_buckets and parts.netloc not in allowed_buckets:
+        raise RequestError(400, f"bucket {parts.netloc[:64]!r} is not one this endpoint fetches from")
+
+
+def fetch_url(url: str, max_bytes: int, timeout: float = 10.0) -> bytes:
+    """An image named by an allowed URL (see check_url), at most `max_bytes`; any failure is one answer."""
     if max_bytes <= 0:
         raise RequestError(413, f"the request's images reach the payload limit before {url} is fetched")
     import fsspec
 
+    options: dict[str, Any] = {}
+    if urlsplit(url).scheme.lower() == "s3":  # botocore's own timeouts, and no retries past the deadline
+        options["config_kwargs"] = {
+            "connect_timeout": timeout, "read_timeout": timeout, "retries": {"max_attempts": 1}
+        }  # fmt: skip
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url, **options)
         size = fs.size(path)
         if size is not None and size > max_bytes:
             raise RequestError(413, f"{url} is {size:,} bytes (at most {max_bytes:,})")
