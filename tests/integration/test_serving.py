@@ -12,6 +12,7 @@ import io
 import json
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -279,8 +280,15 @@ def test_api_key_onnx_backend_and_a_bounded_queue(guarded_endpoint, endpoint, ph
     assert status == 200, answer
     status, reference = post(f"{endpoint}/invocations?logits=true", jpeg, "image/jpeg")
     assert np.allclose(answer["predictions"][0]["logits"], reference["predictions"][0]["logits"], atol=1e-4)
-    with urllib.request.urlopen(f"{guarded_endpoint}/health/ready", timeout=10) as response:
-        model = json.loads(response.read())["model"]
+    for private in ("/health/ready", "/metrics"):  # they describe the model and its traffic: behind the key
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{guarded_endpoint}{private}", timeout=10)
+        assert refused.value.code == 401
+    ready = urllib.request.Request(f"{guarded_endpoint}/health/ready", headers={"X-API-Key": API_KEY})
+    with urllib.request.urlopen(ready, timeout=10) as response:
+        text = response.read().decode()
+    model = json.loads(text)["model"]
+    assert model["job"] == JOB and str(workspace) not in text  # no path of the server's in an answer
     assert model["backend"] == "onnx" and not list((workspace / JOB / "model").glob("*.onnx"))  # in the cache
     checked = model["checked_against_fp32_eager"]  # before serving, on the job's own photos
     assert checked["mean_cosine"] > 0.9999 and checked["top1_agreement"] == 1.0
@@ -586,3 +594,40 @@ def test_a_fuzz_of_malformed_requests_gets_4xx_json_errors_and_the_server_lives_
         assert client.get(f"{endpoint}/ping").status_code == 200
         alive = client.post(f"{endpoint}/invocations", content=jpeg, headers={"Content-Type": "image/jpeg"})
         assert alive.status_code == 200 and alive.json()["predictions"][0]["classes"]
+
+
+def test_deadlines_and_a_dead_batch_worker(workspace, photos):
+    import socket
+
+    from imgtune.config import ServeOptions
+    from imgtune.serving.server import BackgroundEndpoint
+
+    jpeg = photos[0].read_bytes()
+    # a batch waits up to 3 s to fill, a request may take 1.5 s: 504; a body must arrive within 0.5 s: 408
+    options = ServeOptions(max_batch_delay_ms=3000, request_timeout_s=1.5, body_timeout_s=0.5)
+    with BackgroundEndpoint(workspace / JOB, options) as served:
+        status, answer = post(f"{served.url}/invocations", jpeg, "image/jpeg")
+        assert status == 504 and "no answer within 1.5 s" in answer["error"]["message"]
+        with socket.create_connection((served.host, served.port), timeout=10) as connection:
+            connection.sendall(
+                b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                b"Content-Length: 100000\r\n\r\n" + jpeg[:100]
+            )  # and then nothing more
+            reply = b""
+            while b"did not arrive" not in reply:
+                chunk = connection.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+            reply = reply.decode(errors="replace")
+        assert reply.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in reply
+        endpoint = served.server.config.app.state.endpoint
+        task = endpoint.batcher.task
+        task.get_loop().call_soon_threadsafe(task.cancel)  # the batch worker dies
+        deadline = time.monotonic() + 10
+        while endpoint.batcher.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for probe in ("/ping", "/health/ready"):
+            with pytest.raises(urllib.error.HTTPError) as unready:
+                urllib.request.urlopen(f"{served.url}{probe}", timeout=10)
+            assert unready.value.code == 503 and "batch worker has stopped" in unready.value.read().decode()

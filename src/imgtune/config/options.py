@@ -130,6 +130,10 @@ class ServeOptions(Options):
         (), description="When set, s3:// URLs must name one of these buckets (and s3 is allowed)."
     )
     fetch_timeout_s: float = Field(10.0, gt=0, le=600, description="Longest a {'url': ...} fetch may take.")
+    request_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="A request not answered in this time gets 504 (decode, queue, model)."
+    )
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="A body not received in this time gets 408.")
     max_concurrent_decodes: int | None = Field(
         None, ge=1, le=256, description="Images decoded at once, over all requests [default: the cores]."
     )

@@ -139,6 +139,8 @@ class Endpoint:
 
     def not_ready(self) -> JSONResponse | None:
         if self.predictor is not None:
+            if self.batcher is not None and not self.batcher.alive:  # requests would wait for ever: not ready
+                return error_response(503, "the model's batch worker has stopped; restart the endpoint")
             return None
         if self.load_error:
             return error_response(503, f"the model failed to load: {self.load_error}")
@@ -161,13 +163,21 @@ class Endpoint:
         if declared and declared.isdigit() and int(declared) > limit:
             await self._drain(stream)
             raise RequestError(413, f"the body is {int(declared):,} bytes (at most {limit:,})")
-        chunks, size = [], 0
-        async for chunk in stream:
-            size += len(chunk)
-            if size > limit:
-                await self._drain(stream)
-                raise RequestError(413, f"the body is over {limit:,} bytes")
-            chunks.append(chunk)
+        chunks: list[bytes] = []
+
+        async def receive() -> None:
+            size = 0
+            async for chunk in stream:
+                size += len(chunk)
+                if size > limit:
+                    await self._drain(stream)
+                    raise RequestError(413, f"the body is over {limit:,} bytes")
+                chunks.append(chunk)
+
+        try:  # a client that sends slowly (or stops) must not hold a connection and its buffers for ever
+            await asyncio.wait_for(receive(), self.options.body_timeout_s)
+        except TimeoutError:
+            raise RequestError(408, f"the body did not arrive within {self.options.body_timeout_s:g} s") from None
         return b"".join(chunks)
 
     async def _drain(self, stream: Any) -> None:
@@ -269,6 +279,12 @@ class Endpoint:
         if unavailable is not None:
             await self._drain(request.stream())
             return unavailable
+        try:
+            return await asyncio.wait_for(self._answer(request), self.options.request_timeout_s)
+        except TimeoutError:
+            raise RequestError(504, f"no answer within {self.options.request_timeout_s:g} s; retry later") from None
+
+    async def _answer(self, request: Request) -> Response:
         assert self.predictor is not None and self.batcher is not None
         images, option_sources = await self.images_and_options(request)
         self.check_room(len(images))  # (JSON and multipart bodies were checked before fetching and reading)
@@ -342,7 +358,8 @@ def create_app(model: Predictor | Callable[[], Predictor], options: ServeOptions
         return {"status": "alive"}
 
     @app.get("/health/ready")
-    async def ready() -> Response:
+    async def ready(request: Request) -> Response:
+        endpoint.check_key(request)  # it describes the model: not for anyone without the key
         unavailable = endpoint.not_ready()
         if unavailable is not None:
             return unavailable
@@ -362,7 +379,8 @@ def create_app(model: Predictor | Callable[[], Predictor], options: ServeOptions
         return await endpoint.invoke(request, key_checked=True)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        endpoint.check_key(request)
         if endpoint.batcher is not None:
             endpoint.metrics.queue_depth.set(endpoint.batcher.depth)
         return Response(generate_latest(endpoint.metrics.registry), media_type=CONTENT_TYPE_LATEST)

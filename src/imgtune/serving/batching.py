@@ -42,6 +42,11 @@ class DynamicBatcher:
     def depth(self) -> int:
         return self.queue.qsize()
 
+    @property
+    def alive(self) -> bool:
+        """False once the task that runs batches has ended (cancelled, or killed by an error it let through)."""
+        return self.task is not None and not self.task.done()
+
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._serve())
 

@@ -152,7 +152,8 @@ class Predictor:
                 ),
                 None,
             ),  # fmt: skip
-            "model_dir": str(self.model_dir) if self.model_dir else None,
+            # the job's name, not the server's path to it: answers carry no absolute paths
+            "job": self.bundle.manifest.get("job") or (self.model_dir.parent.name if self.model_dir else None),
         }
 
 
