@@ -214,10 +214,58 @@ class EpochMetricsToMlflow(Callback):
         log_metrics(self.client, self.run_id, epoch_points(trainer.epoch_record))
 
 
-class MlflowPlugin(JobPlugin):
-    """A training job (a tuning trial included) as an MLflow run; see the module docstring."""
+class _RunPlugin(JobPlugin):
+    """What both kinds of run share: making the run at the job's start (or continuing a resumed job's), and
+    ending it with the parts that could not be logged recorded."""
 
     name = "mlflow"
+    kind = ""
+    tracking: Any
+
+    def on_job_start(self, job: Job) -> None:
+        try:
+            known = job.record().mlflow or {}
+            uri = resolve_uri(self.tracking.mlflow_uri or known.get("tracking_uri"))
+            client = client_for(uri)
+            if known.get("run_id") and known.get("tracking_uri") == uri:  # a resumed job continues its run
+                client.update_run(known["run_id"], status="RUNNING")
+                job.log(f"mlflow: continuing run {known['run_id']} at {uri}")
+                return
+            experiment = experiment_id(client, self.tracking.experiment)
+            tags = {"imgtune.job": job.name, "imgtune.kind": self.kind, **self.run_tags()}
+            run_id = client.create_run(experiment, tags=tags, run_name=job.name).info.run_id
+            job.update(mlflow={"tracking_uri": uri, "experiment_id": experiment, "run_id": run_id})
+            log_params(client, run_id, without_secrets(flat_params(self.params(job))))
+            job.log(f"mlflow: {self.kind} run {run_id} in experiment {self.tracking.experiment!r} at {uri}")
+        except Exception as exc:  # the job goes on without its run: say so in job.json
+            gap = f"mlflow: nothing logged, the run could not be made: {type(exc).__name__}: {str(exc)[:300]}"
+            job.update(tracking_gaps=[*(job.record().tracking_gaps or []), gap])
+            raise
+
+    def run_tags(self) -> dict[str, str]:
+        return {}
+
+    def params(self, job: Job) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def on_job_end(self, job: Job, status: str) -> None:
+        found = run_of(job)
+        if found is None:
+            return
+        client, run_id = found
+        gaps = _Gaps(job)
+        self.log_end(gaps, client, run_id, job, status)
+        gaps.part("the run's status", lambda: end_run(client, run_id, status))
+        gaps.settle()
+
+    def log_end(self, gaps: _Gaps, client: MlflowClient, run_id: str, job: Job, status: str) -> None:
+        raise NotImplementedError
+
+
+class MlflowPlugin(_RunPlugin):
+    """A training job (a tuning trial included) as an MLflow run; see the module docstring."""
+
+    kind = "training"
 
     def __init__(self, config: JobConfig):
         self.tracking = config.tracking
@@ -227,43 +275,20 @@ class MlflowPlugin(JobPlugin):
     def check(cls, config: JobConfig) -> None:
         require("mlflow", "mlflow")
 
-    def on_job_start(self, job: Job) -> None:
-        try:
-            self._start_run(job)
-        except Exception as exc:  # the job goes on without its run: say so in job.json
-            gap = f"mlflow: nothing logged, the run could not be made: {type(exc).__name__}: {str(exc)[:300]}"
-            job.update(tracking_gaps=[*(job.record().tracking_gaps or []), gap])
-            raise
-
-    def _start_run(self, job: Job) -> None:
-        record = job.record()
-        known = record.mlflow or {}
-        uri = resolve_uri(self.tracking.mlflow_uri or known.get("tracking_uri"))
-        client = client_for(uri)
-        if known.get("run_id") and known.get("tracking_uri") == uri:  # a resumed job continues its run
-            client.update_run(known["run_id"], status="RUNNING")
-            job.log(f"mlflow: continuing run {known['run_id']} at {uri}")
-            return
-        experiment = experiment_id(client, self.tracking.experiment)
-        tags = {"imgtune.job": job.name, "imgtune.kind": "training", "imgtune.backbone": self.config.model.backbone}
+    def run_tags(self) -> dict[str, str]:
+        tags = {"imgtune.backbone": self.config.model.backbone}
         if self.tracking.parent_run_id:
             tags["mlflow.parentRunId"] = self.tracking.parent_run_id
-        run = client.create_run(experiment, tags=tags, run_name=job.name)
-        run_id = run.info.run_id
-        job.update(mlflow={"tracking_uri": uri, "experiment_id": experiment, "run_id": run_id})
-        log_params(client, run_id, without_secrets(flat_params(record.config or self.config.model_dump(mode="json"))))
-        job.log(f"mlflow: run {run_id} in experiment {self.tracking.experiment!r} at {uri}")
+        return tags
+
+    def params(self, job: Job) -> dict[str, Any]:
+        return job.record().config or self.config.model_dump(mode="json")
 
     def callbacks(self, run: TrainingRun) -> list[Callback]:
         found = run_of(run.job)
         return [EpochMetricsToMlflow(*found)] if found else []
 
-    def on_job_end(self, job: Job, status: str) -> None:
-        found = run_of(job)
-        if found is None:
-            return
-        client, run_id = found
-        gaps = _Gaps(job)
+    def log_end(self, gaps: _Gaps, client: MlflowClient, run_id: str, job: Job, status: str) -> None:
         record = job.record()
         gaps.part("epoch metrics", lambda: log_missing_epochs(client, run_id, job))
         stamp, step = int(time.time() * 1000), int(record.epochs_run or 0)
@@ -277,8 +302,6 @@ class MlflowPlugin(JobPlugin):
         is_trial = bool(self.tracking.parent_run_id)
         if status == "completed" and not is_trial and (job.model_dir / "manifest.json").is_file():
             gaps.part("the model", lambda: self._log_model(job, run_id))
-        gaps.part("the run's status", lambda: end_run(client, run_id, status))
-        gaps.settle()
 
     def _log_model(self, job: Job, run_id: str) -> None:
         logged = log_model(job, run_id, self.tracking.registered_model, self.tracking.alias)
@@ -435,40 +458,22 @@ def log_model(job: Job, run_id: str, register: str | None, alias: str | None) ->
 # -- a tuning job -------------------------------------------------------------------------------------------
 
 
-class MlflowTuningPlugin(JobPlugin):
+class MlflowTuningPlugin(_RunPlugin):
     """A tuning job as a parent run: its options as params, its trials nested under it, the best trial tagged."""
 
-    name = "mlflow"
+    kind = "tuning"
 
     def __init__(self, base: JobConfig, options: dict[str, Any]):
         require("mlflow", "mlflow")
         self.tracking = base.tracking
         self.options = options
 
-    def on_job_start(self, job: Job) -> None:
-        known = job.record().mlflow or {}
-        uri = resolve_uri(self.tracking.mlflow_uri or known.get("tracking_uri"))
-        client = client_for(uri)
-        if known.get("run_id") and known.get("tracking_uri") == uri:
-            client.update_run(known["run_id"], status="RUNNING")
-            return
-        experiment = experiment_id(client, self.tracking.experiment)
-        run = client.create_run(experiment, tags={"imgtune.job": job.name, "imgtune.kind": "tuning"}, run_name=job.name)
-        job.update(mlflow={"tracking_uri": uri, "experiment_id": experiment, "run_id": run.info.run_id})
-        options = {k: v for k, v in self.options.items() if k != "base"}
-        log_params(client, run.info.run_id, flat_params(options))
-        job.log(f"mlflow: tuning run {run.info.run_id} at {uri}; trials nest under it")
+    def params(self, job: Job) -> dict[str, Any]:
+        return {k: v for k, v in self.options.items() if k != "base"}
 
-    def on_job_end(self, job: Job, status: str) -> None:
-        found = run_of(job)
-        if found is None:
-            return
-        client, run_id = found
-        gaps = _Gaps(job)
+    def log_end(self, gaps: _Gaps, client: MlflowClient, run_id: str, job: Job, status: str) -> None:
         gaps.part("the best trial", lambda: tag_best_trial(client, run_id, job))
         gaps.part("tags and artifacts", lambda: self._tags_and_files(client, run_id, job, status))
-        gaps.part("the run's status", lambda: end_run(client, run_id, status))
-        gaps.settle()
 
     @staticmethod
     def _tags_and_files(client: MlflowClient, run_id: str, job: Job, status: str) -> None:
