@@ -8,7 +8,19 @@ never fails the job: what it could not log goes to the job's log and `tracking_g
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from imgtune.core.errors import ConfigError
+
+# what a tracker sends of each epoch's record (metrics.jsonl), step = epoch
+EPOCH_METRICS = ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "valid_top5_accuracy", "lr")
+EPOCH_METRICS += ("epoch_time",)
+
+
+def finite_number(value: Any) -> bool:
+    """A real, finite number (trackers refuse NaN and infinities; booleans are not metrics)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def require(module: str, extra: str) -> None:

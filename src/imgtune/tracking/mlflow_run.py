@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from imgtune.config import JobConfig
 from imgtune.storage.jobs import Job
-from imgtune.tracking import require
+from imgtune.tracking import EPOCH_METRICS, finite_number, require
 from imgtune.training.callbacks import Callback
 from imgtune.training.plugin import JobPlugin, TrainingRun
 
@@ -41,8 +40,6 @@ if TYPE_CHECKING:
 
     from imgtune.training.trainer import Trainer
 
-EPOCH_METRICS = ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "valid_top5_accuracy", "lr")
-EPOCH_METRICS += ("epoch_time",)
 MODEL_ARTIFACT = "model"
 PARAM_VALUE_LIMIT = 6000  # MLflow's longest param value
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "stopped": "KILLED"}
@@ -150,18 +147,14 @@ def log_metrics(client: MlflowClient, run_id: str, points: list[tuple[str, float
     stores)."""
     from mlflow.entities import Metric
 
-    metrics = [Metric(k, float(v), t, s) for k, v, t, s in points if _finite(v)]
+    metrics = [Metric(k, float(v), t, s) for k, v, t, s in points if finite_number(v)]
     for chunk in _chunks(metrics, 1000):
         client.log_batch(run_id, metrics=chunk)
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def epoch_points(record: dict[str, Any], timestamp: int | None = None) -> list[tuple[str, float, int, int]]:
     stamp = timestamp or int(time.time() * 1000)
-    return [(key, record[key], stamp, int(record["epoch"])) for key in EPOCH_METRICS if _finite(record.get(key))]
+    return [(key, record[key], stamp, int(record["epoch"])) for key in EPOCH_METRICS if finite_number(record.get(key))]
 
 
 def run_of(job: Job) -> tuple[MlflowClient, str] | None:
@@ -292,7 +285,7 @@ class MlflowPlugin(_RunPlugin):
         record = job.record()
         gaps.part("epoch metrics", lambda: log_missing_epochs(client, run_id, job))
         stamp, step = int(time.time() * 1000), int(record.epochs_run or 0)
-        test = [(f"test_{k}", v, stamp, step) for k, v in (record.test or {}).items() if _finite(v)]
+        test = [(f"test_{k}", v, stamp, step) for k, v in (record.test or {}).items() if finite_number(v)]
         gaps.part("test metrics", lambda: log_metrics(client, run_id, test))
         gaps.part("system metrics", lambda: log_metrics(client, run_id, system_points(job)))
         gaps.part("tags", lambda: set_tags(client, run_id, job_tags(job, status)))
@@ -351,12 +344,12 @@ def system_points(job: Job) -> list[tuple[str, float, int, int]]:
     for step, sample in enumerate(ProfileData.load(job.path).samples):
         stamp = int(sample.get("t", time.time()) * 1000)
         for field, (name, scale) in SYSTEM_METRICS.items():
-            if _finite(sample.get(field)):
+            if finite_number(sample.get(field)):
                 points.append((name, sample[field] * scale, stamp, step))
         for index, gpu in enumerate(sample.get("gpus") or []):
-            if _finite(gpu.get("util")):
+            if finite_number(gpu.get("util")):
                 points.append((f"system/gpu_{index}_utilization_percentage", gpu["util"], stamp, step))
-            if _finite(gpu.get("mem_used")):
+            if finite_number(gpu.get("mem_used")):
                 points.append((f"system/gpu_{index}_memory_usage_megabytes", gpu["mem_used"] / 1e6, stamp, step))
     return points
 
@@ -496,5 +489,5 @@ def tag_best_trial(client: MlflowClient, run_id: str, job: Job) -> None:
         set_tags(client, child, {"imgtune.best_trial": "true"})
         set_tags(client, run_id, {"imgtune.best_trial_run": child})
     objective = best.get("objective")
-    if _finite(objective):
+    if finite_number(objective):
         log_metrics(client, run_id, [("best_objective", objective, int(time.time() * 1000), 0)])

@@ -14,25 +14,18 @@ run again, or the job's own process after its workers, adds only what is new and
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from imgtune.core.io import atomic_write_json
 from imgtune.storage.jobs import Job
-from imgtune.tracking import require
+from imgtune.tracking import EPOCH_METRICS, finite_number, require
 from imgtune.training.callbacks import Callback
 from imgtune.training.plugin import JobPlugin, TrainingRun
 
 TENSORBOARD_DIR = "tensorboard"  # JOB/tensorboard: the live plugin's, and `imgtune tensorboard`'s default
 OFFSETS_FILE = ".imgtune-export.json"
-EPOCH_KEYS = ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "valid_top5_accuracy", "lr")
-EPOCH_KEYS += ("epoch_time",)
 SEGMENTS = ("data", "h2d", "forward", "backward", "optimizer", "total")
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class TensorBoardExport:
@@ -73,7 +66,7 @@ class TensorBoardExport:
         return records
 
     def _scalar(self, tag: str, value: Any, step: int, wall: float | None = None) -> None:
-        if _finite(value):
+        if finite_number(value):
             self.writer.add_scalar(tag, value, step, walltime=wall)
             self.written += 1
 
@@ -89,7 +82,7 @@ class TensorBoardExport:
 
     def _metrics(self) -> None:
         for record in self._new_records(self.job.metrics_file):
-            for key in EPOCH_KEYS:
+            for key in EPOCH_METRICS:
                 self._scalar(f"epoch/{key}", record.get(key), int(record["epoch"]))
 
     def test_metrics(self) -> None:
@@ -114,7 +107,7 @@ class TensorBoardExport:
         finite = sum(counts)
         lo, hi = float(histogram["min"]), float(histogram["max"])
         mean, std = reductions.get("mean"), reductions.get("std")
-        if not finite or not all(_finite(x) for x in (lo, hi, mean, std)):
+        if not finite or not all(finite_number(x) for x in (lo, hi, mean, std)):
             return
         width = (hi - lo) / len(counts) if hi > lo else 1e-12
         limits = [lo + width * (i + 1) for i in range(len(counts))]
@@ -139,7 +132,9 @@ class TensorBoardExport:
                 counters[where] = index + 1
                 for segment in SEGMENTS:
                     value = record.get(segment)
-                    self._scalar(f"profiler/{where}/{segment}_ms", value * 1000 if _finite(value) else None, index)
+                    self._scalar(
+                        f"profiler/{where}/{segment}_ms", value * 1000 if finite_number(value) else None, index
+                    )
 
     def close(self) -> None:
         self.writer.close()
