@@ -66,7 +66,9 @@ class ModelConfig(_Section):
         "backbone", description="What is frozen: the whole backbone, all but its last stage, or nothing."
     )
     # The names of imgtune.models.backends' registry (config may not import models; a test keeps them equal).
-    backend: Literal["auto", "eager", "channels_last", "bf16", "onnx", "compile"] = Field(
+    backend: Literal[
+        "auto", "eager", "channels_last", "bf16", "onnx", "int8", "openvino", "openvino-int8", "compile"
+    ] = Field(
         "auto",
         description="Inference backend the frozen backbone computes features with and evaluation runs the model "
         "on: 'auto' takes the fastest on this device whose outputs agree with fp32 eager (measured once, "

@@ -1,15 +1,17 @@
 """A model bundle ready to answer: decoded images in, top-k classes (and raw logits) out.
 
 The logits come from an inference backend (imgtune.models.backends): `auto` (the default) measures the
-backends this device offers on a few of the job's own photos and keeps the fastest whose outputs agree with fp32
-eager; `torch` (fp32 channels-last), `onnx` (ONNX Runtime on an export made once per bundle, kept in the cache),
-`bf16`, `eager` or `compile` name one, which is still checked against fp32 eager before it serves.
+backends this device offers on the job's own photos and keeps the fastest that agrees with fp32 eager (fp32
+backends by their outputs; quantized ones, `int8` and `openvino-int8`, calibrated on the job's training photos,
+by their answers on its validation photos: top-1 agreement at least 99%, accuracy within half a point);
+`torch` (fp32 channels-last), `onnx`, `int8`, `openvino`, `openvino-int8`, `bf16`, `eager` or `compile` name
+one, which is still checked before it serves.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +21,26 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imgtune.core.errors import JobError
-from imgtune.data.check import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, BadImage, decode_image
+from imgtune.config import DataConfig
+from imgtune.core.errors import ImgtuneError, JobError
+from imgtune.data.check import MAX_IMAGE_PIXELS, BadImage, decode_image
+from imgtune.data.dataset import Sample, prepare_data
 from imgtune.data.transforms import load_image, to_rgb
-from imgtune.models.backends import AUTO, Backend, choose_backend, remembered_backend, resolve_backend_name
+from imgtune.models.backends import (
+    AUTO,
+    Backend,
+    choose_backend,
+    remembered_backend,
+    resolve_backend_name,
+)
 from imgtune.models.bundle import WEIGHTS_FILE, Bundle, load_bundle
 from imgtune.storage.jobs import Job
 
 EXAMPLE_IMAGES = 16  # photos the backends are timed and checked on
+CALIBRATION_IMAGES = 64  # training photos a quantized backend is calibrated on
+VALIDATION_IMAGES = 256  # labelled validation photos a quantized backend is checked on (at most)
+
+log = logging.getLogger("imgtune.serving")
 
 
 @dataclass
@@ -52,27 +66,51 @@ def weights_sha256(bundle: Bundle) -> str:
     return bundle.manifest["files"][WEIGHTS_FILE]["sha256"]  # checked against the file when the bundle loaded
 
 
-def example_batch(bundle: Bundle, model_dir: Path) -> tuple[torch.Tensor, bool]:
-    """Up to EXAMPLE_IMAGES of the job's own photos, preprocessed, and True; or noise and False when the data
-    is not at hand (a choice measured on noise is used, but not remembered)."""
-    transform = bundle.preprocessing.eval_transform()
+@dataclass
+class JobPhotos:
+    """The job's own photos, preprocessed, for choosing a backend."""
+
+    example: torch.Tensor  # backends are timed and their outputs checked on these
+    calibration: torch.Tensor | None = None  # training photos, for quantizing backends
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None  # validation photos and their class indices
+
+
+def job_photos(bundle: Bundle, model_dir: Path) -> JobPhotos | None:
+    """Photos from the job's own dataset split as the job split it (training photos for calibration, labelled
+    validation photos for checks); None when the dataset is not a local folder at hand."""
     job_file = model_dir.parent / "job.json"
-    images: list[torch.Tensor] = []
-    if job_file.is_file():
-        data_path = Path(json.loads(job_file.read_text()).get("config", {}).get("data", {}).get("path", ""))
-        if data_path.is_dir():
-            files = (p for p in sorted(data_path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
-            for file in itertools.islice(files, 0, None, 7):  # spread over classes
-                try:
-                    images.append(transform(load_image(file)))
-                except Exception:
-                    continue
-                if len(images) == EXAMPLE_IMAGES:
-                    break
-    if len(images) < 4:
-        size = bundle.preprocessing.image_size
-        return torch.randn(EXAMPLE_IMAGES, 3, size, size, generator=torch.Generator().manual_seed(0)), False
-    return torch.stack(images), True
+    try:
+        data_config = json.loads(job_file.read_text()).get("config", {}).get("data", {})
+        if not Path(str(data_config.get("path", ""))).expanduser().is_dir():
+            return None
+        data = prepare_data(DataConfig.model_validate(data_config), progress=False)
+    except (OSError, ValueError, ImgtuneError) as exc:
+        log.info("the job's photos are not at hand (%s): backends are checked on noise", exc)
+        return None
+    transform = bundle.preprocessing.eval_transform()
+    index_of = {c.id: i for i, c in enumerate(bundle.classes)}
+
+    def preprocessed(samples: list[Sample], limit: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        images, targets = [], []
+        for sample in samples[:: max(1, len(samples) // limit)][:limit]:  # spread over classes (sorted by label)
+            class_id = data.classes[sample.label].id
+            if class_id in index_of:
+                images.append(transform(load_image(sample.path)))
+                targets.append(index_of[class_id])
+        return (torch.stack(images), torch.tensor(targets)) if images else None
+
+    train = preprocessed(data.splits.get("train", []), CALIBRATION_IMAGES)
+    validation = preprocessed(data.splits.get("valid", []), VALIDATION_IMAGES)
+    source = validation or train
+    if source is None or len(source[0]) < 4:
+        return None
+    example = source[0][:: max(1, len(source[0]) // EXAMPLE_IMAGES)][:EXAMPLE_IMAGES]
+    return JobPhotos(example, train[0] if train else None, validation)
+
+
+def noise_batch(bundle: Bundle) -> torch.Tensor:
+    size = bundle.preprocessing.image_size
+    return torch.randn(EXAMPLE_IMAGES, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
 class Predictor:
@@ -102,8 +140,14 @@ class Predictor:
         size = bundle.preprocessing.image_size
         hit = remembered_backend(bundle.model, cpu, (3, size, size), **common) if choice == AUTO else None
         if hit is None:  # measure (auto) or check (a named backend) on the job's own photos
-            example, real_photos = example_batch(bundle, model_dir)
-            hit = choose_backend(bundle.model, example, cpu, choice, remember=real_photos, **common)
+            photos = job_photos(bundle, model_dir)
+            if photos is None:  # a choice measured on noise serves, but is not remembered
+                log.warning("the job's photos are not at hand: the backend is checked on noise")
+                photos = JobPhotos(noise_batch(bundle))
+            hit = choose_backend(
+                bundle.model, photos.example, cpu, choice, remember=photos.calibration is not None,
+                calibration=photos.calibration, validation=photos.validation, **common,
+            )  # fmt: skip
         return cls(bundle, *hit, model_dir=model_dir)
 
     @property

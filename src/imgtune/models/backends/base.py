@@ -23,12 +23,16 @@ class Backend(ABC):
 
     A subclass builds in `__init__` (raising BackendUnavailable when it cannot run on `device`) and runs in
     `__call__`. Every backend takes the same keyword options and ignores those it has no use for:
-    `image_size` (the side of the square inputs, for exporters), `threads` (for runtimes with their own pool)
-    and `fingerprint` (of the module's weights, naming what it keeps in the cache; hashed here when None).
-    `name` is set by `register_backend`.
+    `image_size` (the side of the square inputs, for exporters), `threads` (for runtimes with their own pool),
+    `fingerprint` (of the module's weights, naming what it keeps in the cache; hashed here when None) and
+    `calibration` (a batch of real preprocessed inputs, for quantizers). `name` is set by `register_backend`.
+
+    `lossy` backends (quantized ones) change answers a little by design: they are checked on labelled photos
+    (top-1 agreement with fp32 eager and accuracy, imgtune.models.backends.choose) instead of by output cosine.
     """
 
     name: ClassVar[str] = ""
+    lossy: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -38,6 +42,7 @@ class Backend(ABC):
         image_size: int = 224,
         threads: int | None = None,
         fingerprint: str | None = None,
+        calibration: torch.Tensor | None = None,
     ):
         self.device = device
 

@@ -52,6 +52,14 @@ def export_onnx(module: nn.Module, image_size: int, onnx_file: Path) -> Path:
     return onnx_file
 
 
+def exported_onnx(module: nn.Module, image_size: int, fingerprint: str | None = None) -> Path:
+    """The cached fp32 export of `module` at `image_size`, made now when not cached yet."""
+    onnx_file = export_file(module, image_size, fingerprint)
+    if not onnx_file.is_file():
+        export_onnx(module, image_size, onnx_file)
+    return onnx_file
+
+
 @register_backend("onnx", auto_candidate=True)
 class OnnxBackend(Backend):
     def __init__(
@@ -62,6 +70,7 @@ class OnnxBackend(Backend):
         image_size: int = 224,
         threads: int | None = None,
         fingerprint: str | None = None,
+        calibration: torch.Tensor | None = None,
     ):
         super().__init__(module, device)
         try:
@@ -73,9 +82,7 @@ class OnnxBackend(Backend):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailable("ONNX Runtime here has no CUDA provider")
             providers.insert(0, "CUDAExecutionProvider")
-        onnx_file = export_file(module, image_size, fingerprint)
-        if not onnx_file.is_file():
-            export_onnx(module, image_size, onnx_file)
+        onnx_file = self.model_file(module, image_size, fingerprint, calibration)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: its graph-optimisation notes are not the user's business
@@ -84,6 +91,12 @@ class OnnxBackend(Backend):
         self.onnx_file = onnx_file
         self.session = ort.InferenceSession(str(onnx_file), options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
+
+    def model_file(
+        self, module: nn.Module, image_size: int, fingerprint: str | None, calibration: torch.Tensor | None
+    ) -> Path:
+        """The ONNX file this backend runs (exported now when not in the cache); subclasses run another."""
+        return exported_onnx(module, image_size, fingerprint)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         output = self.session.run(None, {self.input_name: batch.detach().cpu().contiguous().numpy()})[0]

@@ -83,6 +83,14 @@ def resolve_backend_name(choice: str) -> str:
     raise ConfigError(f"unknown backend {choice!r}", f"use one of {', '.join(backend_choices())}")
 
 
+def backend_class(name: str) -> type[Backend]:
+    """The Backend subclass registered under `name` (or an alias)."""
+    resolved = resolve_backend_name(name)
+    if resolved == AUTO:
+        raise ConfigError("auto is not a backend", "name one of the backends")
+    return _REGISTRY[resolved].backend
+
+
 def make_backend(
     name: str,
     module: nn.Module,
@@ -91,13 +99,13 @@ def make_backend(
     image_size: int = 224,
     threads: int | None = None,
     fingerprint: str | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> Backend:
     """Build one backend (by name or alias); BackendUnavailable when it cannot run on this device."""
-    resolved = resolve_backend_name(name)
-    if resolved == AUTO:
+    if resolve_backend_name(name) == AUTO:
         raise ConfigError("auto is not a backend to build", "use choose_backend for auto")
-    options = {"image_size": image_size, "threads": threads, "fingerprint": fingerprint}
-    return _REGISTRY[resolved].backend(module, device, **options)
+    options = {"image_size": image_size, "threads": threads, "fingerprint": fingerprint, "calibration": calibration}
+    return backend_class(name)(module, device, **options)
 
 
 class LiveNames(Sequence[str]):
