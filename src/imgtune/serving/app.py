@@ -2,11 +2,12 @@
 
 - `GET /ping` (200 once the model is loaded, 503 before), `GET /health/live`, `GET /health/ready`;
 - `POST /invocations` and `POST /endpoints/{name}/invocations` (what boto3's sagemaker-runtime client calls);
-- `GET /metrics` (Prometheus), `GET /` (a page to try a photo).
+- `GET /metrics` (Prometheus), `GET /` (a page to try a photo);
+- the Open Inference Protocol v2 (KServe v2, Triton's HTTP API) under `/v2` (imgtune.serving.v2).
 
 The model loads in a worker thread after the server starts; concurrent requests' images are batched
 (imgtune.serving.batching). Every error is a JSON body `{"error": {"status": ..., "message": ...}, "message": ...}`
-(the top-level message and an x-amzn-ErrorType header are what boto3 reads).
+(the top-level message and an x-amzn-ErrorType header are what boto3 reads); under /v2 it is `{"error": message}`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from starlette.formparsers import MultiPartException
 
 from imgtune.config import ServeOptions
 from imgtune.data.check import BadImage, decode_image
+from imgtune.serving import v2
 from imgtune.serving.batching import DynamicBatcher, QueueFull
 from imgtune.serving.inputs import (
     ACCEPTED_TYPES,
@@ -102,6 +104,13 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     )
 
 
+def error_for(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The error in the shape the route's protocol reads: v2's `{"error": message}`, or SageMaker's."""
+    if v2.is_v2(request.url.path):
+        return v2.error_response(status, message, headers)
+    return error_response(status, message, headers)
+
+
 class Endpoint:
     """The state behind the routes: the predictor once loaded, its batcher, the metrics."""
 
@@ -137,14 +146,19 @@ class Endpoint:
         if self.batcher is not None:
             await self.batcher.stop()
 
-    def not_ready(self) -> JSONResponse | None:
+    def unready_reason(self) -> str | None:
+        """Why the endpoint cannot answer now (None when it can): /ping, the readiness probes, every route."""
         if self.predictor is not None:
             if self.batcher is not None and not self.batcher.alive:  # requests would wait for ever: not ready
-                return error_response(503, "the model's batch worker has stopped; restart the endpoint")
+                return "the model's batch worker has stopped; restart the endpoint"
             return None
         if self.load_error:
-            return error_response(503, f"the model failed to load: {self.load_error}")
-        return error_response(503, "the model is loading")
+            return f"the model failed to load: {self.load_error}"
+        return "the model is loading"
+
+    def not_ready(self) -> JSONResponse | None:
+        reason = self.unready_reason()
+        return None if reason is None else error_response(503, reason)
 
     def check_key(self, request: Request) -> None:
         if self.options.api_key is None:
@@ -268,34 +282,53 @@ class Endpoint:
                 raise RequestError(400, f"{where}{exc}") from None
         return tensors
 
-    async def invoke(self, request: Request, key_checked: bool = False) -> Response:
+    async def invoke(
+        self,
+        request: Request,
+        key_checked: bool = False,
+        *,
+        check: Callable[[], None] | None = None,
+        answer: Callable[[], Awaitable[Response]] | None = None,
+    ) -> Response:
+        """Answer a request that carries images: the key, then `check()` (the protocol's other preconditions),
+        then readiness (a refusal drains the body first); then `answer()` (SageMaker's when None) within the
+        request deadline (504)."""
         try:
             if not key_checked:
                 self.check_key(request)
+            if check is not None:
+                check()
+            reason = self.unready_reason()
+            if reason is not None:
+                raise RequestError(503, reason)
         except RequestError:
-            await self._drain(request.stream())  # so that the client reads our 401, not a reset connection
+            await self._drain(request.stream())  # so that the client reads our answer, not a reset connection
             raise
-        unavailable = self.not_ready()
-        if unavailable is not None:
-            await self._drain(request.stream())
-            return unavailable
         try:
-            return await asyncio.wait_for(self._answer(request), self.options.request_timeout_s)
+            pending = answer() if answer is not None else self._answer(request)
+            return await asyncio.wait_for(pending, self.options.request_timeout_s)
         except TimeoutError:
             raise RequestError(504, f"no answer within {self.options.request_timeout_s:g} s; retry later") from None
 
-    async def _answer(self, request: Request) -> Response:
-        assert self.predictor is not None and self.batcher is not None
-        images, option_sources = await self.images_and_options(request)
-        self.check_room(len(images))  # (JSON and multipart bodies were checked before fetching and reading)
-        option_sources += [dict(request.query_params), custom_attributes(request.headers.get(CUSTOM_ATTRIBUTES))]
-        options = parse_options(option_sources, len(self.predictor.labels))
+    async def logit_rows(self, images: list[bytes]) -> list[Any]:
+        """Each encoded image's logits, in order: room in the queue, decoding (bounded), the batcher, the metrics.
+        Both protocols classify through here."""
+        assert self.batcher is not None
+        self.check_room(len(images))
         tensors = await run_in_threadpool(self.decode, images)
         try:
             rows = await self.batcher.submit_many(tensors)
         except QueueFull as exc:
             raise RequestError(503, f"the server is busy: {exc}; retry shortly") from None
         self.metrics.images.inc(len(rows))
+        return rows
+
+    async def _answer(self, request: Request) -> Response:
+        assert self.predictor is not None and self.batcher is not None
+        images, option_sources = await self.images_and_options(request)
+        option_sources += [dict(request.query_params), custom_attributes(request.headers.get(CUSTOM_ATTRIBUTES))]
+        options = parse_options(option_sources, len(self.predictor.labels))
+        rows = await self.logit_rows(images)
         predictions = []
         for row in rows:
             prediction: dict[str, Any] = {"classes": self.predictor.classes(row, options.top_k)}
@@ -334,20 +367,20 @@ def create_app(model: Predictor | Callable[[], Predictor], options: ServeOptions
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return error_response(exc.status, exc.message, headers)
+        return error_for(request, exc.status, exc.message, headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+        return error_for(request, exc.status_code, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "; ".join(str(error.get("msg")) for error in exc.errors()))
+        return error_for(request, 422, "; ".join(str(error.get("msg")) for error in exc.errors()))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("request failed")  # the details go to the server's log, never into an answer
-        return error_response(500, "internal error (the server's log has the details)")
+        return error_for(request, 500, "internal error (the server's log has the details)")
 
     @app.get("/ping")
     async def ping() -> Response:
@@ -377,6 +410,8 @@ def create_app(model: Predictor | Callable[[], Predictor], options: ServeOptions
         if endpoint.options.endpoint_name and name != endpoint.options.endpoint_name:
             raise RequestError(404, f"no endpoint named {name!r} here (this is {endpoint.options.endpoint_name!r})")
         return await endpoint.invoke(request, key_checked=True)
+
+    v2.add_routes(app, endpoint)  # the Open Inference Protocol v2, on the same machinery
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
