@@ -33,6 +33,7 @@ _EXPORTS = {
     "load_predictor": "imgtune.runs.api",
     "predict": "imgtune.runs.api",
     "batch_transform": "imgtune.runs.api",
+    "export": "imgtune.runs.api",
     "write_report": "imgtune.runs.api",
     "export_tensorboard": "imgtune.runs.api",
     "job_config": "imgtune.runs.api",

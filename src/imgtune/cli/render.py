@@ -275,6 +275,33 @@ def batch_transform(summary: dict[str, Any]) -> None:
     )
 
 
+def export_summary(result: dict[str, Any]) -> None:
+    """An export (`imgtune.export(...).to_dict()`): the files written, their sizes, how to serve them."""
+    kind = "a Triton model repository" if result["triton"] else "a folder"
+    out.print(f"{result['name']} exported as {result['format']} into {kind}: {result['out']}", highlight=False)
+    table = Table()
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    for file, size in result["files"].items():
+        table.add_row(file, _size(size))
+    table.add_row("[bold]total[/]", f"[bold]{_size(result['bytes'])}[/]")
+    out.print(table)
+    if result.get("calibration_images"):
+        out.print(f"int8 calibrated on {result['calibration_images']} training photos")
+    model_dir = Path(result["model_dir"])
+    if result["triton"]:
+        out.print(f"serve: tritonserver --model-repository {result['out']}", highlight=False)
+    out.print(f"how to feed it: {model_dir / 'README.md'} and {model_dir / 'preprocessing.json'}", highlight=False)
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KB", "MB"):
+        if count < 1024 or unit == "MB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return str(count)
+
+
 def pipeline_summary(summary: dict[str, Any]) -> None:
     """A finished pipeline (`imgtune.pipeline_summary`): test accuracy, the endpoint's answers, the artifacts."""
     correct = sum(p["correct"] for p in summary["sample_predictions"])

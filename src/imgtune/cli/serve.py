@@ -1,9 +1,10 @@
-"""`imgtune deploy`, `imgtune predict`, `imgtune batch-transform`: a job's model answering for images."""
+"""`imgtune deploy`, `imgtune predict`, `imgtune batch-transform`, `imgtune export`: a job's model answering for
+images, here or elsewhere."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -138,7 +139,56 @@ def batch_transform(
     print_json(summary) if as_json else render.batch_transform(summary)
 
 
+ExportFormat = Literal["onnx", "onnx-int8", "openvino", "torchscript"]  # imgtune.models.export.FORMATS
+
+
+@friendly_errors
+def export(
+    job: ModelArgument,
+    format: Annotated[  # noqa: A002 (the option's name)
+        ExportFormat,
+        typer.Option(
+            "--format",
+            "-f",
+            help="onnx (ONNX Runtime, fp32), onnx-int8 (static QDQ int8, calibrated on the job's training photos), "
+            "openvino (OpenVINO IR, fp32) or torchscript (model.pt, traced on the CPU).",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (new or empty, unless --force).")],
+    triton: Annotated[
+        bool,
+        typer.Option("--triton", help="Lay it out as a Triton model repository: OUT/NAME/config.pbtxt, OUT/NAME/1/."),
+    ] = False,
+    name: Annotated[
+        str | None, typer.Option("--name", help="The model's name (Triton's) \\[default: the job's name].")
+    ] = None,
+    calibration_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration-data",
+            help="onnx-int8: a folder of training photos (one folder per class) to calibrate on "
+            "\\[default: the job's own training data, when it is on this machine].",
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier export in --out.")] = False,
+    workspace: WorkspaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a job's model as a self-contained model that serves without imgtune, with its labels and preprocessing.
+
+    OUT gets the model (model.onnx, model.pt, or model.xml and model.bin), labels.txt, classes.json,
+    preprocessing.json and a README. The model takes float32 NCHW RGB in [0, 1] (resized and centre-cropped as
+    preprocessing.json says) and normalises it itself; it returns logits, one per line of labels.txt.
+    """
+    result = imgtune.export(
+        job, out, format=format, triton=triton, force=force, name=name, calibration_data=calibration_data,
+        workspace=workspace,
+    ).to_dict()  # fmt: skip
+    print_json(result) if as_json else render.export_summary(result)
+
+
 def register(app: typer.Typer) -> None:
     app.command(help=command_help(deploy))(deploy)
     app.command(help=command_help(predict))(predict)
     app.command("batch-transform", help=command_help(batch_transform))(batch_transform)
+    app.command(help=command_help(export))(export)

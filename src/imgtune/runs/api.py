@@ -317,6 +317,33 @@ def batch_transform(
     return transform(predictor, str(source), output, top_k=top_k, batch_size=batch_size, progress=progress)
 
 
+def export(
+    job: str | Path | Job,
+    out: str | Path,
+    *,
+    format: str = "onnx",  # noqa: A002 (the CLI's --format)
+    triton: bool = False,
+    force: bool = False,
+    name: str | None = None,
+    calibration_data: str | Path | None = None,
+    workspace: Workspace = None,
+) -> Any:
+    """Write a job's model (or a bundle directory's, or an MLflow model's) into `out` as a self-contained model
+    that serves without imgtune: `onnx`, `onnx-int8` (calibrated on the job's training photos, or on
+    `calibration_data`), `openvino` or `torchscript`, with labels.txt, classes.json, preprocessing.json and a
+    README; with `triton`, laid out as a Triton model repository (`out/NAME/config.pbtxt`, `out/NAME/1/...`).
+    `force` replaces an earlier export in `out`. Returns what was written (`ExportResult`)."""
+    from imgtune.models.export import FORMATS, export_bundle
+    from imgtune.serving.predictor import resolve_model_dir
+
+    if format not in FORMATS:  # before the job is looked up (an MLflow model is fetched)
+        raise ConfigError(f"unknown export format {format!r}", f"choose one of {', '.join(FORMATS)}")
+    model_dir = resolve_model_dir(model_source(job), workspace)
+    return export_bundle(
+        model_dir, format, out, triton=triton, force=force, name=name, calibration_data=calibration_data
+    )
+
+
 def write_report(
     job: str | Path | Job, *, out: str | Path | None = None, rules: bool = True, workspace: Workspace = None
 ) -> Path:
