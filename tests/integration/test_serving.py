@@ -243,6 +243,10 @@ def test_bad_requests_get_clear_json_errors(endpoint, photos, tmp_path, dogs_min
     huge = io.BytesIO()
     Image.new("1", (7000, 7000)).save(huge, format="PNG")  # 49 MP in a few KB: refused from its header
     cases.append((huge.getvalue(), "image/png", 400, "exceeds the limit of 25,000,000 pixels"))
+    tall = io.BytesIO()
+    Image.new("1", (2000, 1250)).save(tall, format="PNG")  # 2.5 MP in a few hundred bytes, under the image cap
+    many = {"instances": [base64.b64encode(tall.getvalue()).decode()] * 41}  # 102.5 MP: over the request budget
+    cases.append((json.dumps(many).encode(), "application/json", 413, "102,500,000 pixels in all (at most 100,0"))
     for body, content_type, status, message in cases:
         got, answer = post(f"{endpoint}/invocations", body, content_type)
         assert (got, answer["error"]["status"]) == (status, status), (message, answer)
@@ -337,6 +341,57 @@ def test_a_burst_of_concurrent_requests_is_batched_without_errors(endpoint, phot
     assert images == 64 and batches < 64  # concurrent requests shared forward passes
     assert 'imgtune_requests_total{route="/invocations",status="200"}' in after
     assert "imgtune_request_latency_seconds_bucket" in after and "imgtune_model_ready 1.0" in after
+
+
+@pytest.mark.ray
+def test_two_replicas_on_ray_serve_answer_as_one_process_and_share_the_load(workspace, endpoint, photos, tmp_path):
+    """`imgtune deploy --replicas 2` on an in-process Ray: the same routes (SageMaker and v2) and answers as the
+    single process, the images spread over both replicas, and /metrics counting them per replica."""
+    import httpx
+
+    def answers(url: str) -> list[dict]:
+        async def all_of_them() -> list[httpx.Response]:
+            limit = asyncio.Semaphore(8)
+            async with httpx.AsyncClient(timeout=120) as client:
+
+                async def one(i: int) -> httpx.Response:
+                    async with limit:
+                        return await client.post(
+                            f"{url}/invocations?logits=true&top_k=3",
+                            content=photos[i % len(photos)].read_bytes(),
+                            headers={"Content-Type": "image/jpeg"},
+                        )
+
+                return await asyncio.gather(*(one(i) for i in range(40)))
+
+        responses = asyncio.run(all_of_them())
+        assert [r.status_code for r in responses] == [200] * 40, responses[0].text
+        return [r.json()["predictions"][0] for r in responses]
+
+    single = answers(endpoint)
+    with deploy(workspace, tmp_path / "replicas.log", "--replicas", "2") as url:
+        replicated = answers(url)
+        ready = httpx.get(f"{url}/health/ready").json()
+        image = base64.b64encode(photos[0].read_bytes()).decode()
+        v2_answer = httpx.post(
+            f"{url}/v2/models/{JOB}/infer",
+            json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [image]}]},
+        ).json()
+        refused = httpx.post(f"{url}/invocations", content=b"not a photo", headers={"Content-Type": "image/jpeg"})
+        metrics = httpx.get(f"{url}/metrics").text
+    for one, other in zip(single, replicated, strict=True):
+        assert [c["label"] for c in one["classes"]] == [c["label"] for c in other["classes"]]
+        assert np.allclose(one["logits"], other["logits"], atol=1e-4)
+    per_replica = {
+        line.split('replica="')[1].split('"')[0]: float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("imgtune_replica_images_total{")
+    }
+    assert len(per_replica) == 2 and all(count > 0 for count in per_replica.values()), per_replica
+    assert sum(per_replica.values()) == 41  # the 40 above and the v2 request
+    assert ready["status"] == "ready" and ready["model"]["job"] == JOB
+    assert v2_answer["outputs"][0]["data"][0] == single[0]["classes"][0]["label"]
+    assert refused.status_code == 400 and "not an image" in refused.json()["error"]["message"]
 
 
 def test_ping_answers_200_only_once_the_model_is_loaded(workspace):

@@ -133,7 +133,8 @@ def test_each_head_trained_together_equals_it_trained_alone(shared, heads):
         assert_same_record(together["best"], alone["best"])
         assert weights.keys() == state.keys()
         for name, tensor in state.items():
-            torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5)
+            # float sums in another order, amplified over 8 epochs at lr 0.5: 2e-5 apart on an AVX2-only CPU
+            torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-4)
         stops.add(together["stop_reason"])
     if "early_stopping" in shared:
         assert any(stops) and len({len(h.history) for h in batch.heads}) == 2  # heads stopped at different epochs

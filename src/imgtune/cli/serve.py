@@ -67,8 +67,22 @@ def deploy(
     request_timeout: float = field_option(ServeOptions, "request_timeout_s", "--request-timeout"),
     body_timeout: float = field_option(ServeOptions, "body_timeout_s", "--body-timeout"),
     max_image_pixels: int = field_option(ServeOptions, "max_image_pixels"),
+    max_request_pixels: int = field_option(ServeOptions, "max_request_pixels"),
     endpoint_name: str | None = field_option(ServeOptions, "endpoint_name"),
     threads: int | None = field_option(ServeOptions, "threads"),
+    replicas: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=256,
+            help="Model replicas on Ray Serve, each batching its own requests, behind the same routes; 1 serves "
+            "in this process on uvicorn. Each replica reserves --threads CPUs \\[default: the cores shared].",
+        ),
+    ] = 1,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Serve the replicas on this Ray cluster (host:port) \\[default: an in-process Ray]."),
+    ] = None,
     workspace: WorkspaceOption = None,
 ) -> None:
     """Serve a job's model over HTTP (FastAPI on uvicorn), speaking the managed endpoint's protocol.
@@ -90,11 +104,16 @@ def deploy(
         request_timeout_s=request_timeout,
         body_timeout_s=body_timeout,
         max_image_pixels=max_image_pixels,
+        max_request_pixels=max_request_pixels,
         endpoint_name=endpoint_name,
         threads=threads,
     )
-    err.print(f"serving {job} on http://{host}:{port} ({backend}); Ctrl-C stops it", highlight=False)
-    imgtune.deploy(job, host=host, port=port, workspace=workspace, **options.model_dump())
+    on = f"{replicas} replicas on Ray Serve, " if replicas > 1 or ray_address else ""
+    err.print(f"serving {job} on http://{host}:{port} ({on}{backend}); Ctrl-C stops it", highlight=False)
+    imgtune.deploy(
+        job, host=host, port=port, replicas=replicas, ray_address=ray_address, workspace=workspace,
+        **options.model_dump(),
+    )  # fmt: skip
 
 
 @friendly_errors

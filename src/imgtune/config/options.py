@@ -101,6 +101,7 @@ class TuneOptions(Options):
 
 
 SERVING_MAX_IMAGE_PIXELS = 25_000_000  # a request's image: 25 MP (a 16-bit 49 MP PNG of a few KB took 5.5 s, 2 GB)
+SERVING_MAX_REQUEST_PIXELS = 100_000_000  # all of a request's images together: four at the cap, 100 photos of 1 MP
 
 
 class ServeOptions(Options):
@@ -125,6 +126,11 @@ class ServeOptions(Options):
         SERVING_MAX_IMAGE_PIXELS,
         ge=1,
         description="Larger images are refused (decompression bombs; a small file can declare a huge image).",
+    )
+    max_request_pixels: int = Field(
+        SERVING_MAX_REQUEST_PIXELS,
+        ge=1,
+        description="A request whose images declare more pixels in all is refused (413) before any is decoded.",
     )
     api_key: str | None = Field(None, min_length=8, description="Require this key (X-API-Key or Bearer).")
     allowed_url_schemes: tuple[str, ...] = Field(

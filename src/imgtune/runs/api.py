@@ -223,19 +223,37 @@ def deploy(
     host: str = "127.0.0.1",
     port: int = 8080,
     background: bool = False,
+    replicas: int = 1,
+    ray_address: str | None = None,
     workspace: Workspace = None,
     **options: Any,
 ) -> Any:
     """Serve a job's model over HTTP. Blocks until Ctrl-C; with `background=True`, returns a started endpoint
-    (`.url`, `.stop()`, a context manager) served from a thread of this process. `options` are ServeOptions
-    fields (backend, max_batch_size, max_batch_delay_ms, max_queue, max_payload_bytes, api_key, ...)."""
+    (`.url`, `.stop()`, a context manager) served from a thread of this process. With `replicas` above 1 (or a
+    `ray_address`), the same endpoint on Ray Serve, the model on that many replicas (in-process Ray on 127.0.0.1
+    unless `ray_address` names a cluster). `options` are ServeOptions fields (backend, max_batch_size,
+    max_batch_delay_ms, max_queue, max_payload_bytes, api_key, ...)."""
+    from imgtune.tuning import use_ray_address
+
+    if replicas < 1:
+        raise ConfigError(f"replicas must be at least 1 (got {replicas})")
+    replicated = replicas > 1 or bool(ray_address)
+    if replicated and background:
+        raise ConfigError("replicas are served in the foreground only", "run `imgtune deploy --replicas N`")
+    use_ray_address(ray_address)  # before Ray is imported
     from imgtune.serving.server import BackgroundEndpoint, serve
 
     source = model_source(job)
     serve_options = ServeOptions(**options)
+    if replicated:
+        from imgtune.serving.predictor import resolve_model_dir
+        from imgtune.tuning import connect
+
+        resolve_model_dir(source, workspace)  # a missing job fails before Ray starts
+        connect(ray_address)  # in-process Ray on 127.0.0.1, or the cluster's; as tuning jobs do
     if background:
         return BackgroundEndpoint(source, serve_options, host=host, port=port, workspace=workspace).start()
-    serve(source, serve_options, host=host, port=port, workspace=workspace)
+    serve(source, serve_options, host=host, port=port, workspace=workspace, replicas=replicas, ray_address=ray_address)
     return None
 
 

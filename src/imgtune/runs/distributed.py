@@ -100,7 +100,7 @@ def _run_workers(
 ) -> dict[str, Any]:
     """Run `body` on the job's Ray Train workers (TorchTrainer.fit in a thread, `follow` in this one); returns
     rank 0's results and adds the workers' timings to the job's."""
-    from imgtune.tuning.tuner import connect  # first: it keeps Ray on loopback unless told of a cluster
+    from imgtune.tuning import connect  # first: it keeps Ray on loopback unless told of a cluster
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # isort: skip
     from ray.train.torch import TorchConfig, TorchTrainer  # isort: skip

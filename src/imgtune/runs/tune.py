@@ -32,6 +32,7 @@ from imgtune.storage.jobs import JOB_FILE, Job
 from imgtune.storage.record import JobRecord
 from imgtune.training.plugin import JobPlugin
 from imgtune.training.setup import warm_feature_cache
+from imgtune.tuning import connect
 from imgtune.tuning.batched import BatchedTuning, can_batch
 from imgtune.tuning.space import SearchSpace, apply_values, parse_space
 from imgtune.tuning.tuner import (
@@ -39,7 +40,6 @@ from imgtune.tuning.tuner import (
     TRIALS_DIR,
     TuneReporter,
     build_tuner,
-    connect,
     fit,
     reported_metrics,
     require_shared_paths,

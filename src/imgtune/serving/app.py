@@ -33,9 +33,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from imgtune.config import ServeOptions
-from imgtune.data.check import BadImage, decode_image
+from imgtune.data.check import BadImage, declared_pixels, decode_image
 from imgtune.serving import v2
-from imgtune.serving.batching import DynamicBatcher, QueueFull
+from imgtune.serving.batching import DynamicBatcher, ModelRunner, QueueFull
 from imgtune.serving.inputs import (
     ACCEPTED_TYPES,
     CUSTOM_ATTRIBUTES,
@@ -81,6 +81,9 @@ class EndpointMetrics:
             registry=self.registry,
         )
         self.images = Counter("imgtune_images", "Images classified", registry=self.registry)
+        self.replica_images = Counter(  # only with --replicas: which replica classified them
+            "imgtune_replica_images", "Images classified by each model replica", ["replica"], registry=self.registry
+        )
         self.queue_depth = Gauge("imgtune_queue_depth", "Images waiting for the model", registry=self.registry)
         self.ready = Gauge("imgtune_model_ready", "1 once the model is loaded", registry=self.registry)
 
@@ -111,15 +114,36 @@ def error_for(request: Request, status: int, message: str, headers: dict[str, st
     return error_response(status, message, headers)
 
 
-class Endpoint:
-    """The state behind the routes: the predictor once loaded, its batcher, the metrics."""
+RunnerFactory = Callable[[Predictor, ServeOptions, EndpointMetrics], ModelRunner]
 
-    def __init__(self, model: Predictor | Callable[[], Predictor], options: ServeOptions):
+
+def local_batcher(predictor: Predictor, options: ServeOptions, metrics: EndpointMetrics) -> ModelRunner:
+    """The model in this process, behind a dynamic batcher (one forward pass at a time)."""
+    return DynamicBatcher(
+        lambda tensors: list(predictor.logits(tensors)),
+        max_batch_size=options.max_batch_size,
+        max_delay_s=options.max_batch_delay_ms / 1000,
+        max_queue=options.max_queue,
+        on_batch=metrics.batch_size.observe,
+    )
+
+
+class Endpoint:
+    """The state behind the routes: the predictor once loaded (its preprocessing and labels), the runner its
+    images go to (a batcher here, or replicas elsewhere), the metrics."""
+
+    def __init__(
+        self,
+        model: Predictor | Callable[[], Predictor],
+        options: ServeOptions,
+        runner: RunnerFactory = local_batcher,
+    ):
         self.model = model
         self.options = options
+        self.make_runner = runner
         self.metrics = EndpointMetrics()
         self.predictor: Predictor | None = None
-        self.batcher: DynamicBatcher | None = None
+        self.batcher: ModelRunner | None = None
         self.load_error: str | None = None
         # decoding is CPU and memory: many large images at once must not take every core and gigabytes
         self.decode_slots = threading.BoundedSemaphore(options.max_concurrent_decodes or os.cpu_count() or 1)
@@ -131,13 +155,7 @@ class Endpoint:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("the model did not load: %s", self.load_error)
             return
-        self.batcher = DynamicBatcher(
-            lambda tensors: list(predictor.logits(tensors)),
-            max_batch_size=self.options.max_batch_size,
-            max_delay_s=self.options.max_batch_delay_ms / 1000,
-            max_queue=self.options.max_queue,
-            on_batch=self.metrics.batch_size.observe,
-        )
+        self.batcher = self.make_runner(predictor, self.options, self.metrics)
         self.batcher.start()
         self.predictor = predictor
         self.metrics.ready.set(1)
@@ -270,8 +288,17 @@ class Endpoint:
             raise RequestError(503, f"the server is busy: {self.batcher.depth} images are waiting; retry shortly")
 
     def decode(self, images: list[bytes]) -> list[Any]:
-        """Decode and preprocess each image (in a worker thread); the first bad one refuses the request."""
+        """Decode and preprocess each image (in a worker thread); the first bad one refuses the request, and so
+        does a request whose images declare more pixels in all than its budget (read from their headers, before
+        any is decoded: many small files that each pass the per-image cap must not take seconds and gigabytes)."""
         assert self.predictor is not None
+        budget = self.options.max_request_pixels
+        cap = self.options.max_image_pixels  # an image over it is refused on its own, with that reason
+        declared = sum(pixels for data in images if (pixels := declared_pixels(data) or 0) <= cap)
+        if declared > budget:
+            raise RequestError(
+                413, f"the request's {len(images)} images hold {declared:,} pixels in all (at most {budget:,})"
+            )
         tensors = []
         for number, data in enumerate(images, 1):
             try:
@@ -338,9 +365,14 @@ class Endpoint:
         return JSONResponse({"predictions": predictions})
 
 
-def create_app(model: Predictor | Callable[[], Predictor], options: ServeOptions | None = None) -> FastAPI:
-    """The endpoint's app; `model` is a loaded Predictor or a function that loads one (called at startup)."""
-    endpoint = Endpoint(model, options or ServeOptions())
+def create_app(
+    model: Predictor | Callable[[], Predictor],
+    options: ServeOptions | None = None,
+    runner: RunnerFactory = local_batcher,
+) -> FastAPI:
+    """The endpoint's app; `model` is a loaded Predictor or a function that loads one (called at startup);
+    `runner` makes what its images are classified by (the model in this process, unless told otherwise)."""
+    endpoint = Endpoint(model, options or ServeOptions(), runner)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

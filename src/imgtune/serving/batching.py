@@ -11,7 +11,24 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
+
+
+class ModelRunner(Protocol):
+    """What the endpoint submits preprocessed images to: this module's DynamicBatcher (the model in this
+    process), or imgtune.serving.replicas.ReplicaPool (the model on Ray Serve replicas)."""
+
+    @property
+    def depth(self) -> int: ...  # images waiting (or in flight): the queue bound counts them
+
+    @property
+    def alive(self) -> bool: ...  # False once requests could only wait for ever
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def submit_many(self, items: list[Any]) -> list[Any]: ...  # one result per item, in order; or QueueFull
 
 
 class QueueFull(Exception):

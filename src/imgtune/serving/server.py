@@ -15,11 +15,18 @@ from imgtune.serving.app import create_app
 from imgtune.serving.predictor import Predictor, resolve_model_dir
 
 
-def build_app(source: str | Path, options: ServeOptions, workspace: str | Path | None = None):
-    """The endpoint's app for a job (or bundle directory); a missing job or model fails here, not later."""
+def named_model_dir(source: str | Path, options: ServeOptions, workspace: str | Path | None = None) -> Path:
+    """The bundle directory to serve; the endpoint is named after its job unless the options name it. A missing
+    job or model fails here, before any server starts."""
     model_dir = resolve_model_dir(source, workspace)
     if options.endpoint_name is None:
         options.endpoint_name = model_dir.parent.name if model_dir.name == "model" else model_dir.name
+    return model_dir
+
+
+def build_app(source: str | Path, options: ServeOptions, workspace: str | Path | None = None):
+    """The endpoint's app for a job (or bundle directory), its model in this process."""
+    model_dir = named_model_dir(source, options, workspace)
     return create_app(lambda: Predictor.load(model_dir, options.backend, options.threads), options)
 
 
@@ -31,8 +38,17 @@ def serve(
     port: int = 8080,
     workspace: str | Path | None = None,
     log_level: str = "info",
+    replicas: int = 1,
+    ray_address: str | None = None,
 ) -> None:
-    """Serve until interrupted (Ctrl-C or SIGTERM stop it gracefully)."""
+    """Serve until interrupted (Ctrl-C or SIGTERM stop it gracefully): in this process on uvicorn, or with
+    `replicas` above 1 (or a `ray_address`) on Ray Serve, the model on that many replicas."""
+    if replicas > 1 or ray_address:
+        from imgtune.serving.replicas import serve_replicas
+
+        model_dir = named_model_dir(source, options, workspace)
+        serve_replicas(model_dir, options, replicas=replicas, host=host, port=port, ray_address=ray_address)
+        return
     import uvicorn
 
     app = build_app(source, options, workspace)

@@ -14,8 +14,10 @@ taken back.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from typing import Any
 
 RAY_CLUSTERS_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
@@ -82,3 +84,65 @@ def use_the_nodes_interface_for_gloo() -> None:
 
     with contextlib.suppress(Exception):  # a hook that raises fails the worker; gloo then keeps its own choice
         os.environ.update(gloo_interface(ray.util.get_node_ip_address()))
+
+
+def connect(address: str | None) -> list[dict[str, Any]]:
+    """Start an in-process Ray (no address) or join the cluster at `address`, once per process: tuning jobs,
+    data-parallel training and serving replicas all come through here. Returns the live nodes (address, CPUs,
+    GPUs)."""
+    import ray
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no experiment tables: imgtune shows its own progress
+    for name in ("ray", "ray.tune", "ray.train", "ray.serve"):  # where results are, hints: imgtune says its own
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if not ray.is_initialized():
+        _ray_init(address)
+    return [
+        {
+            "address": n["NodeManagerAddress"],
+            "cpus": n.get("Resources", {}).get("CPU", 0),
+            "gpus": n.get("Resources", {}).get("GPU", 0),
+        }
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def _ray_init(address: str | None) -> None:
+    import ray
+
+    from imgtune.core.errors import ConfigError, JobError
+
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    kwargs["runtime_env"] = {"worker_process_setup_hook": GLOO_SETUP_HOOK}  # data-parallel ranks find each other
+    if not address:
+        ray.init(num_cpus=os.cpu_count(), num_gpus=None, **kwargs)
+        return
+    from ray._private import ray_constants
+
+    if not is_loopback(address) and not ray_constants.ENABLE_RAY_CLUSTER:
+        raise ConfigError(
+            f"Ray was imported for loopback use only, so it cannot join the cluster at {address}",
+            f"call imgtune.tuning.use_ray_address({address!r}) before importing Ray (the CLI does), or set "
+            f"{RAY_CLUSTERS_ENV}=1",
+        )
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as exc:
+        raise JobError(
+            f"could not connect to the Ray cluster at {address}: {_connection_failure(exc)}",
+            f"check it is up (`ray status --address {address}`); a cluster with token authentication needs its "
+            "token here too: RAY_AUTH_MODE=token with RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or ~/.ray/auth_token)",
+        ) from exc
+
+
+def _connection_failure(exc: BaseException) -> str:
+    """Why ray.init could not connect, in a line (Ray wraps the reason, as text, in two other exceptions)."""
+    chain = []
+    while exc is not None and len(chain) < 10:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    text = "\n".join(str(e) for e in chain)
+    if "InvalidAuthToken" in text or "AuthenticationError" in text:
+        return "it refused this driver's authentication token (missing or not the cluster's)"
+    return (str(chain[-1]).strip() or type(chain[-1]).__name__).splitlines()[0]

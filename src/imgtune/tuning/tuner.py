@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import re
@@ -25,13 +24,14 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
 from imgtune.config import TuneOptions, build_config
-from imgtune.core.errors import ConfigError, JobError
+from imgtune.core.errors import JobError
 from imgtune.data.sources import is_remote
 from imgtune.storage.jobs import JOB_FILE, Job, push_interval
 from imgtune.training import memo
 from imgtune.training.callbacks import Callback, StopTraining
-from imgtune.tuning import GLOO_SETUP_HOOK, RAY_CLUSTERS_ENV, is_loopback
 from imgtune.tuning.space import SearchSpace, parse_space
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # trials' progress is imgtune's to show
 
 TRIALS_DIR = "trials"
 RAY_DIR = "ray"
@@ -300,20 +300,6 @@ class NoImprovementStopper(Stopper):
         return self.since >= self.patience
 
 
-def connect(address: str | None) -> list[dict[str, Any]]:
-    """Start (or join, with `address`) Ray; returns the live nodes (address, CPUs, GPUs)."""
-    _ray_init(address)
-    return [
-        {
-            "address": n["NodeManagerAddress"],
-            "cpus": n.get("Resources", {}).get("CPU", 0),
-            "gpus": n.get("Resources", {}).get("GPU", 0),
-        }
-        for n in ray.nodes()
-        if n.get("Alive")
-    ]
-
-
 def build_tuner(
     job: Job,
     trainable: Callable[..., None],
@@ -403,48 +389,6 @@ def _env_default(name: str, value: str) -> Iterator[None]:
         yield
     finally:
         os.environ.pop(name, None)
-
-
-def _ray_init(address: str | None) -> None:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no experiment tables: imgtune shows its own progress
-    for name in ("ray", "ray.tune", "ray.train"):  # where results are, TensorBoard hints: imgtune says its own
-        logging.getLogger(name).setLevel(logging.WARNING)
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    kwargs["runtime_env"] = {"worker_process_setup_hook": GLOO_SETUP_HOOK}  # data-parallel ranks find each other
-    if address:
-        from ray._private import ray_constants
-
-        if not is_loopback(address) and not ray_constants.ENABLE_RAY_CLUSTER:
-            raise ConfigError(
-                f"Ray was imported for loopback use only, so it cannot join the cluster at {address}",
-                f"call imgtune.tuning.use_ray_address({address!r}) before importing Ray (the CLI does), or set "
-                f"{RAY_CLUSTERS_ENV}=1",
-            )
-        try:
-            ray.init(address=address, **kwargs)
-        except ConnectionError as exc:
-            raise JobError(
-                f"could not connect to the Ray cluster at {address}: {_connection_failure(exc)}",
-                f"check it is up (`ray status --address {address}`); a cluster with token authentication needs its "
-                "token here too: RAY_AUTH_MODE=token with RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or ~/.ray/auth_token)",
-            ) from exc
-    else:
-        ray.init(num_cpus=os.cpu_count(), num_gpus=None, **kwargs)
-
-
-def _connection_failure(exc: BaseException) -> str:
-    """Why ray.init could not connect, in a line (Ray wraps the reason, as text, in two other exceptions)."""
-    chain = []
-    while exc is not None and len(chain) < 10:
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    text = "\n".join(str(e) for e in chain)
-    if "InvalidAuthToken" in text or "AuthenticationError" in text:
-        return "it refused this driver's authentication token (missing or not the cluster's)"
-    return (str(chain[-1]).strip() or type(chain[-1]).__name__).splitlines()[0]
 
 
 def warm_start_points(jobs: list[str], workspace: str | Path | None, space: SearchSpace, objective: str) -> list:
