@@ -87,6 +87,29 @@ def mobilenet_weights(shared: Path) -> Path:
     return path
 
 
+DOGS_JOB = "dogs"
+
+
+@pytest.fixture(scope="session")
+def dogs_workspace(tmp_path_factory: pytest.TempPathFactory, dogs_mini: Path, mobilenet_weights: Path) -> Path:
+    """A workspace holding one trained job, `dogs` (frozen MobileNetV2, 3 epochs on dogs-mini), trained once per
+    session and shared by the serving, export and inference tests; they read it and write elsewhere."""
+    from imgtune.config import build_config
+    from imgtune.runs.train import run_training_job
+
+    root = tmp_path_factory.mktemp("dogs-workspace")
+    config = {
+        "name": DOGS_JOB,
+        "data": {"path": str(dogs_mini), "num_workers": 0},
+        "model": {"backbone": "mobilenet_v2", "weights": str(mobilenet_weights)},
+        "train": {"epochs": 3},
+        "debugger": {"enabled": False},
+        "profiler": {"enabled": False, "report": False},
+    }
+    run_training_job(build_config(config), workspace=root, progress=False)
+    return root
+
+
 # -- S3: moto's server mode on 127.0.0.1 -----------------------------------------------------------------
 
 

@@ -17,8 +17,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from imgtune.cli import app
-from imgtune.config import build_config
-from imgtune.runs.train import run_training_job
 from imgtune.serving.predictor import Predictor
 
 pytestmark = [pytest.mark.slow]
@@ -33,21 +31,9 @@ TRITON_RUNTIMES = {"onnx": ("platform", "onnxruntime_onnx"), "torchscript": ("pl
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, dogs_mini, mobilenet_weights) -> Path:
-    """A workspace holding one trained job, `dogs` (frozen MobileNetV2, 3 epochs on dogs-mini)."""
-    root = tmp_path_factory.mktemp("export-workspace")
-    config = build_config(
-        {
-            "name": JOB,
-            "data": {"path": str(dogs_mini), "num_workers": 0},
-            "model": {"backbone": "mobilenet_v2", "weights": str(mobilenet_weights)},
-            "train": {"epochs": 3},
-            "debugger": {"enabled": False},
-            "profiler": {"enabled": False, "report": False},
-        }
-    )
-    run_training_job(config, workspace=root, progress=False)
-    return root
+def workspace(dogs_workspace) -> Path:
+    """The session's workspace holding `dogs` (frozen MobileNetV2, 3 epochs on dogs-mini; tests/conftest.py)."""
+    return dogs_workspace
 
 
 @pytest.fixture(scope="module")

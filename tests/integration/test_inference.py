@@ -5,6 +5,7 @@ shared photos, remembered, and used by the feature cache, evaluation and the end
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from imgtune.core.errors import ConfigError
 from imgtune.data.transforms import load_image
 from imgtune.models.backends import (
     FEATURE_AGREEMENT,
+    LOSSY_AGREEMENT,
     EagerBackend,
     agreement,
     auto_candidates,
@@ -30,17 +32,9 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def dogs_job(tmp_path_factory, dogs_mini, mobilenet_weights) -> Path:
-    workspace = tmp_path_factory.mktemp("inference-workspace")
-    config = {
-        "name": "dogs",
-        "data": {"path": str(dogs_mini), "num_workers": 0},
-        "model": {"backbone": "mobilenet_v2", "weights": str(mobilenet_weights)},
-        "train": {"epochs": 3},
-        "debugger": {"enabled": False},
-        "profiler": {"enabled": False, "report": False},
-    }
-    return run_training_job(build_config(config), workspace=workspace, progress=False).path
+def dogs_job(dogs_workspace) -> Path:
+    """The session's `dogs` job (frozen MobileNetV2, 3 epochs on dogs-mini; tests/conftest.py)."""
+    return dogs_workspace / "dogs"
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +78,12 @@ def test_the_chosen_backend_agrees_with_fp32_eager_on_every_shared_photo(dogs_jo
     reference = batches(EagerBackend(predictor.bundle.model, CPU), images)
     logits = batches(predictor.backend, images)
     measured = agreement(logits, reference)
-    assert measured["top1_agreement"] >= 0.995, measured  # the issue's bound, on all 500 shared photos
-    assert measured["mean_cosine"] >= FEATURE_AGREEMENT["mean_cosine"], measured
+    if chosen["validation_images"]:  # a quantized backend: taken on its answers (this CPU's int8 was good enough)
+        assert chosen["top1_agreement"] >= LOSSY_AGREEMENT["top1_agreement"], chosen
+        assert measured["top1_agreement"] >= 0.95, measured  # on all 500, most of them photos it was not checked on
+    else:
+        assert measured["top1_agreement"] >= 0.995, measured  # the issue's bound, on all 500 shared photos
+        assert measured["mean_cosine"] >= FEATURE_AGREEMENT["mean_cosine"], measured
     # the backbone's features too: the backend the feature cache used for this job
     record = Job(dogs_job).read()
     assert record["feature_backend"] in auto_candidates()
@@ -137,3 +135,32 @@ def test_the_backend_is_part_of_the_feature_cache_key(dogs_job, dogs_mini, mobil
     assert extraction["images"] == 500 and 0 <= extraction["data_wait_fraction"] < 1
     assert extraction["backbone_seconds"] > 0 and extraction["images_per_second"] > 0
     assert record["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_a_quantized_backend_is_judged_by_its_answers_on_the_jobs_validation_photos(dogs_job, dogs_mini, caplog):
+    """int8, named: calibrated on the job's training photos, checked on all 100 of its validation photos against
+    fp32 eager (top-1 agreement and accuracy, recomputed here), served with a warning when it falls short; and
+    auto takes it only when it does not."""
+    with caplog.at_level(logging.WARNING, logger="imgtune"):
+        int8 = Predictor.load(dogs_job, backend="int8")
+    (trial,) = int8.choice["trials"]
+    assert trial["name"] == "int8" and trial["validation_images"] == 100  # dogs-mini's whole valid split
+    eager = Predictor.load(dogs_job, backend="eager")
+    photos = sorted((dogs_mini / "valid").rglob("*.jpg"))
+    images = torch.stack([eager.transform(load_image(p)) for p in photos])
+    index_of = {c.id: i for i, c in enumerate(eager.bundle.classes)}
+    truth = torch.tensor([index_of[p.parent.name] for p in photos])
+    quantized, reference = batches(int8.backend, images).argmax(1), batches(eager.backend, images).argmax(1)
+    assert trial["top1_agreement"] == pytest.approx((quantized == reference).float().mean().item())
+    assert trial["accuracy"] == pytest.approx((quantized == truth).float().mean().item())
+    assert trial["reference_accuracy"] == pytest.approx((reference == truth).float().mean().item())
+    assert 0.5 < trial["top1_agreement"] <= 1  # a working int8 model, close but measured (not the fp32 copy)
+    good_enough = trial["top1_agreement"] >= 0.99 and trial["accuracy"] >= trial["reference_accuracy"] - 0.005
+    assert trial["accepted"] == good_enough
+    auto = Predictor.load(dogs_job)
+    auto_int8 = next(t for t in auto.choice["trials"] if t["name"] == "int8")
+    assert auto_int8["validation_images"] == 100
+    if not good_enough:  # MobileNetV2's int8 agrees on about 91-96% here: refused by auto, served when named
+        assert "backend int8 serves as asked" in caplog.text and "top-1 agreement" in caplog.text
+        assert not auto_int8["accepted"] and auto.backend.name != "int8"

@@ -19,8 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgtune.config import build_config
-from imgtune.runs.train import run_training_job
 from servers import running_server
 
 pytestmark = [pytest.mark.slow]
@@ -36,21 +34,9 @@ def key() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, dogs_mini, mobilenet_weights) -> Path:
-    """A workspace holding one trained job, `dogs` (frozen MobileNetV2, 3 epochs on dogs-mini)."""
-    root = tmp_path_factory.mktemp("serving-v2-workspace")
-    config = build_config(
-        {
-            "name": JOB,
-            "data": {"path": str(dogs_mini), "num_workers": 0},
-            "model": {"backbone": "mobilenet_v2", "weights": str(mobilenet_weights)},
-            "train": {"epochs": 3},
-            "debugger": {"enabled": False},
-            "profiler": {"enabled": False, "report": False},
-        }
-    )
-    run_training_job(config, workspace=root, progress=False)
-    return root
+def workspace(dogs_workspace) -> Path:
+    """The session's workspace holding `dogs` (frozen MobileNetV2, 3 epochs on dogs-mini; tests/conftest.py)."""
+    return dogs_workspace
 
 
 @pytest.fixture(scope="module")

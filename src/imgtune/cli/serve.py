@@ -85,10 +85,12 @@ def deploy(
     ] = None,
     workspace: WorkspaceOption = None,
 ) -> None:
-    """Serve a job's model over HTTP (FastAPI on uvicorn), speaking the managed endpoint's protocol.
+    """Serve a job's model over HTTP (FastAPI on uvicorn, or on Ray Serve with --replicas), speaking the managed
+    endpoint's protocol and the Open Inference Protocol v2 (KServe, Triton).
 
     POST /invocations (images, multipart, JSON with base64 or s3:// URLs; boto3's sagemaker-runtime client works),
-    GET /ping, /health/live, /health/ready, /metrics (Prometheus) and a page at / to try a photo.
+    POST /v2/models/NAME/infer (tritonclient works), GET /ping, /health/live, /health/ready, /v2/health/ready,
+    /metrics (Prometheus) and a page at / to try a photo.
     """
     schemes = tuple(dict.fromkeys(s.lower().removesuffix("://") for s in allow_url_scheme or []))
     options = ServeOptions(  # checked before the "serving" line: a bad option is the only line printed
