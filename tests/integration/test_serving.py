@@ -355,7 +355,12 @@ def test_two_replicas_on_ray_serve_answer_as_one_process_and_share_the_load(work
         return [r.json()["predictions"][0] for r in responses]
 
     single = answers(endpoint)
-    with deploy(workspace, tmp_path / "replicas.log", "--replicas", "2") as url:
+    log = tmp_path / "replicas.log"
+    with deploy(workspace, log, "--replicas", "2") as url:
+        for _ in range(600):  # /ping answers once one replica does; the line comes once both are up
+            if "with 2 model replicas" in log.read_text():
+                break
+            time.sleep(0.1)
         replicated = answers(url)
         ready = httpx.get(f"{url}/health/ready").json()
         image = base64.b64encode(photos[0].read_bytes()).decode()

@@ -17,7 +17,7 @@ from bad_data import CONVERTIBLE_KINDS, EMPTY_CLASS, make_bad_dataset, make_conv
 from imgtune.cli import app
 from imgtune.config import DataConfig, apply_overrides, build_config, load_config_file
 from imgtune.core.errors import ConfigError, DataError
-from imgtune.data.check import check_dataset
+from imgtune.data.check import check_dataset, declared_pixels
 from imgtune.data.dataset import PreparedData, prepare_data
 from imgtune.data.folders import ALL, discover, readable_name
 from imgtune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, load_image, to_rgb
@@ -681,3 +681,21 @@ def test_identical_files_in_one_class_land_in_the_same_split(dogs_mini: Path, tm
             split_of.setdefault(s.sha1, set()).add(split)
     assert all(len(splits) == 1 for splits in split_of.values())
     assert "valid" in data.splits and "test" in data.splits
+
+
+def test_declared_pixels_reads_the_header_only_and_never_raises() -> None:
+    """The serving request budget's count: what an image's header declares, without decoding it."""
+    import io
+
+    from PIL import Image
+
+    def png(width: int, height: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("1", (width, height)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    assert declared_pixels(png(2000, 1250), 25_000_000) == 2_500_000
+    huge = png(15000, 15000)  # 225 MP in a small file: over PIL's own limit (2 x 89.5 MP)
+    assert declared_pixels(huge, 25_000_000) is None  # refused on its own by decode_image
+    assert declared_pixels(huge, 300_000_000) == 225_000_000  # a higher cap: counted, so the budget sees it
+    assert declared_pixels(b"not an image", 25_000_000) is None

@@ -155,10 +155,11 @@ def decode_image(data: bytes, max_pixels: int, suffix: str = "") -> Image.Image:
         raise BadImage(f"corrupt image: {type(exc).__name__}: {exc}") from None
 
 
-def declared_pixels(data: bytes) -> int | None:
-    """The pixel count an image's header declares, read without decoding (None when it does not open)."""
+def declared_pixels(data: bytes, max_pixels: int) -> int | None:
+    """The pixel count an image's header declares, read without decoding (None when it does not open, or
+    declares more than PIL opens under `max_pixels`: decode_image refuses those on its own)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _open_within(data, max_pixels) as img:
             width, height = img.size
             return width * height
     except Exception:  # over PIL's own limit, or not an image: decode_image says which, image by image

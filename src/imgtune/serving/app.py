@@ -294,7 +294,7 @@ class Endpoint:
         assert self.predictor is not None
         budget = self.options.max_request_pixels
         cap = self.options.max_image_pixels  # an image over it is refused on its own, with that reason
-        declared = sum(pixels for data in images if (pixels := declared_pixels(data) or 0) <= cap)
+        declared = sum(pixels for data in images if (pixels := declared_pixels(data, cap) or 0) <= cap)
         if declared > budget:
             raise RequestError(
                 413, f"the request's {len(images)} images hold {declared:,} pixels in all (at most {budget:,})"
