@@ -89,7 +89,9 @@ def tune(
         return
     tracking = tracking_overrides(mlflow, mlflow_uri, experiment, register_name, alias, tensorboard)
     if resume:
-        job = imgtune.tune(workspace=workspace, resume=resume, force=force, progress=not as_json)
+        job = imgtune.tune(
+            workspace=workspace, resume=resume, force=force, progress=not as_json, ray_address=ray_address
+        )
     else:
         job = imgtune.tune(
             data, space=space, config=config, overrides=[*(set_ or ()), *tracking], backbone=backbone, weights=weights,

@@ -130,10 +130,17 @@ def tune(
     from imgtune.tuning.space import load_space, parse_space  # (no Ray here)
 
     if resume is not None:
-        use_ray_address((open_job(resume, workspace).record().options or {}).get("ray_address"))  # before Ray loads
+        from imgtune.runs.trust import trusted_ray_address
+
+        handle = open_job(resume, workspace)
+        recorded = (handle.record().options or {}).get("ray_address")
+        given = options.get("ray_address")
+        use_ray_address(trusted_ray_address(handle, recorded, given, say=False))  # before Ray loads
         from imgtune.runs.tune import run_tuning_job
 
-        return run_tuning_job(workspace=workspace, resume=resume, progress=progress, on_trial=on_trial, force=force)
+        return run_tuning_job(
+            workspace=workspace, resume=resume, progress=progress, on_trial=on_trial, force=force, ray_address=given
+        )
     flags = {
         "data": {"path": str(data) if data is not None else None},
         "model": {"backbone": backbone, "weights": str(weights) if weights else None},

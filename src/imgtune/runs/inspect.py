@@ -158,12 +158,16 @@ def debug_rules(
     from imgtune.debugger.rules import make_rules
     from imgtune.debugger.runner import run_rules_offline
     from imgtune.debugger.store import open_trial
+    from imgtune.runs.trust import trusted_debugger
 
     handle = job if isinstance(job, Job) else open_job(job, workspace)
-    debug_config = handle.record().base_config.get("debugger", {})
+    # the job's own rule files run, unless it comes from a bucket: then only those given here (runs.trust)
+    debug_config = trusted_debugger(handle, handle.record().base_config.get("debugger", {}), rule_files)
+    files = list(debug_config.get("rule_files") or [])
+    files += [f for f in rule_files or [] if f not in files]
     names = list(rules or debug_config.get("rules") or [])
     parameters = {**debug_config.get("rule_parameters", {}), **parse_rule_parameters(params or [], names)}
-    chosen = make_rules(names, parameters, [*debug_config.get("rule_files", []), *(rule_files or [])])
+    chosen = make_rules(names, parameters, files)
     return list(run_rules_offline(open_trial(handle.path), chosen).values())
 
 

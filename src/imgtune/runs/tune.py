@@ -28,6 +28,7 @@ from imgtune.report.plugin import TuningReportPlugin
 from imgtune.runs.lifecycle import JobLifecycle, amend_job
 from imgtune.runs.train import run_training_job
 from imgtune.runs.trial_batches import TrialBatchWorker
+from imgtune.runs.trust import trusted_config, trusted_ray_address
 from imgtune.storage.jobs import JOB_FILE, Job
 from imgtune.storage.record import JobRecord
 from imgtune.training.plugin import JobPlugin
@@ -71,9 +72,12 @@ def run_tuning_job(
     progress: bool = True,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
     force: bool = False,
+    ray_address: str | None = None,
 ) -> Job:
     """Run (or, with `resume`, continue) a tuning job to the end and return its directory. `force` resumes a
-    job recorded as running on another machine (that machine is gone); its unfinished trials continue too."""
+    job recorded as running on another machine (that machine is gone); its unfinished trials continue too.
+    `ray_address`: the cluster a resumed job runs on (else its own, unless it comes from a bucket:
+    imgtune.runs.trust)."""
     if resume is not None:
         life = JobLifecycle.resume(resume, workspace, "tuning", force=force)
     elif options is None:
@@ -89,7 +93,14 @@ def run_tuning_job(
         life = JobLifecycle.create(workspace, record, prefix="tune")
     with life:
         if life.resumed:
-            options = TuneOptions(**(life.job.record().options or {}))
+            recorded = life.job.record().options or {}
+            options = TuneOptions(
+                **{
+                    **recorded,
+                    "base": trusted_config(life.job, recorded.get("base") or {}),
+                    "ray_address": trusted_ray_address(life.job, recorded.get("ray_address"), ray_address),
+                }
+            )
             space, warm = validate(options), []
         life.use_plugins([TuningReportPlugin(), TrialsPush(), *tuning_tracking_plugins(options)])
         return life.run(lambda life: _tune(life, options, space, warm, progress, on_trial))

@@ -106,8 +106,13 @@ def make_rules(
     names: list[str], parameters: dict[str, dict[str, Any]] | None = None, rule_files: list[str] | None = None
 ) -> list[Rule]:
     """Instantiate debugger rules by name (built-in or from `rule_files`) with their parameter overrides."""
+    load_rule_files(rule_files or [])
+    return contract.make_rules(KIND, names, parameters)
+
+
+def load_rule_files(rule_files: list[str]) -> None:
+    """Register the built-in debugger rules and those of `rule_files` (each file is imported: it runs)."""
     import imgtune.debugger.rules.builtin  # noqa: F401  (registers the built-in rules)
 
-    for path in rule_files or []:
+    for path in rule_files:
         load_rule_file(path)
-    return contract.make_rules(KIND, names, parameters)

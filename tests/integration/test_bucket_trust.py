@@ -1,0 +1,98 @@
+"""The bucket is a trust boundary (imgtune.runs.trust): what someone with write access to an s3:// workspace puts
+into a job's job.json does not run code on another machine. The bucket is moto's server on 127.0.0.1; "another
+machine" is another IMGTUNE_CACHE (a mirror of its own), as in tests/e2e/test_workspace_s3.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from imgtune.cli import app
+from imgtune.runs.trust import trusted_ray_address
+from imgtune.storage.jobs import Job, workspace_dir
+
+BUCKET = "trust-runs"
+WORKSPACE = f"s3://{BUCKET}/team"
+runner = CliRunner()
+
+
+def machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str) -> Path:
+    """Commands from here on run as on machine `name`: its own cache, so its own mirror of the bucket."""
+    cache = tmp_path / name
+    monkeypatch.setenv("IMGTUNE_CACHE", str(cache))
+    return cache
+
+
+def rule_file_source(marker: Path) -> str:
+    """A debugger rule file that, once imported, has created `marker`: what running it would leave behind."""
+    return (
+        "from pathlib import Path\n"
+        f"Path({str(marker)!r}).touch()\n"
+        "from imgtune.debugger.rules import Rule\n\n\n"
+        "class Evil(Rule):\n"
+        "    def invoke_at_step(self, trial, step):\n"
+        "        return None\n"
+    )
+
+
+@pytest.mark.slow
+def test_a_tampered_job_json_runs_no_rule_file_on_another_machine(
+    s3_client: Any, tmp_path, dogs_mini, mobilenet_weights, monkeypatch
+):
+    s3_client.create_bucket(Bucket=BUCKET)
+    machine(monkeypatch, tmp_path, "machine-a")
+    train = [
+        "train", "--data", str(dogs_mini), "--backbone", "mobilenet_v2", "--weights", str(mobilenet_weights),
+        "--epochs", "2", "--image-size", "64", "--name", "victim", "--workspace", WORKSPACE, "--json",
+    ]  # fmt: skip
+    result = runner.invoke(app, train)
+    assert result.exit_code == 0, result.output
+
+    # Someone with write access to the bucket adds a rule file to the job and points its job.json at it (at
+    # the path machine B's mirror will give it), and marks the job failed so that it can be resumed.
+    machine(monkeypatch, tmp_path, "machine-b")
+    mirrored = workspace_dir(WORKSPACE) / "victim" / "evil.py"
+    marker = tmp_path / "code-ran"
+    record = json.loads(s3_client.get_object(Bucket=BUCKET, Key="team/victim/job.json")["Body"].read())
+    record["config"]["debugger"].update(
+        rule_files=[str(mirrored)], rules=[*record["config"]["debugger"]["rules"], "Evil"]
+    )
+    record["status"] = "failed"
+    s3_client.put_object(Bucket=BUCKET, Key="team/victim/evil.py", Body=rule_file_source(marker).encode())
+    s3_client.put_object(Bucket=BUCKET, Key="team/victim/job.json", Body=json.dumps(record).encode())
+
+    for command in (["jobs", "show", "victim"], ["debug", "rules", "victim"], ["report", "victim"]):
+        result = runner.invoke(app, [*command, "--workspace", WORKSPACE])
+        assert result.exit_code == 0, (command, result.output)
+        assert not marker.exists(), command
+    assert mirrored.is_file()  # the file was pulled with the job: only never imported
+    log = (mirrored.parent / "logs.txt").read_text()
+    assert f"debugger rule file(s) {mirrored}" in log and "not used here" in log  # the user is told
+
+    resumed = runner.invoke(app, ["train", "--resume", "victim", "--workspace", WORKSPACE, "--json"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["status"] == "completed" and not marker.exists()
+
+    # The same file, named by the user on the command line, runs: the refusal above is what kept it out.
+    trusted = runner.invoke(app, ["debug", "rules", "victim", "--workspace", WORKSPACE, "--rule-file", str(mirrored)])
+    assert trusted.exit_code == 0, trusted.output
+    assert marker.exists()
+
+
+def test_a_resumed_jobs_ray_cluster_comes_from_the_command_line_for_a_job_from_a_bucket(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGTUNE_CACHE", str(tmp_path / "cache"))
+    mirrored = Job(workspace_dir(WORKSPACE) / "tune-job")  # a job of an s3:// workspace, in its local mirror
+    mirrored.path.mkdir(parents=True)
+    local = Job(tmp_path / "runs" / "tune-job")
+    local.path.mkdir(parents=True)
+    assert mirrored.remote == f"{WORKSPACE}/tune-job" and local.remote is None
+    assert trusted_ray_address(mirrored, "10.0.0.9:6379", None) is None  # refused: an in-process Ray
+    assert "the Ray cluster 10.0.0.9:6379" in (mirrored.path / "logs.txt").read_text()
+    assert trusted_ray_address(mirrored, "10.0.0.9:6379", "127.0.0.1:6380") == "127.0.0.1:6380"
+    assert trusted_ray_address(local, "10.0.0.9:6379", None) == "10.0.0.9:6379"  # a local job's own stands
+    assert trusted_ray_address(local, "10.0.0.9:6379", "127.0.0.1:6380") == "127.0.0.1:6380"
