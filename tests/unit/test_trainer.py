@@ -207,3 +207,35 @@ def test_early_stopping_with_min_delta_and_nan_losses():
         fake.epoch, fake.epoch_record = epoch, {"valid_loss": float("nan")}
         nan_stopper.on_epoch_end(fake)
     assert nan_stopper.best_epoch is None and "never finite" in fake.stop_reason
+
+
+def test_best_pt_carries_its_epoch_and_a_later_one_is_not_restored(tmp_path):
+    """A job killed between writing best.pt and its checkpoint leaves a best.pt of an epoch the checkpoint does
+    not know as the best: a resumed job must not restore it as the best weights."""
+    from imgtune.training.standard_callbacks import atomic_torch_save, load_checkpoint
+
+    module = nn.Linear(2, 2)
+    best_path = tmp_path / "best.pt"
+    writer = EarlyStopping("valid_loss", patience=3, best_path=best_path)
+
+    class Epoch:  # what on_epoch_end reads of a trainer
+        def __init__(self, epoch: int, loss: float):
+            self.epoch, self.epoch_record, self.module = epoch, {"valid_loss": loss}, module
+
+    writer.on_epoch_end(Epoch(2, 0.5))
+    assert load_checkpoint(best_path)["epoch"] == 2 and writer.best_epoch == 2
+    saved = {k: v.clone() for k, v in module.state_dict().items()}
+
+    resumed = EarlyStopping("valid_loss", patience=3, best_path=best_path)
+    resumed.load_state_dict(writer.state_dict())  # the checkpoint's view: the best is epoch 2
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    assert resumed.restore_best(module) and torch.equal(module.weight, saved["weight"])  # epoch 2's weights back
+
+    atomic_torch_save({"epoch": 3, "state": {k: v + 5 for k, v in saved.items()}}, best_path)  # killed after this
+    messages: list[str] = []
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    assert not resumed.restore_best(module, messages.append)
+    assert "best.pt holds epoch 3, but the checkpoint's best is epoch 2" in messages[0]
+    assert torch.equal(module.weight, saved["weight"] + 1)  # left as it was, not epoch 3's weights

@@ -151,7 +151,7 @@ def train_in_this_process(
         raise
     timings["training_loop"] = timings.get("training_loop", 0.0) + time.perf_counter() - loop_started
     finalize_started = time.perf_counter()
-    restored = cfg.early_stopping.restore_best and has_valid and stopper.restore_best(module)
+    restored = cfg.early_stopping.restore_best and has_valid and stopper.restore_best(module, job.log)
     results: dict[str, Any] = {
         "epochs_run": len(trainer.history),
         "stop_reason": trainer.stop_reason,

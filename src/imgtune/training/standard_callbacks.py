@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -91,8 +92,8 @@ class EarlyStopping(Callback):
         if self._improved(value):
             self.best, self.best_epoch, self.wait = value, trainer.epoch, 0
             self._best_state = copy.deepcopy({k: v.detach().cpu() for k, v in trainer.module.state_dict().items()})
-            if self.best_path and self.save_best:
-                atomic_torch_save(self._best_state, self.best_path)
+            if self.best_path and self.save_best:  # with its epoch: restore_best checks it against the checkpoint's
+                atomic_torch_save({"epoch": self.best_epoch, "state": self._best_state}, self.best_path)
         else:
             self.wait += 1
             if self.enabled and self.wait >= self.patience:
@@ -101,10 +102,21 @@ class EarlyStopping(Callback):
                     f"early stopping: {self.metric} has not improved for {self.patience} epochs ({best})"
                 )
 
-    def restore_best(self, module: torch.nn.Module) -> bool:
+    def restore_best(self, module: torch.nn.Module, log: Callable[[str], None] | None = None) -> bool:
+        """Put the best epoch's weights back into `module`: those kept in memory, or (a resumed job) best.pt's,
+        only when best.pt holds the epoch the checkpoint knows as the best (a job killed between writing best.pt
+        and its checkpoint may leave a later one). Returns whether it did; `log` hears why not."""
         state = self._best_state
         if state is None and self.best_path and self.best_path.exists():
-            state = load_checkpoint(self.best_path)
+            saved = load_checkpoint(self.best_path)
+            epoch, state = (saved["epoch"], saved["state"]) if set(saved) == {"epoch", "state"} else (None, saved)
+            if epoch is not None and epoch != self.best_epoch:  # (a bare state dict: an older job's best.pt)
+                if log is not None:
+                    log(
+                        f"best.pt holds epoch {epoch}, but the checkpoint's best is epoch {self.best_epoch}: "
+                        "not restored, the model keeps its last epoch's weights"
+                    )
+                return False
         if state is None:
             return False
         module.load_state_dict(state)
