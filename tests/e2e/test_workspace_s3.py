@@ -218,6 +218,70 @@ def test_a_mirror_keeps_its_own_changes_never_overwrites_another_writers_and_pro
             if p.is_file() and not p.name.startswith(".record.json")} == stored  # fmt: skip
 
 
+def test_a_jobs_ray_state_never_crosses_the_bucket(bucket, tmp_path):
+    """A tuning job's Ray state (JOB/ray: pickles, which run code when loaded) is the machine's that wrote it: a
+    push never sends it, never deletes or overwrites what others put under ray/ in the bucket, and never takes it
+    on a conflict; a pull never downloads a ray/ key, whoever put it there and however its case is written. The
+    job's other files, its trials' included, sync as ever."""
+    from imgtune.storage.jobs import LOCAL_ONLY_DIRS, SYNC_RECORD
+    from imgtune.storage.remote import SyncedFolder
+
+    url, prefix = f"s3://{BUCKET}/ray-test/tune", "ray-test/tune/"
+    shared = {"job.json": b"{}", "trials/trial-1/job.json": b"{}", "trials/trial-1/metrics.jsonl": b"{}\n",
+              "raylet-notes.txt": b"not Ray's state"}  # fmt: skip
+    own_state = {"ray/experiment/tuner.pkl": b"machine a's state", "ray/experiment/experiment_state-1.json": b"{}"}
+
+    def mirror(machine: str) -> SyncedFolder:
+        return SyncedFolder(url, tmp_path / machine / "tune", SYNC_RECORD, True, local_only_dirs=LOCAL_ONLY_DIRS)
+
+    def local_files(folder: SyncedFolder) -> dict[str, bytes]:
+        return {p.relative_to(folder.local).as_posix(): p.read_bytes() for p in folder.local.rglob("*")
+                if p.is_file() and not p.name.startswith(SYNC_RECORD)}  # fmt: skip
+
+    a = mirror("machine-a")
+    for rel, data in {**shared, **own_state}.items():
+        (a.local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (a.local / rel).write_bytes(data)
+    assert a.push() == []
+    assert objects(bucket, prefix) == shared  # machine a's Ray state stayed on machine a
+
+    # Someone with write access to the bucket puts a state of their own there, and changes one of a's files.
+    planted = {"ray/experiment/tuner.pkl": b"planted pickle", "ray/experiment/experiment_state-2.json": b"{}",
+               "Ray/experiment/tuner.pkl": b"planted pickle"}  # fmt: skip
+    for rel, data in planted.items():
+        bucket.put_object(Bucket=BUCKET, Key=prefix + rel, Body=data)
+    bucket.put_object(Bucket=BUCKET, Key=prefix + "trials/trial-1/metrics.jsonl", Body=b"{}\n{}\n")
+    shared["trials/trial-1/metrics.jsonl"] = b"{}\n{}\n"
+    a.pull()
+    assert local_files(a) == {**shared, **own_state}  # the trial's change came; nothing under ray/ did
+
+    # a changes its state (its experiment goes on) and drops a file of it: the bucket's ray/ keys stay as they were,
+    # neither overwritten, deleted nor taken as a conflict (the bucket never wins there).
+    (a.local / "ray/experiment/tuner.pkl").write_bytes(b"machine a's newer state")
+    (a.local / "ray/experiment/experiment_state-1.json").unlink()
+    assert a.push() == [] and a.push(owner=True) == []
+    assert (a.local / "ray/experiment/tuner.pkl").read_bytes() == b"machine a's newer state"
+    assert objects(bucket, prefix) == {**shared, **planted}
+
+    # Another machine, which never saw the job, gets every file of it but none of the ray/ keys.
+    b = mirror("machine-b")
+    assert sorted(b.pull()) == sorted(shared)
+    assert local_files(b) == shared and not (b.local / "ray").exists() and not (b.local / "Ray").exists()
+    assert b.push() == [] and objects(bucket, prefix) == {**shared, **planted}
+
+    # A mirror an older imgtune synced (its ray/ files pushed and recorded) forgets them: its deletions there are
+    # not sent, and the bucket's ray/ keys are not pulled back over its own state.
+    old = SyncedFolder(url, tmp_path / "machine-c" / "tune", SYNC_RECORD, True)
+    old.pull()
+    assert local_files(old) == {**shared, **planted}
+    c = mirror("machine-c")
+    (c.local / "ray/experiment/experiment_state-2.json").unlink()
+    (c.local / "ray/experiment/tuner.pkl").write_bytes(b"machine c's own state")
+    assert c.push() == [] and c.pull() is not None
+    assert (c.local / "ray/experiment/tuner.pkl").read_bytes() == b"machine c's own state"
+    assert objects(bucket, prefix) == {**shared, **planted}
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_tuning_job_whose_driver_died_resumes_on_another_machine_from_the_bucket(

@@ -14,7 +14,9 @@ Every file is written atomically (temp file + rename), so a killed job leaves wh
 A workspace may be remote (`s3://bucket/prefix`): jobs then run in a local mirror,
 IMGTUNE_CACHE/workspaces/s3/bucket/prefix/JOB, and are pushed to the bucket on every status change, every
 $IMGTUNE_PUSH_INTERVAL seconds (30) of training and at their end; opening or listing jobs pulls what changed. So the
-bucket holds every job, and any machine with access can list, report, serve, evaluate or resume it.
+bucket holds every job, and any machine with access can list, report, serve, evaluate or resume it. A tuning job's
+Ray state (JOB/ray, pickles) stays on the machine that wrote it (LOCAL_ONLY_DIRS); another machine resuming the job
+rebuilds it from the trials' own job records (imgtune.tuning.tuner).
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ SYNC_RECORD = ".imgtune-sync.json"  # in a mirrored job: what was pushed or pull
 PUSH_INTERVAL_ENV = "IMGTUNE_PUSH_INTERVAL"
 PUSH_INTERVAL = 30.0  # default seconds between pushes of a running job's files (status changes push at once)
 SHALLOW_FILES = "*"  # what a shallow pull of a job takes: the files at its top, no folder (glob: * stops at /)
+# In a tuning job: Ray Tune's experiment state. It is pickles, which run code when loaded (Tuner.restore), so it is
+# the machine's that wrote it and never crosses a bucket: anyone who can write to the bucket could put code there.
+RAY_STATE_DIR = "ray"
+LOCAL_ONLY_DIRS = (RAY_STATE_DIR,)  # a job's top-level folders never pushed or pulled (remote.SyncedFolder)
 
 
 def push_interval() -> float:
@@ -160,7 +166,9 @@ class Job:
     def _synced(self) -> Any:
         from imgtune.storage.remote import SyncedFolder
 
-        return SyncedFolder(self.remote or "", self.path, SYNC_RECORD, keep_local_changes=True)
+        return SyncedFolder(
+            self.remote or "", self.path, SYNC_RECORD, keep_local_changes=True, local_only_dirs=LOCAL_ONLY_DIRS
+        )
 
     def push(self, min_interval: float = 0.0, strict: bool = True) -> None:
         """Upload what changed in the job to its remote workspace (nothing for a local job).

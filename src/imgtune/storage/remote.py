@@ -9,8 +9,10 @@ last pulled or pushed, and the local file's size and mtime at that moment. A pul
 size or ETag changed since then (a mirror never overwrites a local file that a job here changed since); a push
 uploads only files whose size or mtime changed, and deletes the objects of files it once pushed or pulled that
 are gone locally, but never overwrites an object that another writer changed since: that file is pulled
-instead, and reported. S3 endpoints and credentials come from the usual AWS settings
-(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, profiles), as with boto3.
+instead, and reported. A folder may name top-level folders that are this machine's only (`local_only_dirs`: a
+tuning job's Ray state, pickles that would run code when loaded): their files are never pushed, pulled, deleted
+remotely or taken from the remote on a conflict, whoever put them there. S3 endpoints and credentials come from
+the usual AWS settings (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, profiles), as with boto3.
 """
 
 from __future__ import annotations
@@ -79,15 +81,25 @@ class SyncedFolder:
     """A local folder and the remote prefix it mirrors; `record` is the record file's name in `local`.
 
     `keep_local_changes`: a pull leaves alone local files changed since the last sync (a workspace mirror,
-    where jobs write); without it the remote always wins (a dataset copy). Pulls and pushes of one folder take
-    turns (a lock file beside the record), so two processes on one machine never lose each other's entries.
+    where jobs write); without it the remote always wins (a dataset copy). `local_only_dirs`: names of top-level
+    folders (or files) that never cross: nothing under them is pushed, and no object under them is pulled (an
+    object whose key leads there, as `./ray/x` or `a/../ray/x` does, counts too). Pulls and pushes of one folder
+    take turns (a lock file beside the record), so two processes on one machine never lose each other's entries.
     """
 
-    def __init__(self, url: str, local: Path, record: str, keep_local_changes: bool = False):
+    def __init__(
+        self,
+        url: str,
+        local: Path,
+        record: str,
+        keep_local_changes: bool = False,
+        local_only_dirs: Iterable[str] = (),
+    ):
         self.url = url.rstrip("/")
         self.local = local
         self.record_file = local / record
         self.keep_local_changes = keep_local_changes
+        self.local_only_dirs = frozenset(name.casefold() for name in local_only_dirs)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -106,14 +118,28 @@ class SyncedFolder:
         being written."""
         return path.name.startswith((self.record_file.name, LOCAL_ONLY_PREFIX)) or path.name.endswith(PARTIAL_SUFFIXES)
 
+    def _local_only(self, rel: str) -> bool:
+        """Is `rel` (relative to the prefix and the folder) in a local-only folder, judged by where its file is here
+        (after `.`, `..` and symlinks; without regard to case, for case-insensitive file systems)?"""
+        if not self.local_only_dirs:
+            return False
+        try:
+            landing = self._target(rel).relative_to(self.local.resolve()).parts
+        except RemoteError:  # outside the folder altogether: refused where it is used
+            return False
+        return bool(landing) and landing[0].casefold() in self.local_only_dirs
+
     def _read_record(self) -> dict[str, dict[str, Any]]:
         try:
             files = json.loads(self.record_file.read_text()).get("files", {})
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
-        # a record of imgtune 0.1's dataset copies holds the object's stamp itself
+        # a record of imgtune 0.1's dataset copies holds the object's stamp itself; an older record's entries of
+        # local-only files (pushed before they were local-only) are forgotten: never pushed, pulled or deleted
         return {
-            rel: entry if "remote" in entry or "local" in entry else {"remote": entry} for rel, entry in files.items()
+            rel: entry if "remote" in entry or "local" in entry else {"remote": entry}
+            for rel, entry in files.items()
+            if not self._local_only(rel)
         }
 
     def _write_record(self, files: dict[str, dict[str, Any]]) -> None:
@@ -150,6 +176,7 @@ class SyncedFolder:
         """
         if listing is None:
             listing = list_remote(self.url, pattern)
+        listing = {rel: info for rel, info in listing.items() if not self._local_only(rel)}
         with self._locked():
             record = self._read_record()
             todo = [
@@ -172,12 +199,17 @@ class SyncedFolder:
                 if delete_missing:
                     for path in list(self.local.rglob("*")):
                         rel = path.relative_to(self.local).as_posix()
-                        if path.is_file() and not self._is_bookkeeping(path) and rel not in listing:
+                        keep = self._is_bookkeeping(path) or self._local_only(rel)
+                        if path.is_file() and not keep and rel not in listing:
                             path.unlink()
                             record.pop(rel, None)
             finally:
                 self._write_record(record)
         return list(listing)
+
+    def _top_level_local_only(self, path: Path) -> bool:
+        """A file or folder of the walk (a path below `local`) that is, or is in, a local-only top-level folder."""
+        return path.parent == self.local and path.name.casefold() in self.local_only_dirs
 
     def _target(self, rel: str) -> Path:
         target = (self.local / rel).resolve()
@@ -208,14 +240,17 @@ class SyncedFolder:
         wins), and the caller says so. An `owner` (the process running a job) always overwrites: what others
         wrote into a running job is replaced by the job's own files.
 
-        `skip_dirs(dir)` says which subfolders another SyncedFolder pushes itself (a tuning job's trials).
+        `skip_dirs(dir)` says which subfolders another SyncedFolder pushes itself (a tuning job's trials). Local-only
+        folders are never walked, and their objects (whoever put them there) are neither overwritten, deleted nor
+        taken.
         """
+        local_only = self._top_level_local_only
         with self._locked():
             record = self._read_record()
             present: set[str] = set()
             changed: dict[str, Path] = {}
-            for path in _files_below(self.local, skip_dirs):
-                if self._is_bookkeeping(path):
+            for path in _files_below(self.local, lambda folder: local_only(folder) or skip_dirs(folder)):
+                if self._is_bookkeeping(path) or local_only(path):
                     continue
                 rel = path.relative_to(self.local).as_posix()
                 present.add(rel)
