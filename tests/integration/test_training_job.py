@@ -372,3 +372,29 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@pytest.mark.slow
+def test_a_reused_pid_on_this_machine_blocks_resume_only_until_force(tmp_path, dogs_mini, mobilenet_weights):
+    """A job recorded as running here under a pid that is now another live program: refused without --force
+    (it may be the job), resumed with it (this process holds the job's lock, so the job's own runner is gone)."""
+    import socket
+
+    workspace = tmp_path / "ws"
+    cmd = train_command(dogs_mini, mobilenet_weights, "reused", "--epochs", "1", "--image-size", "32",
+                        "--workspace", str(workspace), "--json")  # fmt: skip
+    assert subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0
+    other = subprocess.Popen(["sleep", "120"])  # a live process that is not the job
+    try:
+        job = Job.open("reused", workspace)
+        job.update(status="running", pid=other.pid, host=socket.gethostname())
+        assert job.status() == "running"
+        refused = runner.invoke(app, ["train", "--resume", "reused", "--workspace", str(workspace)])
+        assert refused.exit_code == 2 and "still running" in refused.output and "--force" in refused.output
+        forced = runner.invoke(app, ["train", "--resume", "reused", "--force", "--workspace", str(workspace), "--json"])
+        assert forced.exit_code == 0, forced.output
+        assert job.read()["status"] == "completed"
+        assert f"pid {other.pid} on this machine was recorded as running it" in job.log_file.read_text()
+    finally:
+        other.kill()
+        other.wait()

@@ -174,7 +174,9 @@ class JobLifecycle:
 
 def check_resumable(job: Job, force: bool = False) -> None:
     """Refuse to resume a job that is still running. A job recorded as running on another machine (the
-    bucket says so, and no process of this one can tell) is resumed only with `force`."""
+    bucket says so, and no process of this one can tell) is resumed only with `force`; so is one recorded as
+    running here under a pid that is alive (another program may have that pid now: the job's lock, which this
+    process holds, says its own runner is gone)."""
     record = job.record()
     if job.status() != "running":
         return
@@ -187,7 +189,13 @@ def check_resumable(job: Job, force: bool = False) -> None:
             f"job {job.name} is recorded as running on {host} (pid {record.pid}, last update {record.updated})",
             f"if {host} is gone or the job died there, resume it with --force",
         )
-    raise JobError(f"job {job.name} is still running (pid {record.pid})", "wait for it or stop it first")
+    if force:  # this process holds the job's lock, so the recorded pid is not running it (a reused pid)
+        job.log(f"resumed with --force: pid {record.pid} on this machine was recorded as running it")
+        return
+    raise JobError(
+        f"job {job.name} is still running (pid {record.pid})",
+        "wait for it or stop it first; if that pid is another program now, resume with --force",
+    )
 
 
 def amend_job(job: Job, **fields: Any) -> None:
