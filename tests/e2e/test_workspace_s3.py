@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from cli_helpers import SLOW_IMAGE_TRAINING, resume_command, train_command
 from imgtune.cli import app
-from imgtune.storage.jobs import workspace_dir
+from imgtune.storage.jobs import MIRRORS_DIR, workspace_dir
 
 BUCKET = "imgtune-runs"
 WORKSPACE = f"s3://{BUCKET}/team"
@@ -330,3 +330,94 @@ def test_a_tuning_job_whose_driver_died_resumes_on_another_machine_from_the_buck
     after = finished_in_bucket()
     assert len(after) == 12 and all(after[name] == finished for name, finished in before.items())  # not re-run
     assert json.loads(objects(bucket, "team/tune-killed/")["job.json"])["status"] == "completed"
+
+
+class _Touch:
+    """Unpickled, it creates `path`: what a planted Ray state could do (any code, as this process's user)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[Path]]:
+        return (Path.touch, (self.path,))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_tuning_job_resumed_elsewhere_never_loads_a_ray_state_planted_in_the_bucket(
+    bucket, tmp_path, dogs_mini, mobilenet_weights
+):
+    """Ray's experiment state never crosses the bucket, so a pickle planted under the job's ray/ prefix never runs on
+    the machine that resumes it: that machine rebuilds the state from the trial jobs' own records, runs none of the
+    finished trials again, continues the unfinished ones under their own names and lists them all in the results."""
+    import pickle
+
+    import psutil
+
+    env = {**os.environ, "IMGTUNE_WORKSPACE": WORKSPACE, "IMGTUNE_PUSH_INTERVAL": "0",
+           "IMGTUNE_CACHE": str(tmp_path / "machine-a")}  # fmt: skip
+    # trials on Ray Tune one at a time (the debugger on: not batched heads), so that the kill comes between two
+    cmd = [sys.executable, "-m", "imgtune", "tune", "--data", str(dogs_mini), "--backbone", "mobilenet_v2",
+           "--weights", str(mobilenet_weights), "--epochs", "2", "--max-trials", "3", "--max-parallel", "1",
+           "--set", "data.image_size=96", "--set", "data.num_workers=0", "--set", "debugger.enabled=true",
+           "--name", "tune-planted"]  # fmt: skip
+    driver = subprocess.Popen(
+        as_host("machine-a", cmd), env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+    def trials_in_bucket() -> dict[str, dict[str, Any]]:
+        stored = objects(bucket, "team/tune-planted/trials/")
+        return {key.split("/")[0]: json.loads(data) for key, data in stored.items() if key.count("/") == 1
+                and key.endswith("/job.json")}  # fmt: skip
+
+    def finished(trials: dict[str, dict[str, Any]]) -> dict[str, str]:
+        return {name: record["finished"] for name, record in trials.items() if record.get("status") == "completed"}
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and driver.poll() is None and not finished(trials_in_bucket()):
+        time.sleep(0.1)
+    assert finished(trials_in_bucket()) and driver.poll() is None, "no trial was pushed before the driver ended"
+    for pid in [driver.pid, *(p.pid for p in psutil.Process(driver.pid).children(recursive=True))]:
+        with contextlib.suppress(ProcessLookupError):  # the driver and its local Ray, as if the machine died
+            os.kill(pid, signal.SIGKILL)
+    driver.wait()
+    before = trials_in_bucket()
+    assert len(finished(before)) < 3
+    assert not objects(bucket, "team/tune-planted/ray/")  # machine a never sent its Ray state
+
+    # Someone who can write to the bucket plants a Ray state that Tuner.restore would take, listing every trial.
+    marker = tmp_path / "planted-code-ran"
+    payload = pickle.dumps(_Touch(marker))
+    pickle.loads(pickle.dumps(_Touch(tmp_path / "payload-works")))
+    assert (tmp_path / "payload-works").exists()  # loading such a pickle does run its code
+    state = {"trial_data": [[json.dumps({"trial_id": name.removeprefix("trial-"), "custom_trial_name": name}), "{}"]
+                            for name in before]}  # fmt: skip
+    planted = {"ray/experiment/tuner.pkl": payload, "ray/experiment/searcher-state-2099-01-01_00-00-00.pkl": payload,
+               "ray/experiment/experiment_state-2099-01-01_00-00-00.json": json.dumps(state).encode()}  # fmt: skip
+    for key, data in planted.items():
+        bucket.put_object(Bucket=BUCKET, Key=f"team/tune-planted/{key}", Body=data)
+
+    env["IMGTUNE_CACHE"] = str(tmp_path / "machine-b")
+    resumed = subprocess.run(
+        [sys.executable, "-m", "imgtune", "tune", "--resume", "tune-planted", "--force", "--json"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert not marker.exists(), "the planted Ray state was unpickled"
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout)
+    assert summary["status"] == "completed" and len(summary["trials"]) == 3
+    assert all(t["status"] == "completed" and t["objective"] is not None for t in summary["trials"])
+    names = [t["trial"] for t in summary["trials"]]
+    after = trials_in_bucket()
+    assert sorted(after) == sorted(names) and set(before) <= set(names)  # unfinished ones continued, none stray
+    assert all(after[name]["finished"] == when for name, when in finished(before).items())  # not run again
+    assert summary["best"]["trial"] == names[0]
+    record = json.loads(objects(bucket, "team/tune-planted/")["job.json"])
+    assert record["status"] == "completed" and [t["trial"] for t in record["trials"]] == names
+    log = objects(bucket, "team/tune-planted/")["logs.txt"].decode()
+    assert f"Ray state rebuilt from {len(finished(before))} finished trial(s) (the job came from {WORKSPACE}" in log
+    in_bucket = {f"ray/{key}": data for key, data in objects(bucket, "team/tune-planted/ray/").items()}
+    assert in_bucket == planted  # neither taken nor touched by machine b
+    own = tmp_path / "machine-b" / MIRRORS_DIR / "s3" / BUCKET / "team" / "tune-planted" / "ray"
+    assert (own / "experiment").is_dir()  # machine b's own state, made here ...
+    assert all(p.read_bytes() != payload for p in own.rglob("*") if p.is_file())  # ... none of it from the bucket

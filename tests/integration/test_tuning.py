@@ -321,3 +321,82 @@ def test_trials_reuse_ray_workers_and_a_driver_killed_as_a_trial_starts_leaves_n
     assert len(pids) < len(summary["trials"])
     for stderr in (first_stderr.read_text(), resumed.stderr):
         assert "Token authentication" not in stderr and "RAY_AUTH_MODE" not in stderr
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_tuning_job_resumed_without_its_ray_state_is_rebuilt_from_its_trial_jobs(tmp_path):
+    """Resumed where Ray's state is not (another machine: it never crosses a bucket), a tuning job's Tuner starts
+    from its trial jobs' own records: finished trials are not run again and count toward the trials, unfinished
+    ones run first under their own names (continuing their jobs), the results list them all, and the log says so.
+    Ray runs a stand-in trainable here that records what it was given, to see what the rebuilt state runs."""
+    from imgtune.config import TuneOptions
+    from imgtune.storage.record import JobRecord
+    from imgtune.tuning import connect
+    from imgtune.tuning.tuner import build_tuner, fit
+
+    space = {"train.lr": {"values": [0.001, 0.01]}, "train.batch_size": {"values": [32, 64]}}
+    job = Job(tmp_path / "tune")
+    job.path.mkdir()
+
+    def trial_job(name: str, lr: float, batch_size: int, status: str, finished: str | None, accuracies: list[float]):
+        trial = Job(job.path / "trials" / name)
+        trial.path.mkdir(parents=True)
+        config = {"train": {"lr": lr, "batch_size": batch_size, "epochs": 2}}
+        trial.write(JobRecord(name=name, status=status, finished=finished, config=config))
+        for epoch, accuracy in enumerate(accuracies, 1):
+            trial.append_metrics({"epoch": epoch, "valid_accuracy": accuracy})
+
+    trial_job("trial-a", 0.001, 64, "completed", "2026-01-01T00:00:02", [0.5, 0.7])
+    trial_job("trial-b", 0.01, 32, "completed", "2026-01-01T00:00:01", [0.6, 0.6])
+    trial_job("trial-c", 0.01, 64, "running", None, [0.4])  # its driver died mid-trial
+
+    def stand_in(config: dict, context: dict) -> None:
+        from ray import tune
+
+        name = tune.get_context().get_trial_name()
+        (Path(context["ran"]) / name).write_text(json.dumps(config))
+        tune.report({"valid_accuracy": 0.5, "epoch": 1, "job": name})
+
+    def resume(options: TuneOptions, ran: Path) -> tuple[dict, dict[str, dict]]:
+        ran.mkdir()
+        tuner = build_tuner(job, stand_in, {"ran": str(ran)}, options, parse_space(space), [], resuming=True)
+        results = fit(tuner, job, options, parse_space(space), progress=False, on_trial=None)
+        return results, {p.name: json.loads(p.read_text()) for p in ran.iterdir()}
+
+    connect(None)
+    # grid: the two finished combinations are left out; trial-c continues with its own; one combination is new
+    grid = TuneOptions(base={}, space=space, strategy="grid")
+    results, ran = resume(grid, tmp_path / "ran-grid")
+    assert ran.pop("trial-c") == {"train.lr": 0.01, "train.batch_size": 64}
+    assert list(ran.values()) == [{"train.lr": 0.001, "train.batch_size": 32}]
+    assert results["trials_count"] == 4 and {t["trial"] for t in results["trials"]} == {"trial-a", "trial-b",
+                                                                                        "trial-c", *ran}  # fmt: skip
+    assert results["best"]["trial"] == "trial-a" and results["best"]["objective"] == 0.7
+    assert results["best"]["hyperparameters"] == {"train.lr": 0.001, "train.batch_size": 64}
+    log = job.log_file.read_text()
+    assert "Ray state rebuilt from 2 finished trial(s) (no Ray state was found in" in log
+    assert "1 unfinished trial job(s) continue" in log and "2 finished combination(s) are left out, 2 remain" in log
+
+    # Restored on this machine, the new state knows every trial job: nothing is rebuilt, nothing runs again ...
+    assert build_tuner(job, stand_in, {}, grid, parse_space(space), [], resuming=True) is not None
+    assert job.log_file.read_text() == log
+    # ... unless a trial job it does not know came in since (run on another machine after this one stopped).
+    trial_job("trial-d", 0.01, 32, "failed", "2026-01-01T00:00:03", [])
+    bayesian = TuneOptions(base={}, space=space, max_trials=4, max_parallel=1)
+    results, ran = resume(bayesian, tmp_path / "ran-bayesian")
+    assert "does not know 1 trial job(s) run since elsewhere" in job.log_file.read_text()
+    assert set(ran) == {"trial-c"}  # 3 finished (one errored) of 4 trials: only the unfinished one runs
+    assert "Ray state rebuilt from 3 finished trial(s)" in job.log_file.read_text()
+    by_name = {t["trial"]: t for t in results["trials"]}
+    assert by_name.keys() == {"trial-a", "trial-b", "trial-c", "trial-d"} and by_name["trial-d"]["status"] == "errored"
+
+    # With every trial finished, there is nothing left to run: the results are the trial jobs'.
+    import shutil
+
+    shutil.rmtree(job.path / "ray")
+    Job(job.path / "trials" / "trial-c").update(status="completed", finished="2026-01-01T00:00:04")
+    done = TuneOptions(base={}, space=space, max_trials=4, strategy="random")
+    assert build_tuner(job, stand_in, {}, done, parse_space(space), [], resuming=True) is None
+    results = fit(None, job, done, parse_space(space), progress=False, on_trial=None)
+    assert [t["trial"] for t in results["trials"]] == ["trial-a", "trial-b", "trial-c", "trial-d"]

@@ -37,7 +37,6 @@ from imgtune.tuning import connect
 from imgtune.tuning.batched import BatchedTuning, can_batch
 from imgtune.tuning.space import SearchSpace, apply_values, parse_space
 from imgtune.tuning.tuner import (
-    TRIAL_PREFIX,
     TRIALS_DIR,
     TuneReporter,
     build_tuner,
@@ -215,7 +214,7 @@ def _trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     space = parse_space(context["space"])
     values = space.values(config)
     trial_id = tune.get_context().get_trial_id()
-    trial_name = TRIAL_PREFIX + trial_id
+    trial_name = tune.get_context().get_trial_name()  # trial-<id>, or the trial job it continues (TrialNames)
     require_shared_paths(context)
     trials_dir = Path(context["trials_dir"])
     wait_for_first_round(trials_dir, context.get("first_round", 1))  # trials spread over the workers Ray starts

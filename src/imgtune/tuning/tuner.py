@@ -1,17 +1,27 @@
 """Ray Tune for tuning jobs: searchers and schedulers (bayesian: Optuna's TPE through OptunaSearch; random, grid;
 hyperband: ASHA), the trial reporter, the Tuner and the trials' results. The tuning job's life and its layout are
-imgtune.runs.tune's; every trial is a training job inside it, judged on a validation metric every epoch."""
+imgtune.runs.tune's; every trial is a training job inside it, judged on a validation metric every epoch.
+
+Ray's experiment state (JOB/ray: pickles) is the machine's that wrote it: it never crosses a bucket
+(imgtune.storage.jobs.LOCAL_ONLY_DIRS). A tuning job resumed where that state is missing (another machine, a bucket)
+or does not know every trial job (trials run elsewhere since) gets a new state rebuilt from its trial jobs' own
+records (see `rebuild`): finished trials are kept and counted, unfinished ones continue their training jobs.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
+import random
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +35,10 @@ from ray.tune.stopper import Stopper
 
 from imgtune.config import TuneOptions, build_config
 from imgtune.core.errors import JobError
+from imgtune.core.io import atomic_write_json, now_iso
 from imgtune.data.sources import is_remote
-from imgtune.storage.jobs import JOB_FILE, Job, push_interval
+from imgtune.storage.jobs import JOB_FILE, RAY_STATE_DIR, Job, push_interval, remote_url
+from imgtune.storage.record import JobRecord
 from imgtune.training import memo
 from imgtune.training.callbacks import Callback, StopTraining
 from imgtune.tuning.space import SearchSpace, parse_space
@@ -34,8 +46,10 @@ from imgtune.tuning.space import SearchSpace, parse_space
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # trials' progress is imgtune's to show
 
 TRIALS_DIR = "trials"
-RAY_DIR = "ray"
-EXPERIMENT = "experiment"
+EXPERIMENT = "experiment"  # Ray's experiment folder in JOB/ray (imgtune.storage.jobs.RAY_STATE_DIR)
+REBUILT_FILE = "rebuilt.json"  # in JOB/ray: the trial jobs a rebuilt Ray state started from (see rebuild)
+CLAIMS_DIR = "continued"  # in JOB/ray: unfinished trial jobs a rebuilt state's trials took over (TrialNames)
+FINISHED = ("completed", "failed")  # trial jobs a resumed tuning job never runs again (errored ones neither)
 TRIAL_PREFIX = "trial-"
 REPORTED = ("valid_accuracy", "valid_loss", "train_accuracy", "train_loss")
 TUNER_STOP = "stopped early by the tuner's scheduler"  # a trial job's stop_reason
@@ -127,7 +141,7 @@ def wait_for_first_round(trials_dir: Path, workers: int) -> None:
         return
     import socket
 
-    roll = trials_dir.parent / RAY_DIR / ".workers" / ray.get_runtime_context().get_job_id()
+    roll = trials_dir.parent / RAY_STATE_DIR / ".workers" / ray.get_runtime_context().get_job_id()
     roll.mkdir(parents=True, exist_ok=True)
     (roll / f"{socket.gethostname()}-{ray.util.get_node_ip_address()}-{os.getpid()}").touch()
     deadline = time.monotonic() + FIRST_ROUND_WAIT_SECONDS
@@ -164,7 +178,7 @@ def wait_until_recorded(trials_dir: Path, trial_id: str) -> None:
     state where it should be: a Tuner run elsewhere, a format this code does not know), the trial goes on, and
     this process stops waiting for later ones."""
     global _record_wait
-    state_dir = trials_dir.parent / RAY_DIR / EXPERIMENT
+    state_dir = trials_dir.parent / RAY_STATE_DIR / EXPERIMENT
     deadline = time.monotonic() + RECORD_WAIT_SECONDS
     while _record_wait and not _recorded(state_dir, trial_id):
         if time.monotonic() > deadline:
@@ -246,7 +260,9 @@ def validate(options: TuneOptions) -> SearchSpace:
     return space
 
 
-def _search_and_scheduler(options: TuneOptions, space: SearchSpace, warm: list[tuple[dict, float]]) -> tuple[Any, Any]:
+def _search_and_scheduler(
+    options: TuneOptions, space: SearchSpace, warm: list[tuple[dict, float]], rebuilt: Rebuild | None = None
+) -> tuple[Any, Any]:
     epochs = int(options.base.get("train", {}).get("epochs", 10))
     if options.strategy == "hyperband" or options.early_stopping == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=1, reduction_factor=3)
@@ -254,6 +270,18 @@ def _search_and_scheduler(options: TuneOptions, space: SearchSpace, warm: list[t
         scheduler = MedianStoppingRule(time_attr="epoch", grace_period=1, min_samples_required=3)
     else:
         scheduler = FIFOScheduler()
+    if rebuilt is not None:  # the unfinished trials (or the grid's rest) first; bayesian: told the finished ones
+        if options.strategy == "bayesian":
+            search = ResumedOptunaSearch(
+                evaluated=rebuilt.evaluated,
+                sampler=optuna.samplers.TPESampler(seed=rebuilt.seed),
+                points_to_evaluate=rebuilt.points or None,
+            )
+            return search, scheduler
+        search = BasicVariantGenerator(
+            random_state=rebuilt.seed, points_to_evaluate=rebuilt.points or None, max_concurrent=options.max_parallel
+        )
+        return search, scheduler
     if options.strategy == "bayesian":
         points = [space.samples(values) for values, _ in warm] or None
         rewards = [objective for _, objective in warm] or None
@@ -268,6 +296,250 @@ def _search_and_scheduler(options: TuneOptions, space: SearchSpace, warm: list[t
         random_state=options.seed, points_to_evaluate=points or None, max_concurrent=options.max_parallel
     )
     return search, scheduler
+
+
+class ResumedOptunaSearch(OptunaSearch):
+    """OptunaSearch for a rebuilt Ray state: once the Tuner gives it the space, its study is told the trials the
+    tuning job finished before (point, objective; an errored one as failed), which are not run again."""
+
+    def __init__(self, evaluated: list[tuple[dict[str, Any], float | None]], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.imgtune_evaluated = evaluated
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        if not super().set_search_properties(metric, mode, config, **spec):
+            return False
+        for point, value in self.imgtune_evaluated:
+            with contextlib.suppress(ValueError):  # a point outside the space (it cannot be: the job's own space)
+                self.add_evaluated_point(point, 0.0 if value is None else value, error=value is None)
+        return True
+
+
+@dataclass
+class Rebuild:
+    """What a new Ray state for a resumed tuning job starts from: its trial jobs' own records (see `rebuild`)."""
+
+    reason: str
+    finished: list[str] = field(default_factory=list)  # trial jobs completed or failed, in the order they ended
+    unfinished: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # name, sampled point: continued
+    points: list[dict[str, Any]] = field(default_factory=list)  # sampled points run first (unfinished, grid's rest)
+    evaluated: list[tuple[dict[str, Any], float | None]] = field(default_factory=list)  # finished: point, objective
+    objectives: list[float | None] = field(default_factory=list)  # the finished trials' objectives, in order
+    samples: int = 0  # the trials the new Tuner runs, the unfinished ones among them
+    seed: int | None = None
+
+
+def _trial_jobs(job: Job) -> list[tuple[Job, JobRecord]]:
+    """The tuning job's trial jobs that have a readable job.json, with it."""
+    found = []
+    for job_file in sorted((job.path / TRIALS_DIR).glob(f"{TRIAL_PREFIX}*/{JOB_FILE}")):
+        trial = Job(job_file.parent)
+        with contextlib.suppress(JobError):
+            found.append((trial, trial.record()))
+    return found
+
+
+def _config_value(config: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None  # type: ignore[assignment]
+    return config
+
+
+def _trial_values(record: JobRecord, space: SearchSpace) -> dict[str, Any] | None:
+    """A trial job's hyperparameters (real types) from its recorded config; None when one is missing."""
+    values = {key: _config_value(record.config or {}, key) for key in space.keys}
+    return None if any(value is None for value in values.values()) else values
+
+
+def _same_point(config: dict[str, Any], point: dict[str, Any]) -> bool:
+    """Does a trial's (sampled) config hold `point`? Floats within rounding (a value taken back from a record)."""
+    for key, wanted in point.items():
+        have = config.get(key)
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (have, wanted))
+        if not (have == wanted or (numbers and math.isclose(have, wanted, rel_tol=1e-9, abs_tol=1e-12))):
+            return False
+    return True
+
+
+def _best(values: list[float], mode: str) -> float | None:
+    return (max(values) if mode == "max" else min(values)) if values else None
+
+
+def _trial_status(errored: bool, stop_reason: str | None, planned: int, epochs: int) -> str:
+    if errored:
+        return "errored"
+    if stop_reason == TUNER_STOP or (planned and epochs < planned and not stop_reason):
+        return "early-stopped"
+    return "completed"
+
+
+def trial_from_record(job: Job, trial: Job, options: TuneOptions, space: SearchSpace) -> dict[str, Any]:
+    """A finished trial as the tuning job lists it, from its training job alone (a trial Ray's state does not know:
+    it finished before the state was rebuilt)."""
+    record = trial.record()
+    metrics = trial.read_metrics()
+    values = [float(m[options.objective]) for m in metrics if m.get(options.objective) is not None]
+    epochs = max((int(m["epoch"]) for m in metrics), default=0)
+    planned = int((record.config or {}).get("train", {}).get("epochs", 0) or 0)
+    return {
+        "trial": trial.name,
+        "hyperparameters": _trial_values(record, space) or {},
+        "objective": _best(values, options.mode),
+        "objective_name": options.objective,
+        "status": _trial_status(record.status == "failed", record.stop_reason, planned, epochs),
+        "epochs": epochs,
+        "stop_reason": record.stop_reason,
+        "seconds": record.timings.get("total", record.seconds),
+        "job": trial.path.relative_to(job.path).as_posix(),
+        "node": None,
+        "error": record.error,
+    }
+
+
+def _resumed_seed(seed: int | None, finished: int) -> int | None:
+    """The searcher's seed in a rebuilt state: not the job's own, whose first draws its finished trials had."""
+    return None if seed is None else random.Random(f"imgtune resumed {seed} {finished}").randrange(2**31)
+
+
+def _why_rebuild(job: Job, experiment: Path) -> str | None:
+    """Why a resumed tuning job cannot restore Ray's state in `experiment`, or None when it can."""
+    if not tune.Tuner.can_restore(str(experiment)):
+        if job.remote is not None:
+            return (
+                f"the job came from {job.remote}, and Ray's state never crosses a bucket (it is pickles, which "
+                "would run code here), so there is none on this machine"
+            )
+        return f"no Ray state was found in {experiment}"
+    known = _state_trial_names(experiment)
+    if known is None:  # not readable as JSON: Ray's restore says what is wrong
+        return None
+    known |= set(rebuilt_from(job))
+    elsewhere = [trial.name for trial, _ in _trial_jobs(job) if trial.name not in known]
+    if elsewhere:
+        return f"the Ray state here does not know {len(elsewhere)} trial job(s) run since elsewhere"
+    return None
+
+
+def _state_trial_names(experiment: Path) -> set[str] | None:
+    """The trial names Ray's newest saved state in `experiment` lists (read as JSON, nothing unpickled)."""
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    if not states:
+        return None
+    try:
+        trials = [json.loads(entry[0]) for entry in json.loads(states[-1].read_text())["trial_data"]]
+        return {t.get("custom_trial_name") or TRIAL_PREFIX + t["trial_id"] for t in trials}
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def rebuilt_from(job: Job) -> list[str]:
+    """The finished trial jobs a rebuilt Ray state of this machine started from (its results do not list them)."""
+    try:
+        return list(json.loads((job.path / RAY_STATE_DIR / REBUILT_FILE).read_text()).get("finished", []))
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def rebuild(job: Job, options: TuneOptions, space: SearchSpace, reason: str) -> Rebuild:
+    """A new Ray state for a resumed tuning job from its trial jobs' records, replacing whatever JOB/ray held.
+
+    Finished trial jobs (completed, or failed: errored) are not run again and count toward max_trials; bayesian
+    tells the searcher their objectives, random and hyperband draw the remaining samples afresh (another seed:
+    the job's own would draw the finished trials' points again), grid leaves out the combinations that finished.
+    Unfinished trial jobs are tried first under their own names (TrialNames) and continue from their
+    checkpoints. The job's log says what was done and why."""
+    plan = Rebuild(reason)
+    finished: list[tuple[Job, JobRecord]] = []
+    for trial, record in _trial_jobs(job):
+        if record.status in FINISHED:
+            finished.append((trial, record))
+        elif (values := _trial_values(record, space)) is not None:
+            plan.unfinished.append((trial.name, space.samples(values)))
+    finished.sort(key=lambda item: item[1].finished or item[1].updated or "")
+    plan.finished = [trial.name for trial, _ in finished]
+    summaries = [trial_from_record(job, trial, options, space) for trial, _ in finished]
+    plan.objectives = [s["objective"] if s["status"] != "errored" else None for s in summaries]
+    plan.seed = _resumed_seed(options.seed, len(finished))
+    notes = []
+    if options.strategy == "grid":
+        done = [space.samples(s["hyperparameters"]) for s in summaries if s["hyperparameters"]]
+        combos = [
+            dict(zip(space.keys, c, strict=True))
+            for c in itertools.product(*(p.grid_values() for p in space.parameters))
+        ]
+        matched = [point for point in done if any(_same_point(combo, point) for combo in combos)]
+        rest = [combo for combo in combos if not any(_same_point(combo, point) for point in matched)]
+        plan.points, plan.samples = rest, len(rest)
+        notes.append(f"the grid's {len(combos) - len(rest)} finished combination(s) are left out, {len(rest)} remain")
+        if len(matched) < len(summaries):
+            notes.append(
+                f"{len(summaries) - len(matched)} finished trial(s) match no combination of the grid (their "
+                "combinations, if any, run again)"
+            )
+    else:
+        plan.points = [point for _, point in plan.unfinished]
+        plan.samples = max(options.max_trials - len(finished), len(plan.unfinished))
+        if options.strategy == "bayesian":
+            plan.evaluated = [
+                (space.samples(s["hyperparameters"]), objective)
+                for s, objective in zip(summaries, plan.objectives, strict=True)
+                if s["hyperparameters"]
+            ]
+            plan.evaluated += _warm_points_again(job, options, space)
+            notes.append(f"the searcher is told their {len(plan.evaluated)} result(s)")
+        else:
+            notes.append("the remaining samples are drawn afresh")
+    state = job.path / RAY_STATE_DIR
+    shutil.rmtree(state, ignore_errors=True)  # a stale state of this machine, or nothing
+    state.mkdir(parents=True)
+    atomic_write_json(
+        state / REBUILT_FILE,
+        {"at": now_iso(), "reason": reason, "finished": plan.finished, "unfinished": [n for n, _ in plan.unfinished]},
+    )
+    job.log(
+        f"Ray state rebuilt from {len(finished)} finished trial(s) ({reason}): they are not run again and count "
+        f"toward the trials; {len(plan.unfinished)} unfinished trial job(s) continue from their checkpoints; "
+        f"{'; '.join(notes)}; {max(plan.samples - len(plan.unfinished), 0)} new trial(s) to run"
+    )
+    return plan
+
+
+def _warm_points_again(job: Job, options: TuneOptions, space: SearchSpace) -> list[tuple[dict[str, Any], float]]:
+    """The warm-start jobs' results (read again: the lost state held them), or none, said in the log."""
+    if not options.warm_start:
+        return []
+    try:
+        warm = warm_start_points(
+            options.warm_start, remote_url(job.path.parent) or job.path.parent, space, options.objective
+        )
+    except JobError as exc:
+        job.log(f"the warm-start jobs could not be read again ({exc}); the searcher goes on without them")
+        return []
+    return [(space.samples(values), objective) for values, objective in warm]
+
+
+class TrialNames:
+    """Names Ray's trials, and their folders: trial-<Ray's trial id>, except in a rebuilt state, where a trial whose
+    config is an unfinished trial job's takes that job's name, so that it continues the job (each job once: a
+    claim folder in JOB/ray/continued, which a restore of this state on this machine finds again)."""
+
+    def __init__(self, claims: Path, unfinished: list[tuple[str, dict[str, Any]]]):
+        self.claims, self.unfinished = claims, unfinished
+
+    def __call__(self, trial: Any) -> str:
+        for name, point in self.unfinished:
+            if _same_point(trial.config, point):
+                try:
+                    (self.claims / name).mkdir(parents=True)
+                except FileExistsError:
+                    continue
+                return name
+        return TRIAL_PREFIX + trial.trial_id
+
+
+def trial_job_name(trial: Any) -> str:
+    """A Ray trial's name (TrialNames): its training job's, and its folder's in Ray's experiment."""
+    return trial.custom_trial_name or TRIAL_PREFIX + trial.trial_id
 
 
 class NoImprovementStopper(Stopper):
@@ -299,6 +571,14 @@ class NoImprovementStopper(Stopper):
     def stop_all(self) -> bool:
         return self.since >= self.patience
 
+    def seed(self, objectives: list[float | None]) -> None:
+        """Count trials that finished before (a rebuilt Ray state), in the order they finished."""
+        for value in objectives:
+            if value is not None and self._better(value, self.best):
+                self.best, self.since = value, 0
+            else:
+                self.since += 1
+
 
 def build_tuner(
     job: Job,
@@ -308,8 +588,10 @@ def build_tuner(
     space: SearchSpace,
     warm: list[tuple[dict, float]],
     resuming: bool,
-) -> tune.Tuner:
-    """The Tuner of a tuning job: restored from JOB/ray when it resumes and Ray saved its state, else new."""
+) -> tune.Tuner | None:
+    """The Tuner of a tuning job: restored from JOB/ray when it resumes and Ray saved its state here, knowing every
+    trial job; else new, and for a resumed job rebuilt from its trial jobs (`rebuild`). None: a rebuilt job has no
+    trial left to run."""
     context = {**context, "first_round": first_round_size(options, space)}  # (see wait_for_first_round)
     # A data-parallel trial is a light driver: its Ray Train workers take the trial's CPUs and GPUs. Ray Tune
     # refuses a trial that reserves nothing, so it reserves one byte of memory; max_parallel bounds the trials.
@@ -318,16 +600,24 @@ def build_tuner(
     trainable = tune.with_resources(
         tune.with_parameters(trainable, context=context), {"cpu": 0, "memory": 1} if data_parallel else resources
     )
-    storage = str(job.path / RAY_DIR)
-    if resuming and tune.Tuner.can_restore(os.path.join(storage, EXPERIMENT)):
-        return tune.Tuner.restore(
-            os.path.join(storage, EXPERIMENT), trainable, resume_unfinished=True, resume_errored=False
-        )
+    storage = job.path / RAY_STATE_DIR
+    rebuilt = None
+    if resuming:
+        reason = _why_rebuild(job, storage / EXPERIMENT)
+        if reason is None:
+            return tune.Tuner.restore(
+                str(storage / EXPERIMENT), trainable, resume_unfinished=True, resume_errored=False
+            )
+        rebuilt = rebuild(job, options, space, reason)
+        if rebuilt.samples <= 0:
+            return None
     stopper = None
     if options.stop_after_no_improvement is not None:
         stopper = NoImprovementStopper(options.stop_after_no_improvement, options.mode, options.objective)
-    search, scheduler = _search_and_scheduler(options, space, warm)
-    grid = options.strategy == "grid"
+        stopper.seed(rebuilt.objectives if rebuilt else [])
+    search, scheduler = _search_and_scheduler(options, space, warm, rebuilt)
+    grid = options.strategy == "grid" and rebuilt is None  # a rebuilt grid gives its remaining points
+    names = TrialNames(storage / CLAIMS_DIR, rebuilt.unfinished if rebuilt else [])
     return tune.Tuner(
         trainable,
         param_space=space.ray_space(grid=grid),
@@ -336,18 +626,18 @@ def build_tuner(
             mode=options.mode,
             search_alg=search,
             scheduler=scheduler,
-            num_samples=1 if grid else options.max_trials,
+            num_samples=rebuilt.samples if rebuilt else 1 if grid else options.max_trials,
             # OptunaSearch is limited here; the variant generator of the other strategies limits itself
             max_concurrent_trials=options.max_parallel if options.strategy == "bayesian" else None,
             time_budget_s=options.time_budget_s,
             # One worker process runs trial after trial: a process start (Ray, torch, imports) costs seconds,
             # more than a trial on cached features (see trial_process and imgtune.training.memo).
             reuse_actors=True,
-            trial_name_creator=lambda trial: TRIAL_PREFIX + trial.trial_id,
-            trial_dirname_creator=lambda trial: TRIAL_PREFIX + trial.trial_id,
+            trial_name_creator=names,
+            trial_dirname_creator=trial_job_name,
         ),
         run_config=tune.RunConfig(
-            storage_path=storage,
+            storage_path=str(storage),
             name=EXPERIMENT,
             stop=stopper,
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
@@ -358,20 +648,23 @@ def build_tuner(
 
 
 def fit(
-    tuner: tune.Tuner,
+    tuner: tune.Tuner | None,
     job: Job,
     options: TuneOptions,
     space: SearchSpace,
     progress: bool,
     on_trial: Callable[[dict[str, Any]], None] | None,
 ) -> dict[str, Any]:
-    """Run the trials; returns the tuning job's results for job.json (trials best first, the best)."""
+    """Run the trials (none: `tuner` is None); returns the tuning job's results for job.json (trials best first, the
+    best)."""
     _driver.update(job=job, options=options, progress=progress, on_trial=on_trial)
     period = state_save_period(trial_count(options, space))
+    grid_results: Any = []
     try:
         # Ray reads the period when fit() makes its controller; one the user set stands
         with contextlib.redirect_stdout(sys.stderr), _env_default("TUNE_GLOBAL_CHECKPOINT_S", f"{period:g}"):
-            grid_results = tuner.fit()  # (Ray's own tables would spoil --json on stdout)
+            if tuner is not None:
+                grid_results = tuner.fit()  # (Ray's own tables would spoil --json on stdout)
     finally:
         _driver.clear()
     trials = collect_trials(job, options, space, grid_results)
@@ -407,13 +700,13 @@ def warm_start_points(jobs: list[str], workspace: str | Path | None, space: Sear
 
 
 def collect_trials(job: Job, options: TuneOptions, space: SearchSpace, results: Any) -> list[dict[str, Any]]:
-    """Each trial: hyperparameters (real types), objective (its best epoch), status, epochs, duration, job."""
+    """Each trial: hyperparameters (real types), objective (its best epoch), status, epochs, duration, job; Ray's
+    results and the trials a rebuilt Ray state started from (which Ray's results do not list)."""
     trials = []
     for result in results:
         config = result.config or {}
         history = result.metrics_dataframe
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix(TRIAL_PREFIX)
-        name = TRIAL_PREFIX + str(trial_id)
+        name = (result.metrics or {}).get("job") or Path(result.path).name  # (trial_job_name)
         trial_job = job.path / TRIALS_DIR / name
         record = Job(trial_job).record() if (trial_job / JOB_FILE).exists() else None
         # The trial's own training job is the truth: Ray's copy of the results can be elsewhere (a tuning job
@@ -426,18 +719,13 @@ def collect_trials(job: Job, options: TuneOptions, space: SearchSpace, results: 
             epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
             has_values = history is not None and options.objective in history
             values = [float(v) for v in history[options.objective].dropna()] if has_values else []
-        objective = (max(values) if options.mode == "max" else min(values)) if values else None
+        objective = _best(values, options.mode)
         has_times = history is not None and "time_total_s" in history and len(history)
         ray_seconds = float(history["time_total_s"].max()) if has_times else None
         planned = int(((record.config or {}) if record else {}).get("train", {}).get("epochs", 0) or 0)
         stop_reason = record.stop_reason if record else None
         own_seconds = record.timings.get("total") if record else None
-        if result.error is not None:
-            status = "errored"
-        elif stop_reason == TUNER_STOP or (planned and epochs < planned and not stop_reason):
-            status = "early-stopped"
-        else:
-            status = "completed"
+        status = _trial_status(result.error is not None, stop_reason, planned, epochs)
         trials.append(
             {
                 "trial": name,
@@ -453,6 +741,11 @@ def collect_trials(job: Job, options: TuneOptions, space: SearchSpace, results: 
                 "error": _error_text(result.error),
             }
         )
+    listed = {trial["trial"] for trial in trials}
+    for name in rebuilt_from(job):
+        trial = Job(job.path / TRIALS_DIR / name)
+        if name not in listed and trial.job_file.is_file():
+            trials.append(trial_from_record(job, trial, options, space))
     return sort_trials(trials, options.mode)
 
 
@@ -515,13 +808,13 @@ class TrialProgress(tune.Callback):
         job, objective, on_trial = _driver["job"], _driver["options"].objective, _driver.get("on_trial")
         value = (trial.last_result or {}).get(objective)
         shown = "-" if value is None else f"{value:.4f}"
-        job.log(f"trial {TRIAL_PREFIX}{trial.trial_id} {status}: {objective} {shown}")
+        job.log(f"trial {trial_job_name(trial)} {status}: {objective} {shown}")
         if job.remote is not None:
             job.push(min_interval=push_interval(), strict=False)
         if self.bar is not None:
             self.bar.update(self.task, advance=1, info=f"last {objective} {shown}")
         if on_trial is not None:
-            on_trial({"trial": TRIAL_PREFIX + trial.trial_id, "status": status, "objective": value})
+            on_trial({"trial": trial_job_name(trial), "status": status, "objective": value})
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._done(trial, "finished")
