@@ -398,3 +398,33 @@ def test_a_reused_pid_on_this_machine_blocks_resume_only_until_force(tmp_path, d
     finally:
         other.kill()
         other.wait()
+
+
+@pytest.mark.slow
+def test_a_full_disk_in_the_checkpointer_fails_the_job_with_the_reason(tmp_path, dogs_mini, mobilenet_weights):
+    """The job's workspace on a 2 MB tmpfs (a mount namespace of its own: needs root, as CI runs): the first
+    checkpoint (MobileNetV2's weights, over 2 MB with best.pt) cannot be written. The job ends `failed` with the
+    disk's error, says so in one line (exit 2), and leaves no temp file behind."""
+    import sys
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    train = train_command(dogs_mini, mobilenet_weights, "full", "--epochs", "2", "--image-size", "32",
+                          "--no-debugger", "--no-profiler", "--workspace", str(mount / "runs"))  # fmt: skip
+    show = (
+        "import json, pathlib, sys; job = pathlib.Path(sys.argv[1]); "
+        "print(json.dumps({'record': json.loads((job / 'job.json').read_text()), "
+        "'files': sorted(p.name for p in job.rglob('*'))}))"
+    )
+    script = (
+        f"mount -t tmpfs -o size=2m tmpfs {mount} && {subprocess.list2cmdline(train)} >/dev/null 2>{tmp_path}/err; "
+        f"echo $? > {tmp_path}/exit; {sys.executable} -c {json.dumps(show)} {mount}/runs/full"
+    )
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert (tmp_path / "exit").read_text().strip() == "2"
+    assert "No space left on device" in (tmp_path / "err").read_text()
+    assert "continue it with --resume full" in (tmp_path / "err").read_text()
+    assert seen["record"]["status"] == "failed" and "[Errno 28] No space left on device" in seen["record"]["error"]
+    assert not [name for name in seen["files"] if name.endswith(".tmp")]

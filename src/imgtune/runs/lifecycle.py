@@ -13,6 +13,7 @@ is pushed at once, and the end pushes the whole job (a failed push of a complete
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import time
 import traceback
@@ -27,6 +28,7 @@ from imgtune.storage.record import JobRecord
 from imgtune.training.plugin import PluginSet
 
 KIND_LABEL = {"training": "training job", "tuning": "tuning job", "pipeline": "pipeline"}
+log = logging.getLogger("imgtune")
 
 
 class JobLifecycle:
@@ -123,6 +125,12 @@ class JobLifecycle:
             self.begin(**running_fields)
             try:
                 results = body(self)
+            except OSError as exc:  # a full disk, a lost mount: said in a line, with what to do
+                self.fail(exc, traceback.format_exc())
+                raise JobError(
+                    f"job {job.name} failed: {exc}",
+                    f"fix that (free space in {job.path.parent}?) and continue it with --resume {job.name}",
+                ) from exc
             except Exception as exc:
                 self.fail(exc, traceback.format_exc())
                 raise
@@ -151,10 +159,14 @@ class JobLifecycle:
             self._hold.close()
 
     def fail(self, exc: BaseException, trace: str) -> None:
-        """End the job `failed` with `exc`; `trace` (its traceback text) goes to the job's log."""
+        """End the job `failed` with `exc`; `trace` (its traceback text) goes to the job's log. When even that
+        cannot be written (the disk that failed the job is still full), it is said on stderr instead: the job
+        then reads as interrupted (its process is gone) and can be resumed."""
         error = f"{type(exc).__name__}: {exc}"
         try:
             self._end("failed", {"error": error}, f"failed: {error}\n{trace}")
+        except OSError as unrecorded:
+            log.error("job %s failed (%s), and that could not be recorded in it: %s", self.job.name, error, unrecorded)
         finally:
             self._hold.close()
 

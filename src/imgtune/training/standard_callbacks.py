@@ -21,8 +21,35 @@ if TYPE_CHECKING:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save into `path` atomically. A write that fails (a full disk) raises its own OSError, not torch's
+    bare RuntimeError, and closes the file at once: the removed temp file's space is free again for the job to
+    record its failure (torch's writer would keep it open while the error propagates)."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
+        recorded = _KeepWriteErrors(handle)
+        try:
+            torch.save(obj, recorded)
+        except RuntimeError:
+            if recorded.error is not None:
+                raise recorded.error from None
+            raise
+
+
+class _KeepWriteErrors:
+    """A file for torch.save that keeps the OSError a write raised (torch turns it into a RuntimeError)."""
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 class MetricsWriter(Callback):
