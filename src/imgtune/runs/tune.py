@@ -5,7 +5,8 @@ Layout of a tuning job::
     JOB/
       job.json      kind "tuning": options, search space, status, trials (best first), best hyperparameters
       trials/       one training job per trial (trial-<id>), with its own metrics, checkpoints and model
-      ray/          Ray Tune's experiment state (what `--resume` restores)
+      ray/          Ray Tune's experiment state: what `--resume` restores on this machine (it never leaves it; a
+                    resume elsewhere rebuilds the search from the trials' own records: tuning.tuner.rebuild)
       logs.txt
 
 The objective is a validation metric reported every epoch (never the test split: trials do not evaluate
