@@ -96,3 +96,55 @@ def test_a_resumed_jobs_ray_cluster_comes_from_the_command_line_for_a_job_from_a
     assert trusted_ray_address(mirrored, "10.0.0.9:6379", "127.0.0.1:6380") == "127.0.0.1:6380"
     assert trusted_ray_address(local, "10.0.0.9:6379", None) == "10.0.0.9:6379"  # a local job's own stands
     assert trusted_ray_address(local, "10.0.0.9:6379", "127.0.0.1:6380") == "127.0.0.1:6380"
+
+
+CLAIM = """
+import json, os, sys, time
+from imgtune.core.errors import JobError
+from imgtune.storage.jobs import Job
+
+workspace, name, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+time.sleep(max(0.0, start - time.time()))  # both processes go at the same moment
+try:
+    Job.create(workspace, name, record={"kind": "training", "status": "created"})
+    print(json.dumps({"created": True}))
+except JobError as exc:
+    print(json.dumps({"created": False, "message": exc.message}))
+"""
+
+
+@pytest.mark.slow
+def test_two_machines_claiming_one_job_name_at_once_exactly_one_gets_it(s3_client: Any, tmp_path):
+    """Two processes, each with a cache (a mirror) of its own, create the same job name in the bucket at the
+    same moment, five names in a row: exactly one of each pair succeeds, the other is told the name is taken.
+    (A look in the bucket, then a local directory, would let both through: the claim is a conditional write.)"""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    s3_client.create_bucket(Bucket="claims")
+    workspace = "s3://claims/team"
+    for round_number in range(5):
+        name = f"same-{round_number}"
+        start = time.time() + 3.0  # after both interpreters have imported imgtune
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", CLAIM, workspace, name, str(start)],
+                env={**os.environ, "IMGTUNE_CACHE": str(tmp_path / f"machine-{side}")},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for side in "ab"
+        ]
+        answers = []
+        for process in processes:
+            out, err = process.communicate(timeout=120)
+            assert process.returncode == 0, err
+            answers.append(json.loads(out))
+        assert sorted(a["created"] for a in answers) == [False, True], (name, answers)
+        refused = next(a for a in answers if not a["created"])
+        assert f"a job named '{name}' already exists in {workspace}" in refused["message"]
+        claimed = json.loads(s3_client.get_object(Bucket="claims", Key=f"team/{name}/job.json")["Body"].read())
+        assert claimed["name"] == name and claimed["kind"] == "training"

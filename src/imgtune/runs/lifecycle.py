@@ -64,7 +64,8 @@ class JobLifecycle:
         `durable`: see Job.durable."""
         if remote_url(workspace_dir(workspace)) is not None:
             push_interval()  # a bad IMGTUNE_PUSH_INTERVAL: refuse before a job directory exists
-        job = Job.create(workspace, record.name or None, prefix=prefix)
+        claim = record.model_dump(mode="json", exclude_none=True)  # what the bucket holds until the first push
+        job = Job.create(workspace, record.name or None, prefix=prefix, record=claim)
         job.durable = durable
         life = cls(job, resumed=False, must_push=must_push)
         with life._releasing_on_error():

@@ -219,18 +219,29 @@ class Job:
     # -- creation and lookup -------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, workspace: str | Path | None, name: str | None, prefix: str = "job") -> Job:
-        """Create a new job directory; a generated name is `PREFIX-YYYYmmdd-HHMMSS[-n]`."""
+    def create(
+        cls, workspace: str | Path | None, name: str | None, prefix: str = "job", record: dict | None = None
+    ) -> Job:
+        """Create a new job directory; a generated name is `PREFIX-YYYYmmdd-HHMMSS[-n]`.
+
+        In a remote workspace the name is claimed in the bucket first: its job.json (`record`, with the name
+        filled in) is written only if no object is there (a conditional write), so of two machines that create
+        the same name at once exactly one gets it; the other is refused (or, for a generated name, takes the
+        next)."""
         root = workspace_dir(workspace)
         root.mkdir(parents=True, exist_ok=True)
         if name:
             path = root / _slug(name)
+            taken = JobError(
+                f"a job named {path.name!r} already exists in {workspace_label(workspace)}",
+                "pick another --name, or continue it with --resume",
+            )
             if path.exists() or _in_remote_workspace(root, path.name):
-                raise JobError(
-                    f"a job named {path.name!r} already exists in {root}",
-                    "pick another --name, or continue it with --resume",
-                )
+                raise taken
             path.mkdir()
+            if not _claim(root, path.name, record):
+                path.rmdir()
+                raise taken
         else:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             base = f"{_slug(prefix)}-{stamp}"
@@ -240,9 +251,11 @@ class Job:
                     continue
                 try:
                     path.mkdir()
-                    break
                 except FileExistsError:
                     continue
+                if _claim(root, path.name, record):
+                    break
+                path.rmdir()
         return cls(path)
 
     @classmethod
@@ -390,6 +403,20 @@ def _remote_job_files(root: Path, name: str = "*") -> dict[str, dict[str, Any]]:
     with _bucket_errors():
         listed = list_remote(url, f"{name}/{JOB_FILE}")
     return {rel.split("/")[0]: info for rel, info in listed.items()}
+
+
+def _claim(root: Path, name: str, record: dict | None) -> bool:
+    """For a remote workspace's mirror `root`: write the job's job.json into the bucket if the name is free
+    there (True), or find it taken (False); always True for a local workspace (the directory is the claim)."""
+    url = remote_url(root)
+    if url is None:
+        return True
+    from imgtune.storage.remote import create_exclusively
+
+    claim = {**(record or {}), "name": name, "created": (record or {}).get("created") or now_iso()}
+    claim.setdefault("host", socket.gethostname())
+    with _bucket_errors():
+        return create_exclusively(f"{url}/{name}/{JOB_FILE}", (json.dumps(claim, indent=2) + "\n").encode())
 
 
 def _in_remote_workspace(root: Path, name: str) -> bool:

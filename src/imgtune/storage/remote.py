@@ -77,6 +77,24 @@ def list_remote(url: str, pattern: str | None = None) -> dict[str, dict[str, Any
     }
 
 
+def create_exclusively(url: str, data: bytes) -> bool:
+    """Write `data` as the object `url` only if there is none yet (S3's conditional write, If-None-Match: *):
+    True when this call created it, False when another writer's object is there. Of many writers at once,
+    exactly one gets True. A store without conditional writes falls back to look-then-write."""
+    fs, path = _filesystem(url)
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    except (TypeError, NotImplementedError):  # an fsspec backend without mode="create"
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+    except Exception as exc:
+        raise RemoteError(f"cannot write {url}: {exc}") from None
+    return True
+
+
 class SyncedFolder:
     """A local folder and the remote prefix it mirrors; `record` is the record file's name in `local`.
 
