@@ -376,9 +376,13 @@ def _umask() -> int:
 
 @pytest.mark.slow
 def test_a_reused_pid_on_this_machine_blocks_resume_only_until_force(tmp_path, dogs_mini, mobilenet_weights):
-    """A job recorded as running here under a pid that is now another live program: refused without --force
-    (it may be the job), resumed with it (this process holds the job's lock, so the job's own runner is gone)."""
+    """A job recorded as running here under a pid that is now another live program: seen as interrupted when
+    the pid's start time differs from the recorded one; when it matches (or an older job recorded none), refused
+    without --force (it may be the job) and resumed with it (this process holds the job's lock, so the job's
+    own runner is gone)."""
     import socket
+
+    from imgtune.storage.jobs import process_started
 
     workspace = tmp_path / "ws"
     cmd = train_command(dogs_mini, mobilenet_weights, "reused", "--epochs", "1", "--image-size", "32",
@@ -387,7 +391,9 @@ def test_a_reused_pid_on_this_machine_blocks_resume_only_until_force(tmp_path, d
     other = subprocess.Popen(["sleep", "120"])  # a live process that is not the job
     try:
         job = Job.open("reused", workspace)
-        job.update(status="running", pid=other.pid, host=socket.gethostname())
+        job.update(status="running", pid=other.pid, host=socket.gethostname())  # the job's own start time kept
+        assert job.status() == "interrupted"  # that pid started at another time: another program
+        job.update(pid_started=process_started(other.pid))  # the recorded process looks alive
         assert job.status() == "running"
         refused = runner.invoke(app, ["train", "--resume", "reused", "--workspace", str(workspace)])
         assert refused.exit_code == 2 and "still running" in refused.output and "--force" in refused.output

@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ class JobLifecycle:
         self.must_push = must_push
         self.timings: dict[str, float] = dict(timings or {})
         self._hold = contextlib.ExitStack()
+        self._heartbeat: Heartbeat | None = None
         self.started = time.perf_counter()
 
     @classmethod
@@ -148,9 +151,13 @@ class JobLifecycle:
     # `begin`, then `complete` or `fail`; each of these two ends the job and releases its lock.
 
     def begin(self, **running_fields: Any) -> None:
-        """Mark the job running (with `running_fields`) and call its plugins' `on_job_start`."""
+        """Mark the job running (with `running_fields`) and call its plugins' `on_job_start`. A job of a remote
+        workspace (not a tuning trial: its tuning job's own heartbeat speaks for it) then beats: see Heartbeat."""
         self.started = time.perf_counter()
         self.job.mark_running(started=now_iso(), error=None, plugin_failures=None, **running_fields)
+        if self.job.remote is not None and self.must_push:
+            self._heartbeat = Heartbeat(self.job).start()
+            self._hold.callback(self._heartbeat.stop)
         self.plugins.call("on_job_start", self.job)
 
     def complete(self, results: dict[str, Any]) -> None:
@@ -173,6 +180,9 @@ class JobLifecycle:
 
     def _end(self, status: str, fields: dict[str, Any], message: str) -> None:
         job = self.job
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        fields = {**fields, "heartbeat": None}  # no more beats: the status says what became of it
         ended: dict[str, Any] = {"status": status, "timings": self.timings, **fields}
         if status == "completed":
             ended.update(finished=now_iso(), seconds=time.perf_counter() - self.started)
@@ -183,6 +193,57 @@ class JobLifecycle:
             job.update(plugin_failures=self.plugins.failures)
         # A job that failed or stopped is pushed as well as it can be; only a completed job's push must work.
         job.push(strict=self.must_push and status == "completed")
+
+
+class Heartbeat:
+    """A running job's sign of life in its bucket: every push interval (at least HEARTBEAT_MIN_INTERVAL s) a
+    thread writes the time into job.json, which the update pushes. Another machine takes the job as dead once
+    its heartbeat is older than `heartbeat_limit()` (check_resumable)."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.interval = max(push_interval(), HEARTBEAT_MIN_INTERVAL)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"imgtune-heartbeat-{job.name}", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=10)
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                self.job.update(heartbeat=now_iso())
+            except Exception as exc:  # a full disk, a bucket away: the job itself says what matters
+                with contextlib.suppress(Exception):
+                    self.job.log(f"heartbeat not written: {exc}")
+
+
+HEARTBEAT_MIN_INTERVAL = 5.0  # seconds between heartbeats, whatever the push interval
+HEARTBEAT_MIN_LIMIT = 120.0  # a job is dead elsewhere when its heartbeat is older than this, at least
+
+
+def heartbeat_limit() -> float:
+    """Seconds after its last heartbeat that a job running elsewhere is taken as dead: 3 push intervals,
+    at least 2 minutes."""
+    return max(3 * max(push_interval(), HEARTBEAT_MIN_INTERVAL), HEARTBEAT_MIN_LIMIT)
+
+
+def heartbeat_age(record: JobRecord) -> float | None:
+    """Seconds since the job's recorded heartbeat (by this machine's clock), or None without one."""
+    if not record.heartbeat:
+        return None
+    try:
+        beat = datetime.fromisoformat(record.heartbeat)
+    except ValueError:
+        return None
+    if beat.tzinfo is None:
+        beat = beat.astimezone()
+    return (datetime.now(UTC) - beat).total_seconds()
 
 
 def check_resumable(job: Job, force: bool = False) -> None:
@@ -198,9 +259,15 @@ def check_resumable(job: Job, force: bool = False) -> None:
         if force:
             job.log(f"resumed with --force: it was recorded as running on {host}")
             return
+        age, limit = heartbeat_age(record), heartbeat_limit()
+        if age is not None and age > limit:
+            job.log(f"resumed: its heartbeat from {host} is {age:.0f} s old (over {limit:.0f} s), so it died there")
+            return
+        beat = f"its last heartbeat {age:.0f} s ago" if age is not None else "no heartbeat recorded"
         raise JobError(
-            f"job {job.name} is recorded as running on {host} (pid {record.pid}, last update {record.updated})",
-            f"if {host} is gone or the job died there, resume it with --force",
+            f"job {job.name} is recorded as running on {host} (pid {record.pid}, {beat})",
+            f"it is taken as dead {limit:.0f} s after its last heartbeat; if {host} is gone or the job died "
+            "there, resume it now with --force",
         )
     if force:  # this process holds the job's lock, so the recorded pid is not running it (a reused pid)
         job.log(f"resumed with --force: pid {record.pid} on this machine was recorded as running it")

@@ -27,6 +27,7 @@ import math
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ METRICS_FILE = "metrics.jsonl"
 
 MIRRORS_DIR = "workspaces"  # in the cache: local mirrors of remote workspaces
 LOCK_FILE = ".imgtune-lock"  # in a job: held by the process running it (Job.lock)
+UPDATE_LOCK_FILE = ".imgtune-update-lock"  # in a job: held while job.json is read, changed and written
 SYNC_RECORD = ".imgtune-sync.json"  # in a mirrored job: what was pushed or pulled (see imgtune.remote)
 PUSH_INTERVAL_ENV = "IMGTUNE_PUSH_INTERVAL"
 PUSH_INTERVAL = 30.0  # default seconds between pushes of a running job's files (status changes push at once)
@@ -105,6 +107,16 @@ def workspace_label(workspace: str | Path | None = None) -> str:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "job"
+
+
+def process_started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), or None when there is none."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, OSError):
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -311,28 +323,49 @@ class Job:
         unknown = sorted(set(fields) - KNOWN_FIELDS)
         if unknown:
             raise ValueError(f"job.json has no field(s) {unknown}; add them to imgtune.storage.record.JobRecord")
-        data = self.read() if self.job_file.exists() else {}
-        data.update(fields)
-        data["updated"] = now_iso()
-        self.write(data)
+        with self._updating():  # another thread (the heartbeat) or process must not write between read and write
+            data = self.read() if self.job_file.exists() else {}
+            data.update(fields)
+            data["updated"] = now_iso()
+            self.write(data)
         if self.remote is not None:
             self.push(min_interval=0.0 if "status" in fields else push_interval(), strict=False)
         return data
 
+    @contextlib.contextmanager
+    def _updating(self) -> Iterator[None]:
+        """Hold job.json for one read-modify-write: a lock between this process's threads and a file lock
+        between processes (where the file system has locks)."""
+        import fcntl
+
+        with _UPDATES, open(self.path / UPDATE_LOCK_FILE, "a") as handle:
+            with contextlib.suppress(OSError):  # no locks here (NFS without lockd): the thread lock must do
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
     def mark_running(self, **fields: Any) -> None:
-        """Record this process as the job's runner (with `fields`, in the same write); in a remote workspace its
-        pushes then always win."""
+        """Record this process as the job's runner (with `fields`, in the same write): its pid, the pid's start
+        time and its host; in a remote workspace its pushes then always win."""
         _running_here.add(self.path)
-        self.update(status="running", pid=os.getpid(), host=socket.gethostname(), **fields)
+        pid = os.getpid()
+        self.update(
+            status="running", pid=pid, pid_started=process_started(pid), host=socket.gethostname(),
+            heartbeat=now_iso(), **fields,
+        )  # fmt: skip
 
     def status(self) -> str:
-        """The recorded status, or 'interrupted' for a 'running' job whose process is gone."""
+        """The recorded status, or 'interrupted' for a 'running' job of this host whose process is gone (or
+        whose pid is alive but started at another time: another program has it now)."""
         data = self.read()
         status = data.get("status", "unknown")
         if status == "running" and data.get("host") == socket.gethostname():
-            pid = data.get("pid")
+            pid, started = data.get("pid"), data.get("pid_started")
             if isinstance(pid, int) and not _pid_alive(pid):
                 return "interrupted"
+            if isinstance(pid, int) and isinstance(started, int | float):
+                now_started = process_started(pid)
+                if now_started is None or abs(now_started - started) > 1.0:
+                    return "interrupted"
         return status
 
     @contextlib.contextmanager
@@ -388,6 +421,7 @@ def _bucket_errors() -> Iterator[None]:
         raise JobError(str(exc), "check the workspace address, credentials and AWS_ENDPOINT_URL") from None
 
 
+_UPDATES = threading.RLock()  # job.json read-modify-writes of this process (see Job._updating)
 _last_push: dict[Path, float] = {}  # job directory -> time.monotonic() of its last push, in this process
 _running_here: set[Path] = set()  # the jobs this process runs (mark_running)
 

@@ -30,7 +30,9 @@ class JobRecord(BaseModel):
     started: str | None = None
     finished: str | None = None
     pid: int | None = None
+    pid_started: float | None = None  # the running process's start time (a pid alive later may be another's)
     host: str | None = None
+    heartbeat: str | None = None  # a running job's last sign of life (ISO time, pushed with its job.json)
     error: str | None = None
     versions: dict[str, str] | None = None
     timings: dict[str, float] = Field(default_factory=dict)
