@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from imgtune.cli import app
-from imgtune.runs.trust import trusted_ray_address
+from imgtune.runs.trust import trusted_config, trusted_ray_address
 from imgtune.storage.jobs import Job, workspace_dir
 
 BUCKET = "trust-runs"
@@ -84,7 +84,7 @@ def test_a_tampered_job_json_runs_no_rule_file_on_another_machine(
     assert marker.exists()
 
 
-def test_a_resumed_jobs_ray_cluster_comes_from_the_command_line_for_a_job_from_a_bucket(tmp_path, monkeypatch):
+def test_a_job_from_a_bucket_chooses_no_ray_cluster_and_no_mlflow_server(tmp_path, monkeypatch):
     monkeypatch.setenv("IMGTUNE_CACHE", str(tmp_path / "cache"))
     mirrored = Job(workspace_dir(WORKSPACE) / "tune-job")  # a job of an s3:// workspace, in its local mirror
     mirrored.path.mkdir(parents=True)
@@ -96,6 +96,12 @@ def test_a_resumed_jobs_ray_cluster_comes_from_the_command_line_for_a_job_from_a
     assert trusted_ray_address(mirrored, "10.0.0.9:6379", "127.0.0.1:6380") == "127.0.0.1:6380"
     assert trusted_ray_address(local, "10.0.0.9:6379", None) == "10.0.0.9:6379"  # a local job's own stands
     assert trusted_ray_address(local, "10.0.0.9:6379", "127.0.0.1:6380") == "127.0.0.1:6380"
+    # nor does it choose where this machine sends its MLflow credentials, or which registered model it moves
+    config = {"tracking": {"mlflow": True, "mlflow_uri": "http://10.0.0.9:5000", "registered_model": "prod"}}
+    refused = {"mlflow": True, "mlflow_uri": None, "registered_model": None}
+    assert trusted_config(mirrored, config)["tracking"] == refused
+    assert "MLflow settings (mlflow_uri http://10.0.0.9:5000" in (mirrored.path / "logs.txt").read_text()
+    assert trusted_config(local, config) == config
 
 
 CLAIM = """

@@ -407,6 +407,7 @@ def test_a_reused_pid_on_this_machine_blocks_resume_only_until_force(tmp_path, d
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs in a mount namespace: needs root (CI runs as root)")
 def test_a_full_disk_in_the_checkpointer_fails_the_job_with_the_reason(tmp_path, dogs_mini, mobilenet_weights):
     """The job's workspace on a 2 MB tmpfs (a mount namespace of its own: needs root, as CI runs): the first
     checkpoint (MobileNetV2's weights, over 2 MB with best.pt) cannot be written. The job ends `failed` with the

@@ -13,6 +13,7 @@ is pushed at once, and the end pushes the whole job (a failed push of a complete
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import threading
@@ -31,6 +32,7 @@ from imgtune.training.plugin import PluginSet
 
 KIND_LABEL = {"training": "training job", "tuning": "tuning job", "pipeline": "pipeline"}
 log = logging.getLogger("imgtune")
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}  # said in a line, not a traceback
 
 
 class JobLifecycle:
@@ -129,11 +131,15 @@ class JobLifecycle:
             self.begin(**running_fields)
             try:
                 results = body(self)
-            except OSError as exc:  # a full disk, a lost mount: said in a line, with what to do
+            except OSError as exc:
+                if exc.errno not in DISK_ERRORS:
+                    self.fail(exc, traceback.format_exc())
+                    raise
+                # a full disk, a read-only or lost mount: said in a line, with what to do
                 self.fail(exc, traceback.format_exc())
                 raise JobError(
                     f"job {job.name} failed: {exc}",
-                    f"fix that (free space in {job.path.parent}?) and continue it with --resume {job.name}",
+                    f"fix the disk ({job.path.parent}) and continue the job with --resume {job.name}",
                 ) from exc
             except Exception as exc:
                 self.fail(exc, traceback.format_exc())
@@ -207,6 +213,7 @@ class Heartbeat:
         self.thread = threading.Thread(target=self._beat, name=f"imgtune-heartbeat-{job.name}", daemon=True)
 
     def start(self) -> Heartbeat:
+        self.job.update(heartbeat=now_iso(), heartbeat_every=self.interval)  # readers judge by this machine's pace
         self.thread.start()
         return self
 
@@ -227,10 +234,12 @@ HEARTBEAT_MIN_INTERVAL = 5.0  # seconds between heartbeats, whatever the push in
 HEARTBEAT_MIN_LIMIT = 120.0  # a job is dead elsewhere when its heartbeat is older than this, at least
 
 
-def heartbeat_limit() -> float:
-    """Seconds after its last heartbeat that a job running elsewhere is taken as dead: 3 push intervals,
-    at least 2 minutes."""
-    return max(3 * max(push_interval(), HEARTBEAT_MIN_INTERVAL), HEARTBEAT_MIN_LIMIT)
+def heartbeat_limit(record: JobRecord | None = None) -> float:
+    """Seconds after its last heartbeat that a job running elsewhere is taken as dead: 3 of the running
+    machine's heartbeat intervals (as its job.json records them; else this machine's push interval), at least
+    2 minutes."""
+    every = record.heartbeat_every if record is not None and record.heartbeat_every else None
+    return max(3 * (every or max(push_interval(), HEARTBEAT_MIN_INTERVAL)), HEARTBEAT_MIN_LIMIT)
 
 
 def heartbeat_age(record: JobRecord) -> float | None:
@@ -259,7 +268,7 @@ def check_resumable(job: Job, force: bool = False) -> None:
         if force:
             job.log(f"resumed with --force: it was recorded as running on {host}")
             return
-        age, limit = heartbeat_age(record), heartbeat_limit()
+        age, limit = heartbeat_age(record), heartbeat_limit(record)
         if age is not None and age > limit:
             job.log(f"resumed: its heartbeat from {host} is {age:.0f} s old (over {limit:.0f} s), so it died there")
             return

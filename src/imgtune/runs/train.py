@@ -16,7 +16,7 @@ from imgtune.core.errors import ConfigError, DataError
 from imgtune.data.sources import is_remote
 from imgtune.runs.lifecycle import JobLifecycle
 from imgtune.runs.plugins import check_plugins, training_plugins
-from imgtune.runs.trust import trusted_config
+from imgtune.runs.trust import forget_untrusted_run, trusted_config
 from imgtune.storage.jobs import Job
 from imgtune.storage.record import JobRecord
 from imgtune.training.callbacks import Callback
@@ -56,6 +56,7 @@ def run_training_job(
     """
     if resume is not None:
         with JobLifecycle.resume(resume, workspace, "training", force=force, must_push=must_push) as life:
+            forget_untrusted_run(life.job)
             recorded = trusted_config(life.job, life.job.record().config or {})  # a bucket's job runs no file
             config = build_config(recorded, f"config of job {life.job.name}")
             return _train(life, config, callbacks, progress, on_finding, ray_address, ray_train)

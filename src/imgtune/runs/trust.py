@@ -65,12 +65,36 @@ def trusted_debugger(job: Job, debugger: dict[str, Any], given_rule_files: list[
     return {**debugger, "rule_files": files, "rules": rules, "rule_parameters": parameters}
 
 
+# Tracking settings a bucket may not choose: where this machine sends its MLflow credentials, and which
+# registered model (and alias) in the user's registry it moves.
+UNTRUSTED_TRACKING = ("mlflow_uri", "registered_model", "alias", "parent_run_id")
+
+
 def trusted_config(job: Job, config: dict[str, Any], given_rule_files: list[str] | None = None) -> dict[str, Any]:
-    """A job config (a dict, as in job.json) with what a bucket may not decide taken out (`trusted_debugger`)."""
+    """A job config (a dict, as in job.json) with what a bucket may not decide taken out: its debugger rule
+    files (`trusted_debugger`) and, for a job from a bucket, its MLflow server and registry settings (the
+    environment's MLFLOW_TRACKING_URI, or MLflow's default, serves instead)."""
     debugger = config.get("debugger")
-    if not isinstance(debugger, dict):
-        return config
-    return {**config, "debugger": trusted_debugger(job, debugger, given_rule_files)}
+    if isinstance(debugger, dict):
+        config = {**config, "debugger": trusted_debugger(job, debugger, given_rule_files)}
+    tracking = config.get("tracking")
+    if from_bucket(job) and isinstance(tracking, dict):
+        named = {key: tracking[key] for key in UNTRUSTED_TRACKING if tracking.get(key)}
+        if named:
+            settings = ", ".join(f"{key} {value}" for key, value in named.items())
+            refuse(job, f"MLflow settings ({settings})", "set MLFLOW_TRACKING_URI to track it on your own server")
+            config = {**config, "tracking": {**tracking, **dict.fromkeys(named)}}
+    return config
+
+
+def forget_untrusted_run(job: Job) -> None:
+    """For a job from a bucket that recorded an MLflow run: forget it (a resumed job would continue it on the
+    server job.json names, with this machine's credentials); the resumed job makes a new run where the user's
+    own settings say."""
+    known = job.record().mlflow or {}
+    if from_bucket(job) and known.get("tracking_uri"):
+        refuse(job, f"the MLflow run {known.get('run_id')} at {known['tracking_uri']}", "a new run is made instead")
+        job.update(mlflow=None)
 
 
 def trusted_ray_address(job: Job, recorded: str | None, given: str | None, say: bool = True) -> str | None:

@@ -29,7 +29,7 @@ from imgtune.report.plugin import TuningReportPlugin
 from imgtune.runs.lifecycle import JobLifecycle, amend_job
 from imgtune.runs.train import run_training_job
 from imgtune.runs.trial_batches import TrialBatchWorker
-from imgtune.runs.trust import trusted_config, trusted_ray_address
+from imgtune.runs.trust import forget_untrusted_run, trusted_config, trusted_ray_address
 from imgtune.storage.jobs import JOB_FILE, Job
 from imgtune.storage.record import JobRecord
 from imgtune.training.plugin import JobPlugin
@@ -93,6 +93,7 @@ def run_tuning_job(
         life = JobLifecycle.create(workspace, record, prefix="tune")
     with life:
         if life.resumed:
+            forget_untrusted_run(life.job)
             recorded = life.job.record().options or {}
             options = TuneOptions(
                 **{
@@ -247,7 +248,8 @@ def train_best(job: Job, *, name: str | None = None, progress: bool = True) -> J
     record = job.record()
     if not record.best:
         raise JobError(f"tuning job {job.name} has no finished trial", "see `imgtune tune show`")
-    raw = apply_values((record.options or {})["base"], record.best["hyperparameters"])
+    base = trusted_config(job, (record.options or {})["base"])  # a bucket's tuning job runs no file here
+    raw = apply_values(base, record.best["hyperparameters"])
     raw["name"] = name or f"{job.name}-best"
     raw["debugger"] = {k: v for k, v in raw.get("debugger", {}).items() if k != "enabled"}
     raw["profiler"] = {k: v for k, v in raw.get("profiler", {}).items() if k not in ("enabled", "report")}

@@ -251,8 +251,7 @@ class Job:
             if path.exists() or _in_remote_workspace(root, path.name):
                 raise taken
             path.mkdir()
-            if not _claim(root, path.name, record):
-                path.rmdir()
+            if not _claimed_or_removed(root, path, record):
                 raise taken
         else:
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -265,9 +264,8 @@ class Job:
                     path.mkdir()
                 except FileExistsError:
                     continue
-                if _claim(root, path.name, record):
+                if _claimed_or_removed(root, path, record):
                     break
-                path.rmdir()
         return cls(path)
 
     @classmethod
@@ -437,6 +435,19 @@ def _remote_job_files(root: Path, name: str = "*") -> dict[str, dict[str, Any]]:
     with _bucket_errors():
         listed = list_remote(url, f"{name}/{JOB_FILE}")
     return {rel.split("/")[0]: info for rel, info in listed.items()}
+
+
+def _claimed_or_removed(root: Path, path: Path, record: dict | None) -> bool:
+    """Claim the new job directory `path`'s name (`_claim`); when the name is taken, or the claim fails (the
+    bucket unreachable), the directory goes again, so that it does not block the name here."""
+    try:
+        if _claim(root, path.name, record):
+            return True
+    except BaseException:
+        path.rmdir()
+        raise
+    path.rmdir()
+    return False
 
 
 def _claim(root: Path, name: str, record: dict | None) -> bool:

@@ -33,6 +33,7 @@ class JobRecord(BaseModel):
     pid_started: float | None = None  # the running process's start time (a pid alive later may be another's)
     host: str | None = None
     heartbeat: str | None = None  # a running job's last sign of life (ISO time, pushed with its job.json)
+    heartbeat_every: float | None = None  # seconds between its heartbeats (the running machine's push interval)
     error: str | None = None
     versions: dict[str, str] | None = None
     timings: dict[str, float] = Field(default_factory=dict)

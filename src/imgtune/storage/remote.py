@@ -86,6 +86,10 @@ def create_exclusively(url: str, data: bytes) -> bool:
         fs.pipe_file(path, data, mode="create")
     except FileExistsError:
         return False
+    except OSError as exc:  # S3 answers 409 ConditionalRequestConflict while another conditional write is on
+        if "ConditionalRequestConflict" in str(exc):
+            return False
+        raise RemoteError(f"cannot write {url}: {exc}") from None
     except (TypeError, NotImplementedError):  # an fsspec backend without mode="create"
         if fs.exists(path):
             return False
