@@ -432,6 +432,6 @@ def test_a_full_disk_in_the_checkpointer_fails_the_job_with_the_reason(tmp_path,
     seen = json.loads(result.stdout)
     assert (tmp_path / "exit").read_text().strip() == "2"
     assert "No space left on device" in (tmp_path / "err").read_text()
-    assert "continue it with --resume full" in (tmp_path / "err").read_text()
+    assert "continue the job with --resume full" in (tmp_path / "err").read_text()
     assert seen["record"]["status"] == "failed" and "[Errno 28] No space left on device" in seen["record"]["error"]
     assert not [name for name in seen["files"] if name.endswith(".tmp")]
