@@ -164,7 +164,6 @@ def debug_rules(
     # the job's own rule files run, unless it comes from a bucket: then only those given here (runs.trust)
     debug_config = trusted_debugger(handle, handle.record().base_config.get("debugger", {}), rule_files)
     files = list(debug_config.get("rule_files") or [])
-    files += [f for f in rule_files or [] if f not in files]
     names = list(rules or debug_config.get("rules") or [])
     parameters = {**debug_config.get("rule_parameters", {}), **parse_rule_parameters(params or [], names)}
     chosen = make_rules(names, parameters, files)

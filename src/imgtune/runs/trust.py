@@ -46,13 +46,13 @@ def trusted_rule_files(job: Job, recorded: list[str], given: list[str]) -> list[
 
 
 def trusted_debugger(job: Job, debugger: dict[str, Any], given_rule_files: list[str] | None = None) -> dict[str, Any]:
-    """A job's debugger settings (a dict, as in job.json) with what a bucket may not decide taken out: for a job
-    from a bucket, its rule files are replaced by `given_rule_files` (the command line's), and the rules and
-    rule parameters that only a refused file defined are dropped with it."""
-    recorded = list(debugger.get("rule_files") or [])
-    if not recorded:
+    """A job's debugger settings (a dict, as in job.json) with the rule files to run: its own and
+    `given_rule_files` (the command line's), or for a job from a bucket only the given ones, the rules and rule
+    parameters that only a refused file defined dropped with it."""
+    recorded, given = list(debugger.get("rule_files") or []), list(given_rule_files or [])
+    if not recorded and not given:
         return debugger
-    files = trusted_rule_files(job, recorded, list(given_rule_files or []))
+    files = trusted_rule_files(job, recorded, given)
     if not set(recorded) - set(files):
         return {**debugger, "rule_files": files}
     from imgtune.debugger.rules.base import KIND, load_rule_files
@@ -70,13 +70,13 @@ def trusted_debugger(job: Job, debugger: dict[str, Any], given_rule_files: list[
 UNTRUSTED_TRACKING = ("mlflow_uri", "registered_model", "alias", "parent_run_id")
 
 
-def trusted_config(job: Job, config: dict[str, Any], given_rule_files: list[str] | None = None) -> dict[str, Any]:
+def trusted_config(job: Job, config: dict[str, Any]) -> dict[str, Any]:
     """A job config (a dict, as in job.json) with what a bucket may not decide taken out: its debugger rule
     files (`trusted_debugger`) and, for a job from a bucket, its MLflow server and registry settings (the
     environment's MLFLOW_TRACKING_URI, or MLflow's default, serves instead)."""
     debugger = config.get("debugger")
     if isinstance(debugger, dict):
-        config = {**config, "debugger": trusted_debugger(job, debugger, given_rule_files)}
+        config = {**config, "debugger": trusted_debugger(job, debugger)}
     tracking = config.get("tracking")
     if from_bucket(job) and isinstance(tracking, dict):
         named = {key: tracking[key] for key in UNTRUSTED_TRACKING if tracking.get(key)}
