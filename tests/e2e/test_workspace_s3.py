@@ -91,8 +91,14 @@ def test_a_job_is_kept_in_the_bucket_and_used_from_another_machine(
         app, ["evaluate", "shared", "--data", str(dogs_mini), "--split", "valid", "--workspace", WORKSPACE, "--json"]
     )
     assert evaluated.exit_code == 0, evaluated.output
-    evaluations = json.loads(objects(bucket, "team/shared/")["job.json"])["evaluations"]
-    assert [e["split"] for e in evaluations] == ["valid"]
+    # ... as an object of its own: job.json is the job's runner's only
+    stored_now = objects(bucket, "team/shared/")
+    assert stored_now["job.json"] == stored["job.json"]
+    amendments = [json.loads(data) for key, data in stored_now.items() if key.startswith("amendments/")]
+    assert [e["split"] for a in amendments for e in a["append"]["evaluations"]] == ["valid"]
+    on_another_machine(monkeypatch, tmp_path, "machine-c")
+    shown = json.loads(runner.invoke(app, ["jobs", "show", "shared", "--workspace", WORKSPACE, "--json"]).stdout)
+    assert [e["split"] for e in shown["evaluations"]] == ["valid"]
     predicted = runner.invoke(app, predict)
     assert predicted.exit_code == 0, predicted.output
     there = json.loads(predicted.stdout)
@@ -148,19 +154,21 @@ def test_a_missing_bucket_is_one_clear_error(s3_env, dogs_mini):
     assert result.exit_code == 2 and "bad workspace address 's3://bucket/../x'" in result.output
 
 
-def test_a_mirror_keeps_its_own_changes_never_overwrites_another_writers_and_propagates_deletions(bucket, tmp_path):
-    from imgtune.storage.remote import SyncedFolder
+def test_a_mirror_has_one_writer_whose_push_is_one_way_and_stops_once_another_writer_took_over(bucket, tmp_path):
+    from imgtune.storage.remote import Conflict, SyncedFolder
 
     url = f"s3://{BUCKET}/sync-test"
     local = tmp_path / "mirror"
     (local / "sub").mkdir(parents=True)
-    for name in ("written-here.txt", "written-both.txt", "changed-there.txt", "removed-here.txt", "sub/same.txt"):
+    for name in ("job.json", "written-here.txt", "written-both.txt", "changed-there.txt", "removed-here.txt",
+                 "sub/same.txt"):  # fmt: skip
         (local / name).write_text(f"first {name}\n")
-    mirror = SyncedFolder(url, local, ".record.json", keep_local_changes=True)
-    assert mirror.push() == []
-    assert objects(bucket, "sync-test/").keys() == {"written-here.txt", "written-both.txt", "changed-there.txt",
-                                                     "removed-here.txt", "sub/same.txt"}  # fmt: skip
+    mirror = SyncedFolder(url, local, ".record.json", keep_local_changes=True, guard="job.json")
+    assert sorted(mirror.push()) == sorted(["job.json", "written-here.txt", "written-both.txt", "changed-there.txt",
+                                            "removed-here.txt", "sub/same.txt"])  # fmt: skip
+    assert mirror.push() == []  # in step
 
+    # The writer's work goes on here; someone writes two of its files in the bucket by hand.
     (local / "written-here.txt").write_text("a running job wrote this\n")
     (local / "written-both.txt").write_text("this machine wrote this\n")
     bucket.put_object(Bucket=BUCKET, Key="sync-test/written-both.txt", Body=b"another machine wrote this first\n")
@@ -169,45 +177,86 @@ def test_a_mirror_keeps_its_own_changes_never_overwrites_another_writers_and_pro
     mirror.pull()
     assert (local / "changed-there.txt").read_text() == "another machine wrote this\n"
     assert (local / "written-here.txt").read_text() == "a running job wrote this\n"  # changed here: kept
-    assert (local / "written-both.txt").read_text() == "this machine wrote this\n"  # kept for now
+    assert (local / "written-both.txt").read_text() == "this machine wrote this\n"  # kept: the writer's own
     assert not (local / "removed-here.txt").exists()  # the object did not change: the deletion stands
 
-    # The push sends what only this machine changed, deletes what it removed, and takes the bucket's copy
-    # where another writer got there first (reported, never overwritten).
-    assert mirror.push() == ["written-both.txt"]
+    # The push is one way: the writer's files win, its deletions go, nothing comes back.
+    assert sorted(mirror.push()) == ["written-both.txt", "written-here.txt"]
     stored = objects(bucket, "sync-test/")
-    assert stored == {"written-here.txt": b"a running job wrote this\n",
-                      "written-both.txt": b"another machine wrote this first\n",
+    assert stored == {"job.json": b"first job.json\n", "written-here.txt": b"a running job wrote this\n",
+                      "written-both.txt": b"this machine wrote this\n",
                       "changed-there.txt": b"another machine wrote this\n",
                       "sub/same.txt": b"first sub/same.txt\n"}  # fmt: skip
-    assert (local / "written-both.txt").read_bytes() == stored["written-both.txt"]
     copied: list[int] = []
     mirror.pull(on_start=copied.append)
     assert copied == [0]  # in step: nothing to copy after a push
 
-    # The process running a job (its owner) always wins: what another machine wrote into it is replaced.
-    bucket.put_object(Bucket=BUCKET, Key="sync-test/written-here.txt", Body=b"a report elsewhere wrote this\n")
-    (local / "written-here.txt").write_text("the running job wrote this last\n")
-    assert mirror.push(owner=True) == []
-    stored["written-here.txt"] = b"the running job wrote this last\n"
+    # A push cut short after it put job.json, before it recorded that: the object is still known for its own.
+    (local / "job.json").write_text("second job.json\n")
+    record = json.loads((local / ".record.json").read_text())
+    mirror.push()
+    record["files"]["job.json"]["pending"] = json.loads((local / ".record.json").read_text())["files"]["job.json"][
+        "remote"]["etag"]  # fmt: skip
+    (local / ".record.json").write_text(json.dumps(record))  # the record as the cut-short push left it
+    (local / "written-here.txt").write_text("after the cut\n")
+    assert sorted(mirror.push()) == ["job.json", "written-here.txt"]  # job.json again, over its own object
+    stored.update({"job.json": b"second job.json\n", "written-here.txt": b"after the cut\n"})
     assert objects(bucket, "sync-test/") == stored
 
-    # A file gone both here and from the bucket (a push cut short after its delete) does not block pushes.
-    (local / "sub" / "gone.txt").write_text("soon gone\n")
-    assert mirror.push() == []
-    bucket.delete_object(Bucket=BUCKET, Key="sync-test/sub/gone.txt")
-    (local / "sub" / "gone.txt").unlink()
-    assert mirror.push() == []
-    assert objects(bucket, "sync-test/") == stored
+    # Two copies of one state both write job.json (two machines resuming one job): exactly one wins; the other
+    # sends nothing at all, and learns who won.
+    other = SyncedFolder(url, tmp_path / "other", ".record.json", keep_local_changes=True, guard="job.json")
+    other.pull()
+    (other.local / "job.json").write_text("the other machine runs it\n")
+    (other.local / "sub" / "same.txt").write_text("the other machine's epoch\n")
+    assert sorted(other.push()) == ["job.json", "sub/same.txt"]
+    (local / "job.json").write_text("this machine runs it\n")
+    (local / "written-here.txt").write_text("this machine's late epoch\n")
+    with pytest.raises(Conflict) as lost:
+        mirror.push()
+    assert lost.value.found is not None
+    stored.update({"job.json": b"the other machine runs it\n", "sub/same.txt": b"the other machine's epoch\n"})
+    assert objects(bucket, "sync-test/") == stored  # nothing of the loser's reached the bucket
 
-    # A nested folder (a tuning job's trial) whose files its parent pulled sends its own changes.
-    parent = SyncedFolder(url, tmp_path / "parent", ".record.json", keep_local_changes=True)
+    # Once another writer took over, a pull drops this copy's unsent changes: the bucket wins everywhere.
+    (local / "stale-new-file.txt").write_text("never sent\n")
+    mirror.pull()
+    assert {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*")
+            if p.is_file() and not p.name.startswith(".record.json")} == stored  # fmt: skip
+
+    # The conditional write itself: over a changed object, or where there is none, it loses.
+    from imgtune.storage.remote import _filesystem, _put_conditionally, create_exclusively
+
+    fs, root = _filesystem(url)
+    with pytest.raises(Conflict):
+        _put_conditionally(fs, f"{root}/job.json", b"x", '"0123456789abcdef0123456789abcdef"', f"{url}/job.json")
+    with pytest.raises(Conflict):
+        _put_conditionally(fs, f"{root}/no-such.json", b"x", '"0123456789abcdef0123456789abcdef"', url)
+    assert create_exclusively(f"{url}/claimed.json", b"1") is not None
+    assert create_exclusively(f"{url}/claimed.json", b"2") is None
+    assert objects(bucket, "sync-test/")["claimed.json"] == b"1"
+    bucket.delete_object(Bucket=BUCKET, Key="sync-test/claimed.json")
+
+    # Another command's own file: created where there is none, replaced only over the object it last saw.
+    (other.local / "report.html").write_text("a report\n")
+    other.push_files(["report.html"])
+    (local / "report.html").write_text("a report from a stale copy\n")
+    with pytest.raises(Conflict):
+        mirror.push_files(["report.html"])
+    assert objects(bucket, "sync-test/")["report.html"] == b"a report\n"
+    stored["report.html"] = b"a report\n"
+
+    # A nested writer's folder (a tuning job's trial) that its parent pulled keeps its own record, and pushes.
+    parent = SyncedFolder(url, tmp_path / "parent", ".record.json", keep_local_changes=True, guard="job.json")
+    (tmp_path / "parent" / "sub").mkdir(parents=True)
+    (tmp_path / "parent" / "sub" / "job.json").write_text("a trial\n")
+    nested = SyncedFolder(f"{url}/sub", tmp_path / "parent" / "sub", ".record.json", True, guard="job.json")
+    nested.push()
     parent.pull()
-    nested = SyncedFolder(f"{url}/sub", tmp_path / "parent" / "sub", ".record.json", keep_local_changes=True)
     (tmp_path / "parent" / "sub" / "same.txt").write_text("the nested job wrote this\n")
-    assert nested.push() == []
-    assert objects(bucket, "sync-test/sub/") == {"same.txt": b"the nested job wrote this\n"}
-    stored["sub/same.txt"] = b"the nested job wrote this\n"
+    assert nested.push() == ["same.txt"]
+    assert objects(bucket, "sync-test/sub/") == {"same.txt": b"the nested job wrote this\n", "job.json": b"a trial\n"}
+    stored.update({"sub/same.txt": b"the nested job wrote this\n", "sub/job.json": b"a trial\n"})
 
     # A plain copy (a dataset) takes the bucket's version and drops files the bucket no longer has.
     copy = SyncedFolder(url, tmp_path / "copy", ".record.json")
@@ -220,9 +269,9 @@ def test_a_mirror_keeps_its_own_changes_never_overwrites_another_writers_and_pro
 
 def test_a_jobs_ray_state_never_crosses_the_bucket(bucket, tmp_path):
     """A tuning job's Ray state (JOB/ray: pickles, which run code when loaded) is the machine's that wrote it: a
-    push never sends it, never deletes or overwrites what others put under ray/ in the bucket, and never takes it
-    on a conflict; a pull never downloads a ray/ key, whoever put it there and however its case is written. The
-    job's other files, its trials' included, sync as ever."""
+    push never sends it, never deletes or overwrites what others put under ray/ in the bucket; a pull never
+    downloads a ray/ key, whoever put it there and however its case is written. The job's other files, its
+    trials' included, sync as ever."""
     from imgtune.storage.jobs import LOCAL_ONLY_DIRS, SYNC_RECORD
     from imgtune.storage.remote import SyncedFolder
 
@@ -242,7 +291,7 @@ def test_a_jobs_ray_state_never_crosses_the_bucket(bucket, tmp_path):
     for rel, data in {**shared, **own_state}.items():
         (a.local / rel).parent.mkdir(parents=True, exist_ok=True)
         (a.local / rel).write_bytes(data)
-    assert a.push() == []
+    assert sorted(a.push()) == sorted(shared)
     assert objects(bucket, prefix) == shared  # machine a's Ray state stayed on machine a
 
     # Someone with write access to the bucket puts a state of their own there, and changes one of a's files.
@@ -256,10 +305,10 @@ def test_a_jobs_ray_state_never_crosses_the_bucket(bucket, tmp_path):
     assert local_files(a) == {**shared, **own_state}  # the trial's change came; nothing under ray/ did
 
     # a changes its state (its experiment goes on) and drops a file of it: the bucket's ray/ keys stay as they were,
-    # neither overwritten, deleted nor taken as a conflict (the bucket never wins there).
+    # neither overwritten nor deleted.
     (a.local / "ray/experiment/tuner.pkl").write_bytes(b"machine a's newer state")
     (a.local / "ray/experiment/experiment_state-1.json").unlink()
-    assert a.push() == [] and a.push(owner=True) == []
+    assert a.push() == []
     assert (a.local / "ray/experiment/tuner.pkl").read_bytes() == b"machine a's newer state"
     assert objects(bucket, prefix) == {**shared, **planted}
 

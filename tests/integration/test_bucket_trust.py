@@ -154,3 +154,74 @@ def test_two_machines_claiming_one_job_name_at_once_exactly_one_gets_it(s3_clien
         assert f"a job named '{name}' already exists in {workspace}" in refused["message"]
         claimed = json.loads(s3_client.get_object(Bucket="claims", Key=f"team/{name}/job.json")["Body"].read())
         assert claimed["name"] == name and claimed["kind"] == "training"
+
+
+def test_one_writer_per_job_a_machine_taken_over_sends_nothing_more_and_others_add_beside(
+    s3_client: Any, tmp_path, monkeypatch
+):
+    """job.json in the bucket says which machine writes the job: conditional writes make exactly one of two
+    machines resuming one state the writer; the machine taken over sends nothing more, and its copy gives way
+    to the bucket's. A later command (an evaluation) adds an object of its own beside the job's files, which
+    the job's next run folds into job.json."""
+    from imgtune.runs.lifecycle import JobLifecycle
+    from imgtune.storage.jobs import JobTakenOver
+    from imgtune.storage.record import JobRecord
+
+    s3_client.create_bucket(Bucket="writers")
+    workspace = "s3://writers/team"
+    monkeypatch.setenv("IMGTUNE_PUSH_INTERVAL", "0")
+
+    def in_bucket() -> dict[str, Any]:
+        return json.loads(s3_client.get_object(Bucket="writers", Key="team/shared/job.json")["Body"].read())
+
+    def keys() -> set[str]:
+        listed = s3_client.list_objects_v2(Bucket="writers", Prefix="team/shared/").get("Contents", [])
+        return {o["Key"].removeprefix("team/shared/") for o in listed}
+
+    machine(monkeypatch, tmp_path, "machine-a")
+    life_a = JobLifecycle.create(workspace, JobRecord(kind="training", name="shared", config={}), prefix="job")
+    life_a.begin(resumed_from_epoch=0)
+    assert in_bucket()["status"] == "running"
+
+    # Machine d evaluates the job meanwhile: an object of its own, job.json untouched.
+    machine(monkeypatch, tmp_path, "machine-d")
+    Job.open("shared", workspace, shallow=True).amend(appended={"evaluations": [{"split": "valid"}]})
+    assert in_bucket()["resumed_from_epoch"] == 0 and any(k.startswith("amendments/") for k in keys())
+    machine(monkeypatch, tmp_path, "machine-a")  # (a job's bucket is known by the cache its mirror is in)
+    life_a.job.update(epochs_run=1)  # the writer goes on, undisturbed by it
+    assert in_bucket()["epochs_run"] == 1
+
+    # Machines b and c both take machine a for dead and resume the same state at once: one of them wins.
+    machine(monkeypatch, tmp_path, "machine-b")
+    life_b = JobLifecycle.resume("shared", workspace, "training", force=True)
+    machine(monkeypatch, tmp_path, "machine-c")
+    life_c = JobLifecycle.resume("shared", workspace, "training", force=True)
+    machine(monkeypatch, tmp_path, "machine-b")
+    life_b.begin(resumed_from_epoch=1)
+    assert in_bucket()["resumed_from_epoch"] == 1
+    assert in_bucket()["evaluations"] == [{"split": "valid"}]  # folded in by the job's new run ...
+    assert not any(k.startswith("amendments/") for k in keys())  # ... which removed the amendment's object
+    machine(monkeypatch, tmp_path, "machine-c")
+    (life_c.job.path / "metrics.jsonl").write_text('{"epoch": 2}\n')
+    with pytest.raises(JobTakenOver, match="no longer this machine's to write"):
+        life_c.begin(resumed_from_epoch=2)
+    assert in_bucket()["resumed_from_epoch"] == 1 and "metrics.jsonl" not in keys()  # nothing of c's arrived
+    life_c.fail(RuntimeError("lost the race"), "")
+
+    # Machine a, taken over, sends nothing more; its end is recorded on machine a only.
+    machine(monkeypatch, tmp_path, "machine-a")
+    (life_a.job.path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    with pytest.raises(JobTakenOver):
+        life_a.job.update(epochs_run=2)
+    life_a.fail(RuntimeError("the network came back"), "")  # no second error: the job is b's now
+    assert in_bucket()["resumed_from_epoch"] == 1 and in_bucket()["status"] == "running"
+    assert "metrics.jsonl" not in keys()
+    assert "no longer this machine's to write" in (life_a.job.path / "logs.txt").read_text()
+
+    # Looked at again on machine a, the job is the bucket's: a's unsent work gives way.
+    seen = Job.open("shared", workspace)
+    assert seen.record().resumed_from_epoch == 1 and not seen.metrics_file.exists()
+
+    machine(monkeypatch, tmp_path, "machine-b")
+    life_b.complete({"epochs_run": 2})
+    assert in_bucket()["status"] == "completed" and in_bucket()["evaluations"] == [{"split": "valid"}]

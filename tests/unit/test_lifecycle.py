@@ -153,11 +153,14 @@ def test_resume_refuses_a_completed_job_and_another_kind(tmp_path):
 
 def test_job_json_fields_are_typed_and_a_misspelt_field_is_refused(tmp_path):
     job = new_job(tmp_path).run(lambda life: {"stop_reason": "early stopping"})
-    amend_job(job, evaluations=[{"split": "test", "accuracy": 0.9}])
+    amend_job(job, appended={"evaluations": [{"split": "test", "accuracy": 0.9}]})
+    amend_job(job, appended={"evaluations": [{"split": "valid", "accuracy": 0.8}]})
     record = job.record()
-    assert record.evaluations[0]["accuracy"] == 0.9 and record.stop_reason == "early stopping"
+    assert [e["accuracy"] for e in record.evaluations] == [0.9, 0.8] and record.stop_reason == "early stopping"
     with pytest.raises(ValueError, match="no field"):
         job.update(stop_raeson="typo")
+    with pytest.raises(ValueError, match="cannot change"):  # a later command adds results; the config is the job's
+        amend_job(job, {"config": {}})
 
 
 def test_the_lock_is_released_when_a_command_fails_before_the_job_runs(tmp_path):

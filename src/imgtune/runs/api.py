@@ -383,9 +383,10 @@ def write_report(
 
         handle.pull()  # a training job's report reads its debugger and profiler folders too
         if rules and (handle.path / PROFILER_DIR).exists():
-            handle.update(profiler=analyze_job(handle))
+            amend_job(handle, {"profiler": analyze_job(handle)})
     path = render(handle, Path(out) if out else None)
-    amend_job(handle)
+    if path.resolve().is_relative_to(handle.path.resolve()):  # the job's own report: its bucket gets it too
+        amend_job(handle, files=[path])
     return path
 
 

@@ -109,7 +109,7 @@ def evaluate_job(
         "confusion_matrix": metrics.confusion.tolist(),
     }
     if handle is not None:
-        amend_job(handle, evaluations=[*(handle.record().evaluations or []), result])
+        amend_job(handle, appended={"evaluations": [result]})
     return result
 
 

@@ -1,8 +1,8 @@
 """The one job lifecycle: create or resume, lock, status changes, timings, plugins' job hooks, push, the end.
 
-Every kind of job (training, tuning, the pipeline) lives through `JobLifecycle`; commands that change a finished
-job afterwards (an evaluation, a report, the final job of a tuning job) go through `amend_job`. Nothing else
-moves a job between states or pushes it.
+Every kind of job (training, tuning, the pipeline) lives through `JobLifecycle`; commands that add to a job
+afterwards (an evaluation, a report, the final job of a tuning job) go through `amend_job`, which writes
+amendments of their own, never the job's files. Nothing else moves a job between states or pushes it.
 
 States: a job is created (or reopened to resume) and locked by this process, then `running` until it ends
 `completed`, `failed` (an exception) or `stopped` (Ctrl-C, SIGTERM). A `running` job whose process died reads
@@ -26,7 +26,7 @@ from typing import Any
 
 from imgtune.core.errors import JobError
 from imgtune.core.io import now_iso
-from imgtune.storage.jobs import Job, push_interval, remote_url, workspace_dir
+from imgtune.storage.jobs import Job, JobTakenOver, push_interval, remote_url, workspace_dir
 from imgtune.storage.record import JobRecord
 from imgtune.training.plugin import PluginSet
 
@@ -192,13 +192,18 @@ class JobLifecycle:
         ended: dict[str, Any] = {"status": status, "timings": self.timings, **fields}
         if status == "completed":
             ended.update(finished=now_iso(), seconds=time.perf_counter() - self.started)
-        job.update(**ended)
-        job.log(message)
-        self.plugins.call("on_job_end", job, status)
-        if self.plugins.failures:
-            job.update(plugin_failures=self.plugins.failures)
-        # A job that failed or stopped is pushed as well as it can be; only a completed job's push must work.
-        job.push(strict=self.must_push and status == "completed")
+        try:
+            job.update(**ended)
+            job.log(message)
+            self.plugins.call("on_job_end", job, status)
+            if self.plugins.failures:
+                job.update(plugin_failures=self.plugins.failures)
+            # A job that failed or stopped is pushed as well as it can be; only a completed job's push must work.
+            job.push(strict=self.must_push and status == "completed")
+        except JobTakenOver:  # another machine runs the job now: its end is recorded here only (the log says so)
+            if status == "completed":
+                raise
+            job.log(message)
 
 
 class Heartbeat:
@@ -287,9 +292,16 @@ def check_resumable(job: Job, force: bool = False) -> None:
     )
 
 
-def amend_job(job: Job, **fields: Any) -> None:
-    """A later command's change to a job (an evaluation, a report, a final job): written, then pushed to the
-    job's bucket (raises when another machine changed the same files meanwhile)."""
-    if fields:
-        job.update(**fields)
-    job.push()
+def amend_job(
+    job: Job,
+    fields: dict[str, Any] | None = None,
+    appended: dict[str, list[Any]] | None = None,
+    files: list[Path] = (),
+) -> None:
+    """A later command's addition to a job (an evaluation, a report's rule results, a tuning job's final job):
+    `fields` and `appended` go into an amendment of their own (Job.amend), and the command's own `files` in the
+    job (its report) are sent to the job's bucket, each only over the object this machine last saw there."""
+    if fields or appended:
+        job.amend(fields, appended)
+    if files and job.remote is not None:
+        job.push_files(files)

@@ -255,5 +255,5 @@ def train_best(job: Job, *, name: str | None = None, progress: bool = True) -> J
     raw["profiler"] = {k: v for k, v in raw.get("profiler", {}).items() if k not in ("enabled", "report")}
     raw.setdefault("train", {})["evaluate_test"] = True
     final = run_training_job(build_config(raw), workspace=job.path.parent, progress=progress)
-    amend_job(job, final_job=final.name)
+    amend_job(job, {"final_job": final.name})
     return final

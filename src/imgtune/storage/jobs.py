@@ -8,6 +8,8 @@ A job is a directory in a workspace (``./imgtune-runs`` by default)::
       checkpoints/      last.pt (resume) and best.pt (early stopping), loaded with weights_only=True
       model/            the model bundle: model.safetensors + manifest.json
       logs.txt          the job's log
+      amendments/       later commands' additions (an evaluation, a report's rule results, a final job), one
+                        file each; reading job.json overlays them, and the job's next run folds them in
 
 Every file is written atomically (temp file + rename), so a killed job leaves whole files behind.
 
@@ -17,6 +19,11 @@ $IMGTUNE_PUSH_INTERVAL seconds (30) of training and at their end; opening or lis
 bucket holds every job, and any machine with access can list, report, serve, evaluate or resume it. A tuning job's
 Ray state (JOB/ray, pickles) stays on the machine that wrote it (LOCAL_ONLY_DIRS); another machine resuming the job
 rebuilds it from the trials' own job records (imgtune.tuning.tuner).
+
+One writer per object: a job's files are written by the machine running it, and its job.json says which (the
+guard of imgtune.storage.remote: conditional writes, so a machine that finds job.json written by another since
+its own last push has been taken over, `JobTakenOver`, and sends nothing more). Other commands never write a
+job's files: they add their own objects under amendments/ (created, never replaced) and their own report.
 """
 
 from __future__ import annotations
@@ -49,13 +56,24 @@ MIRRORS_DIR = "workspaces"  # in the cache: local mirrors of remote workspaces
 LOCK_FILE = ".imgtune-lock"  # in a job: held by the process running it (Job.lock)
 UPDATE_LOCK_FILE = ".imgtune-update-lock"  # in a job: held while job.json is read, changed and written
 SYNC_RECORD = ".imgtune-sync.json"  # in a mirrored job: what was pushed or pulled (see imgtune.remote)
+AMENDMENTS_DIR = "amendments"  # in a job: later commands' additions, one JSON file each (Job.amend)
+# What a later command may add to a job: fields it sets, and list fields it appends to. An amendment file with
+# anything else (written into a bucket by hand) is ignored: the job's config and the rest are its runner's only.
+AMENDED_FIELDS = frozenset({"profiler", "final_job"})
+APPENDED_FIELDS = frozenset({"evaluations"})
 PUSH_INTERVAL_ENV = "IMGTUNE_PUSH_INTERVAL"
 PUSH_INTERVAL = 30.0  # default seconds between pushes of a running job's files (status changes push at once)
-SHALLOW_FILES = "*"  # what a shallow pull of a job takes: the files at its top, no folder (glob: * stops at /)
+# What a shallow pull of a job takes: the files at its top and its amendments, no other folder (glob: * stops at /)
+SHALLOW_FILES = ("*", "amendments/*")
 # In a tuning job: Ray Tune's experiment state. It is pickles, which run code when loaded (Tuner.restore), so it is
 # the machine's that wrote it and never crosses a bucket: anyone who can write to the bucket could put code there.
 RAY_STATE_DIR = "ray"
 LOCAL_ONLY_DIRS = (RAY_STATE_DIR,)  # a job's top-level folders never pushed or pulled (remote.SyncedFolder)
+
+
+class JobTakenOver(JobError):
+    """Another machine wrote the job's job.json in its bucket since this one last did: it runs the job now (it
+    resumed it, taking this one for dead), and this machine's files of it are no longer sent."""
 
 
 def push_interval() -> float:
@@ -179,28 +197,31 @@ class Job:
         from imgtune.storage.remote import SyncedFolder
 
         return SyncedFolder(
-            self.remote or "", self.path, SYNC_RECORD, keep_local_changes=True, local_only_dirs=LOCAL_ONLY_DIRS
-        )
+            self.remote or "", self.path, SYNC_RECORD, keep_local_changes=True, local_only_dirs=LOCAL_ONLY_DIRS,
+            guard=JOB_FILE,
+        )  # fmt: skip
 
     def push(self, min_interval: float = 0.0, strict: bool = True) -> None:
-        """Upload what changed in the job to its remote workspace (nothing for a local job).
+        """Upload what changed in the job to its remote workspace (nothing for a local job): the push of the
+        machine that runs (or ran) the job, its one writer.
 
         The job's subfolders that are jobs themselves (a tuning job's trials) push themselves. With
         `min_interval`, skip the push if the last try was more recent. A failure raises a JobError when
-        `strict`, else it goes to the job's log and a later push tries again. A file another machine changed
-        in the bucket since this one last synced it is not overwritten: the bucket's copy is taken, and the
-        job's log says so.
+        `strict`, else it goes to the job's log and a later push tries again. When another machine wrote the
+        job's job.json in the bucket since this one last did, nothing is sent and `JobTakenOver` is raised,
+        strict or not: that machine runs the job now.
         """
         if not self.pushes or self.remote is None:
             return
         if time.monotonic() - _last_push.get(self.path, -math.inf) < min_interval:
             return
-        from imgtune.storage.remote import RemoteError
+        from imgtune.storage.remote import Conflict, RemoteError
 
         _last_push[self.path] = time.monotonic()  # a failed try counts too: no retry storm while S3 is away
-        owner = self.path in _running_here
         try:
-            conflicts = self._synced().push(skip_dirs=lambda folder: (folder / JOB_FILE).is_file(), owner=owner)
+            self._synced().push(skip_dirs=lambda folder: (folder / JOB_FILE).is_file())
+        except Conflict as exc:
+            raise self._taken_over(exc.found) from None
         except (RemoteError, OSError) as exc:
             if strict:
                 raise JobError(
@@ -208,25 +229,58 @@ class Job:
                     f"it is whole in {self.path}; any later command on it with this workspace pushes it again",
                 ) from None
             self.log(f"push to {self.remote} failed (tried again later): {exc}")
-            return
-        if conflicts:
-            message = f"not pushed, changed in {self.remote} by another machine since (its copy taken): "
-            self.log(message + ", ".join(conflicts))
-            if strict:
-                raise JobError(
-                    f"job {self.name}: {', '.join(conflicts)} changed in {self.remote} while this command ran "
-                    "(is the job running elsewhere?); this command's change to them was not saved",
-                    "run the command again",
-                )
 
-    def pull(self, shallow: bool = False) -> None:
-        """Download what changed in the job's remote copy (files this machine changed since are kept); when
-        `shallow`, only the files at its top (job.json, metrics, log, report), none of its folders: what a view
-        of the job reads, and a tuning job's 1,000 trials (checkpoints and all) stay in the bucket."""
+    def push_files(self, files: list[Path]) -> None:
+        """Send a later command's own `files` in the job (its report) to the job's bucket, each only over the
+        object this machine last synced (or where there is none); a JobError when another writer changed one
+        since (the file stays here)."""
         if self.remote is None:
             return
+        from imgtune.storage.remote import Conflict, RemoteError
+
+        rels = [Path(f).resolve().relative_to(self.path.resolve()).as_posix() for f in files]
+        try:
+            self._synced().push_files(rels)
+        except Conflict:
+            raise JobError(
+                f"{', '.join(rels)} of job {self.name} changed in {self.remote} since this machine last saw it: "
+                "not sent over it",
+                f"this machine's copy is in {self.path}; see the job again (`imgtune jobs show {self.name}`) and "
+                "run the command again",
+            ) from None
+        except (RemoteError, OSError) as exc:
+            raise JobError(str(exc), "check the workspace address, credentials and AWS_ENDPOINT_URL") from None
+
+    def _taken_over(self, found: dict[str, Any] | None) -> JobTakenOver:
+        """The error for a push refused because another writer's job.json is in the bucket (`found`)."""
+        from imgtune.storage.remote import _filesystem
+
+        who = "another machine"
+        if found is not None:
+            with contextlib.suppress(Exception):
+                fs, path = _filesystem(f"{self.remote}/{JOB_FILE}")
+                theirs = json.loads(fs.cat_file(path))
+                who = f"{theirs.get('host') or 'another machine'} (status {theirs.get('status')!r})"
+        where = "it is gone from the bucket" if found is None else f"its job.json there was written by {who}"
+        message = f"job {self.name} is no longer this machine's to write in {self.remote}: {where}"
+        with contextlib.suppress(OSError):
+            self.log(message + "; nothing more is sent from here")
+        return JobTakenOver(message, "see it with `imgtune jobs show`; this machine's copy is left as it was")
+
+    def pull(self, shallow: bool = False) -> None:
+        """Download what changed in the job's remote copy (files this machine changed since are kept, unless
+        another machine wrote the job since); when `shallow`, only the files at its top (job.json, metrics, log,
+        report) and its amendments: what a view of the job reads, and a tuning job's 1,000 trials (checkpoints and
+        all) stay in the bucket."""
+        if self.remote is None:
+            return
+        from imgtune.storage.remote import list_remote
+
         with _bucket_errors():
-            self._synced().pull(pattern=SHALLOW_FILES if shallow else None)
+            listing = None
+            if shallow:
+                listing = {rel: info for glob in SHALLOW_FILES for rel, info in list_remote(self.remote, glob).items()}
+            self._synced().pull(listing=listing)
 
     # -- creation and lookup -------------------------------------------------------------------------
 
@@ -295,7 +349,15 @@ class Job:
     # -- job.json ------------------------------------------------------------------------------------
 
     def read(self) -> dict[str, Any]:
-        """job.json as it is on disk (a dict); `record()` is the typed view commands and reports use."""
+        """job.json as it is on disk (a dict), with later commands' amendments laid over it (see `amend`);
+        `record()` is the typed view commands and reports use."""
+        data = self._read_own()
+        for _, amendment in self._amendments():
+            _apply_amendment(data, amendment)
+        return data
+
+    def _read_own(self) -> dict[str, Any]:
+        """job.json alone: what its runner wrote."""
         try:
             return json.loads(self.job_file.read_text())
         except FileNotFoundError:
@@ -322,13 +384,73 @@ class Job:
         if unknown:
             raise ValueError(f"job.json has no field(s) {unknown}; add them to imgtune.storage.record.JobRecord")
         with self._updating():  # another thread (the heartbeat) or process must not write between read and write
-            data = self.read() if self.job_file.exists() else {}
+            data = self._read_own() if self.job_file.exists() else {}
             data.update(fields)
             data["updated"] = now_iso()
             self.write(data)
         if self.remote is not None:
             self.push(min_interval=0.0 if "status" in fields else push_interval(), strict=False)
         return data
+
+    def amend(self, fields: dict[str, Any] | None = None, appended: dict[str, list[Any]] | None = None) -> Path:
+        """A later command's addition to the job (AMENDED_FIELDS set, APPENDED_FIELDS extended). In a remote
+        workspace it is a file of its own under amendments/, created in the bucket beside the job's files (never
+        over them, so it races with nobody: not the job's runner, not another command); returns the file. A
+        local job's job.json takes it at once (under the job's update lock); returns job.json."""
+        fields, appended = dict(fields or {}), dict(appended or {})
+        wrong = sorted((set(fields) - AMENDED_FIELDS) | (set(appended) - APPENDED_FIELDS))
+        if wrong:
+            raise ValueError(f"a later command cannot change {wrong} of a job (see AMENDED_FIELDS, APPENDED_FIELDS)")
+        if self.remote is None:
+            with self._updating():
+                data = self._read_own()
+                _apply_amendment(data, {"set": fields, "append": appended})
+                self.write(data)
+            return self.job_file
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.6f}"[1:]
+        path = self.path / AMENDMENTS_DIR / f"{stamp}-{_slug(socket.gethostname())}-{os.getpid()}.json"
+        path.parent.mkdir(exist_ok=True)
+        atomic_write_json(path, {"set": fields, "append": appended, "by": socket.gethostname()}, self.durable)
+        from imgtune.storage.remote import RemoteError
+
+        try:
+            self._synced().push_files([path.relative_to(self.path).as_posix()])
+        except (RemoteError, OSError) as exc:
+            raise JobError(
+                f"could not save the change to job {self.name} in {self.remote}: {exc}",
+                f"it is kept in {path} and counts here; any later run of the job here sends it",
+            ) from None
+        return path
+
+    def _amendments(self) -> list[tuple[Path, dict[str, Any]]]:
+        """The amendment files, oldest first, with what they hold (an unreadable one is skipped, and logged)."""
+        folder = self.path / AMENDMENTS_DIR
+        found = []
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                amendment = json.loads(path.read_text())
+                if not isinstance(amendment, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as exc:
+                with contextlib.suppress(OSError):
+                    self.log(f"amendment {path.name} ignored: {exc}")
+                continue
+            found.append((path, amendment))
+        return found
+
+    def fold_amendments(self) -> None:
+        """Write the amendments into job.json itself and remove their files (the job's runner does, as it
+        starts: what it writes later is newer than any of them)."""
+        amendments = self._amendments()
+        if not amendments:
+            return
+        with self._updating():
+            data = self._read_own()
+            for _, amendment in amendments:
+                _apply_amendment(data, amendment)
+            self.write(data)
+        for path, _ in amendments:
+            path.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def _updating(self) -> Iterator[None]:
@@ -343,8 +465,8 @@ class Job:
 
     def mark_running(self, **fields: Any) -> None:
         """Record this process as the job's runner (with `fields`, in the same write): its pid, the pid's start
-        time and its host; in a remote workspace its pushes then always win."""
-        _running_here.add(self.path)
+        time and its host. Amendments made since its last run are folded into job.json first."""
+        self.fold_amendments()
         pid = os.getpid()
         self.update(
             status="running", pid=pid, pid_started=process_started(pid), host=socket.gethostname(),
@@ -421,7 +543,18 @@ def _bucket_errors() -> Iterator[None]:
 
 _UPDATES = threading.RLock()  # job.json read-modify-writes of this process (see Job._updating)
 _last_push: dict[Path, float] = {}  # job directory -> time.monotonic() of its last push, in this process
-_running_here: set[Path] = set()  # the jobs this process runs (mark_running)
+
+
+def _apply_amendment(data: dict[str, Any], amendment: dict[str, Any]) -> None:
+    """Lay one amendment over job.json's `data`: only the fields later commands may change (a hand-written
+    amendment's other keys, a wrong type, are ignored)."""
+    fields, appended = amendment.get("set"), amendment.get("append")
+    for field, value in fields.items() if isinstance(fields, dict) else ():
+        if field in AMENDED_FIELDS:
+            data[field] = value
+    for field, items in appended.items() if isinstance(appended, dict) else ():
+        if field in APPENDED_FIELDS and isinstance(items, list):
+            data[field] = [*(data.get(field) or []), *items]
 
 
 def _remote_job_files(root: Path, name: str = "*") -> dict[str, dict[str, Any]]:
@@ -461,7 +594,11 @@ def _claim(root: Path, name: str, record: dict | None) -> bool:
     claim = {**(record or {}), "name": name, "created": (record or {}).get("created") or now_iso()}
     claim.setdefault("host", socket.gethostname())
     with _bucket_errors():
-        return create_exclusively(f"{url}/{name}/{JOB_FILE}", (json.dumps(claim, indent=2) + "\n").encode())
+        created = create_exclusively(f"{url}/{name}/{JOB_FILE}", (json.dumps(claim, indent=2) + "\n").encode())
+        if created is None:
+            return False
+        Job(root / name)._synced().adopt(JOB_FILE, created)  # the job's first push replaces its claim
+    return True
 
 
 def _in_remote_workspace(root: Path, name: str) -> bool:

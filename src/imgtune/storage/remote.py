@@ -6,18 +6,28 @@ run in a local mirror and are pushed to the bucket as they go.
 
 A local copy keeps a record (a JSON file in its root) of every file it holds: the object's size and ETag when
 last pulled or pushed, and the local file's size and mtime at that moment. A pull copies only objects whose
-size or ETag changed since then (a mirror never overwrites a local file that a job here changed since); a push
-uploads only files whose size or mtime changed, and deletes the objects of files it once pushed or pulled that
-are gone locally, but never overwrites an object that another writer changed since: that file is pulled
-instead, and reported. A folder may name top-level folders that are this machine's only (`local_only_dirs`: a
-tuning job's Ray state, pickles that would run code when loaded): their files are never pushed, pulled, deleted
-remotely or taken from the remote on a conflict, whoever put them there. S3 endpoints and credentials come from
-the usual AWS settings (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, profiles), as with boto3.
+size or ETag changed since then. A push is one way: it uploads the files whose size or mtime changed and
+deletes the objects of files gone here; it never downloads.
+
+One writer per object. A folder may have a `guard` file (a job's job.json) whose object says who writes the
+folder: the writer whose push put it there last. A push first checks that the guard object is still the one
+this copy last synced (else `Conflict`: another writer took the folder over, and nothing is sent) and sends
+the guard last, with S3's conditional write (If-Match its ETag, or If-None-Match for a new one), so of two
+writers that both start from one state exactly one wins. A pull keeps the local files a writer here changed
+since its last push (its work not yet sent), unless the guard object changed since: then another writer
+continued the folder, and the bucket wins. Others who add to a folder they do not write (a later command's
+evaluation or report) send named files with `push_files`, each conditional on the object they last saw.
+
+A folder may also name top-level folders that are this machine's only (`local_only_dirs`: a tuning job's Ray
+state, pickles that would run code when loaded): their files are never pushed, pulled or deleted remotely,
+whoever put them there. S3 endpoints and credentials come from the usual AWS settings (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, profiles), as with boto3.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -38,6 +48,15 @@ def is_remote(path: str | Path) -> bool:
 
 class RemoteError(Exception):
     """A remote store that cannot be listed, read or written (the message names the URL)."""
+
+
+class Conflict(RemoteError):
+    """Another writer changed an object since this copy last synced it: nothing of this write was sent over it.
+    `found` is the object's listing entry as it is now (None when it is gone)."""
+
+    def __init__(self, message: str, found: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.found = found
 
 
 def _filesystem(url: str) -> tuple[Any, str]:
@@ -77,36 +96,85 @@ def list_remote(url: str, pattern: str | None = None) -> dict[str, dict[str, Any
     }
 
 
-def create_exclusively(url: str, data: bytes) -> bool:
+def create_exclusively(url: str, data: bytes) -> dict[str, Any] | None:
     """Write `data` as the object `url` only if there is none yet (S3's conditional write, If-None-Match: *):
-    True when this call created it, False when another writer's object is there. Of many writers at once,
-    exactly one gets True. A store without conditional writes falls back to look-then-write."""
+    the new object's listing entry when this call created it, None when another writer's object is there. Of
+    many writers at once, exactly one gets it. A store without conditional writes falls back to look-then-write."""
     fs, path = _filesystem(url)
     try:
-        fs.pipe_file(path, data, mode="create")
-    except FileExistsError:
-        return False
-    except OSError as exc:  # S3 answers 409 ConditionalRequestConflict while another conditional write is on
-        if "ConditionalRequestConflict" in str(exc):
-            return False
-        raise RemoteError(f"cannot write {url}: {exc}") from None
-    except (TypeError, NotImplementedError):  # an fsspec backend without mode="create"
-        if fs.exists(path):
-            return False
+        _put_conditionally(fs, path, data, None, url)
+    except Conflict:
+        return None
+    return fs.info(path)
+
+
+def _is_s3(fs: Any) -> bool:
+    return "s3" in (fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,))
+
+
+def _put_conditionally(fs: Any, path: str, data: bytes, etag: str | None, url: str) -> None:
+    """Put `data` at `path` if the object there still has ETag `etag` (If-Match), or if there is none when
+    `etag` is None (If-None-Match: *); else `Conflict`. S3 decides atomically; a store without conditional
+    writes is checked first, then written (a small window)."""
+    if _is_s3(fs):
+        bucket, key, _ = fs.split_path(path)
+        condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+        try:
+            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+        except Exception as exc:  # 412 PreconditionFailed; 409 ConditionalRequestConflict (another write is on)
+            if _lost_the_race(exc) or (etag is not None and isinstance(exc, FileNotFoundError)):
+                raise Conflict(f"{url} was changed by another writer", _info_or_none(fs, path)) from None
+            raise RemoteError(f"cannot write {url}: {exc}") from None
+        return
+    found = _info_or_none(fs, path)
+    if (found is None) != (etag is None) or (found is not None and _stamp(found)["etag"] != etag):
+        raise Conflict(f"{url} was changed by another writer", found)
+    try:
         fs.pipe_file(path, data)
     except Exception as exc:
         raise RemoteError(f"cannot write {url}: {exc}") from None
-    return True
+
+
+def _lost_the_race(exc: BaseException) -> bool:
+    """Is `exc` (s3fs's OSError, or the botocore error behind it) S3's answer to a conditional write that lost:
+    412 PreconditionFailed, or 409 ConditionalRequestConflict (another conditional write to the key is on)?"""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None) or {}
+        code = str(response.get("Error", {}).get("Code", ""))
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+            return True
+        if "pre-conditions you specified did not hold" in str(seen) or "ConditionalRequestConflict" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _info_or_none(fs: Any, path: str) -> dict[str, Any] | None:
+    try:
+        return fs.info(path)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        raise RemoteError(f"cannot read {path}: {exc}") from None
+
+
+def _md5_etag(data: bytes) -> str:
+    """The ETag S3 gives an object put in one part without KMS encryption: its MD5, quoted."""
+    return f'"{hashlib.md5(data, usedforsecurity=False).hexdigest()}"'
 
 
 class SyncedFolder:
     """A local folder and the remote prefix it mirrors; `record` is the record file's name in `local`.
 
     `keep_local_changes`: a pull leaves alone local files changed since the last sync (a workspace mirror,
-    where jobs write); without it the remote always wins (a dataset copy). `local_only_dirs`: names of top-level
-    folders (or files) that never cross: nothing under them is pushed, and no object under them is pulled (an
-    object whose key leads there, as `./ray/x` or `a/../ray/x` does, counts too). Pulls and pushes of one folder
-    take turns (a lock file beside the record), so two processes on one machine never lose each other's entries.
+    where jobs write), unless the `guard` object changed since; without it the remote always wins (a dataset
+    copy). `guard`: the file whose object says who writes the folder (see the module). `local_only_dirs`: names
+    of top-level folders (or files) that never cross: nothing under them is pushed, and no object under them is
+    pulled (an object whose key leads there, as `./ray/x` or `a/../ray/x` does, counts too). Pulls and pushes of
+    one folder take turns (a lock file beside the record), so two processes on one machine never lose each
+    other's entries.
     """
 
     def __init__(
@@ -116,11 +184,13 @@ class SyncedFolder:
         record: str,
         keep_local_changes: bool = False,
         local_only_dirs: Iterable[str] = (),
+        guard: str | None = None,
     ):
         self.url = url.rstrip("/")
         self.local = local
         self.record_file = local / record
         self.keep_local_changes = keep_local_changes
+        self.guard = guard
         self.local_only_dirs = frozenset(name.casefold() for name in local_only_dirs)
 
     @contextlib.contextmanager
@@ -199,11 +269,20 @@ class SyncedFolder:
         if listing is None:
             listing = list_remote(self.url, pattern)
         listing = {rel: info for rel, info in listing.items() if not self._local_only(rel)}
+        nested = self._nested(listing)
+        for folder, files in nested.items():  # (each nested writer's folder keeps its own record)
+            SyncedFolder(
+                f"{self.url}/{folder}", self._target(folder), self.record_file.name, self.keep_local_changes,
+                guard=self.guard,
+            ).pull(listing=files)  # fmt: skip
+        mine = {rel: info for rel, info in listing.items() if not any(rel.startswith(f + "/") for f in nested)}
         with self._locked():
             record = self._read_record()
+            if self.keep_local_changes and self._taken_over(record, mine):
+                self._drop_local_changes(record, mine)
             todo = [
                 (rel, info)
-                for rel, info in listing.items()
+                for rel, info in mine.items()
                 if self._wanted(self._target(rel), _stamp(info), record.get(rel))
             ]
             if on_start is not None:
@@ -255,16 +334,68 @@ class SyncedFolder:
         tmp.replace(target)
         return {"remote": _stamp(info), "local": _local_stamp(target)}
 
-    def push(self, skip_dirs: Callable[[Path], bool] = lambda _: False, owner: bool = False) -> list[str]:
-        """Upload the files that are new or changed since the last push or pull, and delete the objects of
-        files this folder once held that are gone locally. Returns the conflicts: files whose object another
-        writer changed since this folder last synced them; those are not overwritten but pulled (the bucket
-        wins), and the caller says so. An `owner` (the process running a job) always overwrites: what others
-        wrote into a running job is replaced by the job's own files.
+    def _is_ours(self, entry: dict[str, Any] | None, found: dict[str, Any] | None) -> bool:
+        """Is the object `found` (a listing entry, None when there is none) the one this copy last synced as
+        `entry`, or the one a push of it was sending when it was cut short (`pending`: that content's ETag)?"""
+        entry = entry or {}
+        if found is None:
+            return entry.get("remote") is None
+        return _stamp(found)["etag"] in ((entry.get("remote") or {}).get("etag"), entry.get("pending"))
 
-        `skip_dirs(dir)` says which subfolders another SyncedFolder pushes itself (a tuning job's trials). Local-only
-        folders are never walked, and their objects (whoever put them there) are neither overwritten, deleted nor
-        taken.
+    def _taken_over(self, record: dict[str, dict[str, Any]], listing: dict[str, dict[str, Any]]) -> bool:
+        """Has another writer put the guard object since this copy last synced it?"""
+        entry = record.get(self.guard) if self.guard else None
+        return entry is not None and self.guard in listing and not self._is_ours(entry, listing[self.guard])
+
+    def _drop_local_changes(self, record: dict[str, dict[str, Any]], listing: dict[str, dict[str, Any]]) -> None:
+        """Another writer continued the folder: the files changed, added or removed here since the last sync
+        (work a writer here never sent, superseded) give way to the bucket's; the pull then takes its copy."""
+        for path in _files_below(self.local, self._not_ours_to_walk):
+            rel = path.relative_to(self.local).as_posix()
+            if self._is_bookkeeping(path) or self._local_only(rel):
+                continue
+            entry = record.get(rel)
+            if entry is None or entry.get("local") != _local_stamp(path):
+                path.unlink()
+                record.pop(rel, None)
+        for rel in [rel for rel in record if rel in listing and not (self.local / rel).is_file()]:
+            del record[rel]
+
+    def _not_ours_to_walk(self, folder: Path) -> bool:
+        """A folder below `local` that is local-only, or another writer's (it holds a guard file of its own)."""
+        return self._top_level_local_only(folder) or (self.guard is not None and (folder / self.guard).is_file())
+
+    def _nested(self, listing: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+        """The listing's files that belong to nested writers' folders (those with a guard object of their own: a
+        tuning job's trials), by folder, relative to it; each such folder pulls itself."""
+        if self.guard is None:
+            return {}
+        folders = sorted(
+            (rel[: -len(self.guard) - 1] for rel in listing if rel.endswith("/" + self.guard)), key=len, reverse=True
+        )
+        nested: dict[str, dict[str, dict[str, Any]]] = {}
+        for rel, info in listing.items():
+            folder = next((f for f in folders if rel.startswith(f + "/")), None)
+            if folder is not None:
+                nested.setdefault(folder, {})[rel[len(folder) + 1 :]] = info
+        return nested
+
+    def adopt(self, rel: str, info: dict[str, Any]) -> None:
+        """Record the object `rel` (as listed: `info`) as this copy's, though the local file is not (yet) the
+        same: a job's claim, written straight to the bucket, that the job's first push replaces."""
+        with self._locked():
+            record = self._read_record()
+            record[rel] = {"remote": _stamp(info)}
+            self._write_record(record)
+
+    def push(self, skip_dirs: Callable[[Path], bool] = lambda _: False) -> list[str]:
+        """Upload the files that are new or changed since the last push or pull, and delete the objects of
+        files this folder once held that are gone locally; returns what was sent (paths relative to the folder).
+
+        With a `guard`, only the folder's writer pushes: the guard object must be the one this copy last
+        synced, else `Conflict` and nothing is sent; the guard goes last, conditionally (see the module).
+        `skip_dirs(dir)` says which subfolders another SyncedFolder pushes itself (a tuning job's trials).
+        Local-only folders are never walked, and their objects (whoever put them there) are never deleted.
         """
         local_only = self._top_level_local_only
         with self._locked():
@@ -291,45 +422,69 @@ class SyncedFolder:
             if not changed and not gone:
                 return []
             fs, root = _filesystem(self.url)
-            current = list_remote(self.url)
-            # Another writer's change: an object that differs from the one this folder last synced. A file this
-            # folder has no entry for is this folder's to send (a nested job's files pulled by its parent job),
-            # and so is one whose upload was cut short (pending: the object may be ours, its stamp unrecorded).
-            conflicts = [
-                rel
-                for rel in [*changed, *gone]
-                if not owner
-                and rel in current
-                and not record.get(rel, {}).get("pending")
-                and record.get(rel, {}).get("remote") not in (None, _stamp(current[rel]))
-            ]
+            if self.guard is not None:
+                found = _info_or_none(fs, f"{root}/{self.guard}")
+                if not self._is_ours(record.get(self.guard), found):
+                    raise Conflict(f"{self.url}/{self.guard} was written by another writer since", found)
+            guard_path = changed.pop(self.guard, None) if self.guard is not None else None
+            sent: list[str] = []
             try:
-                for rel in conflicts:
-                    record[rel] = self._download(fs, root, rel, current[rel])
-                uploads = {rel: path for rel, path in changed.items() if rel not in conflicts}
-                for rel in uploads:
-                    record[rel] = {**record.get(rel, {}), "pending": True}
-                self._write_record(record)
-                for rel, path in uploads.items():
+                for rel, path in changed.items():
                     try:
                         stamp = _local_stamp(path)
                         fs.put_file(str(path), f"{root}/{rel}")
                     except FileNotFoundError:
                         continue
                     record[rel] = {"local": stamp, "remote": _stamp(fs.info(f"{root}/{rel}"))}
-                deleted = [rel for rel in gone if rel not in conflicts]
-                objects = [f"{root}/{rel}" for rel in deleted if rel in current]
+                    sent.append(rel)
+                current = list_remote(self.url) if gone else {}
+                objects = [f"{root}/{rel}" for rel in gone if rel in current]
                 if objects:  # (fsspec refuses an empty list)
                     fs.rm(objects)
-                for rel in deleted:
+                for rel in gone:
                     record.pop(rel, None)
+                if guard_path is not None:
+                    self._send_guard(fs, root, guard_path, record)
+                    sent.append(self.guard)
             except RemoteError:
                 raise
             except Exception as exc:
                 raise RemoteError(f"cannot write to {self.url}: {exc}") from None
             finally:
                 self._write_record(record)
-        return conflicts
+        return sent
+
+    def _send_guard(self, fs: Any, root: str, path: Path, record: dict[str, dict[str, Any]]) -> None:
+        """Put the guard file, conditionally on the object this copy last synced; its content's ETag is recorded
+        as pending first, so that a push cut short after the put still knows the object for its own."""
+        rel = self.guard
+        stamp, data = _local_stamp(path), path.read_bytes()
+        entry = record.get(rel, {})
+        expected = (entry.get("remote") or {}).get("etag") or None
+        found = _info_or_none(fs, f"{root}/{rel}")
+        if found is not None and _stamp(found)["etag"] == entry.get("pending"):
+            expected = _stamp(found)["etag"]  # our own put, whose record was not written
+        record[rel] = {**entry, "pending": _md5_etag(data)}
+        self._write_record(record)
+        _put_conditionally(fs, f"{root}/{rel}", data, expected, f"{self.url}/{rel}")
+        record[rel] = {"local": stamp, "remote": _stamp(fs.info(f"{root}/{rel}"))}
+
+    def push_files(self, rels: Iterable[str]) -> None:
+        """Send the named files (paths relative to the folder) of a writer that is not the folder's: each
+        replaces only the object this copy last synced (or is created only where there is none), else
+        `Conflict` (the files before it are sent)."""
+        with self._locked():
+            record = self._read_record()
+            fs, root = _filesystem(self.url)
+            try:
+                for rel in rels:
+                    path = self._target(rel)
+                    stamp, data = _local_stamp(path), path.read_bytes()
+                    expected = (record.get(rel, {}).get("remote") or {}).get("etag") or None
+                    _put_conditionally(fs, f"{root}/{rel}", data, expected, f"{self.url}/{rel}")
+                    record[rel] = {"local": stamp, "remote": _stamp(fs.info(f"{root}/{rel}"))}
+            finally:
+                self._write_record(record)
 
 
 def _files_below(folder: Path, skip_dirs: Callable[[Path], bool]) -> Iterable[Path]:
