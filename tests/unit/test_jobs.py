@@ -6,6 +6,9 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from imgtune.core.errors import JobError
 from imgtune.storage.jobs import Job, _pid_alive, list_jobs
 
 
@@ -28,3 +31,20 @@ def test_running_job_of_a_dead_process_is_interrupted(tmp_path):
     job.update(pid=child.pid)
     assert job.status() == "interrupted"
     assert [j.name for j in list_jobs(tmp_path)] == ["j"]
+
+
+def test_a_create_killed_halfway_blocks_no_name_and_lists_no_job(tmp_path):
+    (tmp_path / "left-empty").mkdir()  # an older create killed between its mkdir and its job.json
+    staged = tmp_path / ".half-made.creating-1-1"  # a create killed before its rename into place
+    staged.mkdir()
+    (staged / "job.json").write_text('{"name": "half-made"}')
+    job = Job.create(tmp_path, "left-empty", record={"kind": "training"})
+    assert job.read()["kind"] == "training" and job.read()["name"] == "left-empty"
+    assert [j.name for j in list_jobs(tmp_path)] == ["left-empty"]
+    assert Job.create(tmp_path, "half-made").read()["name"] == "half-made"
+    (tmp_path / "not-empty").mkdir()
+    (tmp_path / "not-empty" / "notes.txt").write_text("someone's files")
+    with pytest.raises(JobError, match="already exists"):
+        Job.create(tmp_path, "not-empty")
+    assert (tmp_path / "not-empty" / "notes.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if ".creating-" in p.name and p != staged]  # nothing left behind

@@ -288,12 +288,14 @@ class Job:
     def create(
         cls, workspace: str | Path | None, name: str | None, prefix: str = "job", record: dict | None = None
     ) -> Job:
-        """Create a new job directory; a generated name is `PREFIX-YYYYmmdd-HHMMSS[-n]`.
+        """Create a new job directory holding its first job.json (`record`, with the name and time filled in); a
+        generated name is `PREFIX-YYYYmmdd-HHMMSS[-n]`.
 
-        In a remote workspace the name is claimed in the bucket first: its job.json (`record`, with the name
-        filled in) is written only if no object is there (a conditional write), so of two machines that create
-        the same name at once exactly one gets it; the other is refused (or, for a generated name, takes the
-        next)."""
+        The directory is made under a hidden name and renamed into place (atomically, and over nothing but an
+        empty directory a killed older create left), so a job directory without its job.json never blocks a
+        name. In a remote workspace the name is claimed in the bucket first: its job.json is written only if no
+        object is there (a conditional write), so of two machines that create the same name at once exactly one
+        gets it; the other is refused (or, for a generated name, takes the next)."""
         root = workspace_dir(workspace)
         root.mkdir(parents=True, exist_ok=True)
         if name:
@@ -302,23 +304,18 @@ class Job:
                 f"a job named {path.name!r} already exists in {workspace_label(workspace)}",
                 "pick another --name, or continue it with --resume",
             )
-            if path.exists() or _in_remote_workspace(root, path.name):
+            if (path / JOB_FILE).exists() or _in_remote_workspace(root, path.name):
                 raise taken
-            path.mkdir()
-            if not _claimed_or_removed(root, path, record):
+            if not _created(root, path, record):
                 raise taken
         else:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             base = f"{_slug(prefix)}-{stamp}"
             for n in range(1000):
                 path = root / (base if n == 0 else f"{base}-{n}")
-                if _in_remote_workspace(root, path.name):  # made by another machine this second
+                if (path / JOB_FILE).exists() or _in_remote_workspace(root, path.name):  # (another machine's)
                     continue
-                try:
-                    path.mkdir()
-                except FileExistsError:
-                    continue
-                if _claimed_or_removed(root, path, record):
+                if _created(root, path, record):
                     break
         return cls(path)
 
@@ -570,34 +567,45 @@ def _remote_job_files(root: Path, name: str = "*") -> dict[str, dict[str, Any]]:
     return {rel.split("/")[0]: info for rel, info in listed.items()}
 
 
-def _claimed_or_removed(root: Path, path: Path, record: dict | None) -> bool:
-    """Claim the new job directory `path`'s name (`_claim`); when the name is taken, or the claim fails (the
-    bucket unreachable), the directory goes again, so that it does not block the name here."""
+def _created(root: Path, path: Path, record: dict | None) -> bool:
+    """Make the job directory `path` with its first job.json, claiming its name in the bucket of a remote
+    workspace (`_claim`): True when this call made it, False when the name is taken. Built as a hidden
+    directory and renamed into place, so nothing is left behind under the name when this fails or is killed."""
+    first = {**(record or {}), "name": path.name, "created": (record or {}).get("created") or now_iso()}
+    first.setdefault("host", socket.gethostname())
+    staging = root / f".{path.name}.creating-{os.getpid()}-{threading.get_ident()}"
+    staging.mkdir()
     try:
-        if _claim(root, path.name, record):
-            return True
-    except BaseException:
-        path.rmdir()
-        raise
-    path.rmdir()
-    return False
+        atomic_write_json(staging / JOB_FILE, first)
+        if not _claim(root, path.name, staging, first):
+            return False
+        try:
+            staging.rename(path)  # fails where a directory with anything in it is there already
+        except OSError:
+            return False
+        return True
+    finally:
+        if staging.exists():
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
 
 
-def _claim(root: Path, name: str, record: dict | None) -> bool:
-    """For a remote workspace's mirror `root`: write the job's job.json into the bucket if the name is free
-    there (True), or find it taken (False); always True for a local workspace (the directory is the claim)."""
+def _claim(root: Path, name: str, staging: Path, first: dict[str, Any]) -> bool:
+    """For a remote workspace's mirror `root`: write the job's first job.json into the bucket if the name is
+    free there (True, recorded in the `staging` directory's sync record), or find it taken (False); always True
+    for a local workspace (the rename into place is the claim)."""
     url = remote_url(root)
     if url is None:
         return True
-    from imgtune.storage.remote import create_exclusively
+    from imgtune.storage.remote import SyncedFolder, create_exclusively
 
-    claim = {**(record or {}), "name": name, "created": (record or {}).get("created") or now_iso()}
-    claim.setdefault("host", socket.gethostname())
     with _bucket_errors():
-        created = create_exclusively(f"{url}/{name}/{JOB_FILE}", (json.dumps(claim, indent=2) + "\n").encode())
+        created = create_exclusively(f"{url}/{name}/{JOB_FILE}", (staging / JOB_FILE).read_bytes())
         if created is None:
             return False
-        Job(root / name)._synced().adopt(JOB_FILE, created)  # the job's first push replaces its claim
+        mirror = SyncedFolder(f"{url}/{name}", staging, SYNC_RECORD, guard=JOB_FILE)
+        mirror.adopt(JOB_FILE, created)  # the object is the local job.json: in step until the job writes more
     return True
 
 
@@ -613,5 +621,5 @@ def list_jobs(workspace: str | Path | None = None) -> Iterator[Job]:
             Job(root / name)._synced().pull(listing={JOB_FILE: info})
     if not root.is_dir():
         return iter(())
-    jobs = [Job(p) for p in root.iterdir() if (p / JOB_FILE).is_file()]
+    jobs = [Job(p) for p in root.iterdir() if (p / JOB_FILE).is_file() and not p.name.startswith(".")]  # (staging)
     return iter(sorted(jobs, key=lambda j: j.job_file.stat().st_mtime, reverse=True))

@@ -381,11 +381,11 @@ class SyncedFolder:
         return nested
 
     def adopt(self, rel: str, info: dict[str, Any]) -> None:
-        """Record the object `rel` (as listed: `info`) as this copy's, though the local file is not (yet) the
-        same: a job's claim, written straight to the bucket, that the job's first push replaces."""
+        """Record the object `rel` (as listed: `info`), written straight to the bucket from the local file of
+        the same bytes (a job's claim), as in step with it."""
         with self._locked():
             record = self._read_record()
-            record[rel] = {"remote": _stamp(info)}
+            record[rel] = {"remote": _stamp(info), "local": _local_stamp(self.local / rel)}
             self._write_record(record)
 
     def push(self, skip_dirs: Callable[[Path], bool] = lambda _: False) -> list[str]:
