@@ -102,6 +102,11 @@ def test_a_job_from_a_bucket_chooses_no_ray_cluster_and_no_mlflow_server(tmp_pat
     assert trusted_config(mirrored, config)["tracking"] == refused
     assert "MLflow settings (mlflow_uri http://10.0.0.9:5000" in (mirrored.path / "logs.txt").read_text()
     assert trusted_config(local, config) == config
+    # a rule file its job.json names runs only when the resuming user names it too (train --resume --rule-file)
+    debugging = {"debugger": {"rule_files": [str(tmp_path / "theirs.py")], "rules": []}}
+    assert trusted_config(mirrored, debugging)["debugger"]["rule_files"] == []
+    given = [str(tmp_path / "theirs.py")]
+    assert trusted_config(mirrored, debugging, given)["debugger"]["rule_files"] == given
 
 
 CLAIM = """

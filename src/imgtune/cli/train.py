@@ -58,6 +58,14 @@ def train(
     resume: Annotated[str | None, typer.Option(help="Continue a killed job (name or path).")] = None,
     force: ForceOption = False,
     no_debugger: Annotated[bool, typer.Option("--no-debugger", help="Turn tensor capture and rules off.")] = False,
+    rule_file: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rule-file",
+            help="Python file with debugger Rule classes (repeat for more); with --resume, the ones you trust: a job "
+            "from a bucket runs no file its job.json names.",
+        ),
+    ] = None,
     no_profiler: Annotated[
         bool, typer.Option("--no-profiler", help="Turn the system monitor, step timeline and trace off.")
     ] = False,
@@ -95,15 +103,16 @@ def train(
         if ignored:
             err.print(f"[yellow]note:[/] --resume continues with the job's own config; ignored: {', '.join(ignored)}")
         job = imgtune.train(
-            resume=resume, workspace=workspace, progress=not as_json, force=force, ray_address=ray_address
-        )
+            resume=resume, workspace=workspace, progress=not as_json, force=force, ray_address=ray_address,
+            rule_files=rule_file or (),
+        )  # fmt: skip
     else:
         job = imgtune.train(
             data, config=config, overrides=[*(set_ or ()), *tracking], backbone=backbone, weights=weights,
             pretrained=pretrained, freeze=freeze, epochs=epochs, lr=lr, batch_size=batch_size, image_size=image_size,
             name=name, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
             ray_address=ray_address, debugger=not no_debugger, profiler=not no_profiler, workspace=workspace,
-            progress=not as_json,
+            progress=not as_json, rule_files=rule_file or (),
         )  # fmt: skip
     summary = imgtune.job_summary(job)
     print_json(summary) if as_json else render.job_summary(summary)

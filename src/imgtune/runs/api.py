@@ -64,11 +64,14 @@ def train(
     progress: bool = True,
     callbacks: Iterable[Callback] = (),
     on_finding: Callable[[str, Any], None] | None = None,
+    rule_files: Iterable[str | Path] = (),
 ) -> Job:
     """Train a classifier on a folder of labelled photos (or continue a killed job with `resume`); returns the job.
 
     `workers` > 1 trains on that many data-parallel Ray Train workers (in-process Ray, or the cluster at
-    `ray_address`); `batch_size` stays the global batch.
+    `ray_address`); `batch_size` stays the global batch. `rule_files`: Python files with debugger rules (see
+    `debug_rules`), added to the config's; with `resume`, the ones you trust (a job from a bucket runs no file its
+    job.json names, only these).
 
     Example: `imgtune.train("photos/", backbone="mobilenet_v2", epochs=5, overrides=["train.optimizer=sgd"])`.
     """
@@ -79,7 +82,7 @@ def train(
     if resume is not None:
         return run_training_job(
             resume=resume, workspace=workspace, progress=progress, force=force, callbacks=callbacks,
-            on_finding=on_finding, ray_address=ray_address,
+            on_finding=on_finding, ray_address=ray_address, rule_files=[str(f) for f in rule_files],
         )  # fmt: skip
     flags = {
         "name": name,
@@ -96,6 +99,10 @@ def train(
         "profiler": {} if profiler else {"enabled": False},
     }  # fmt: skip
     raw = job_config(config, flags, overrides)
+    if rule_files:
+        debugging = raw.setdefault("debugger", {})
+        own = list(debugging.get("rule_files") or [])
+        debugging["rule_files"] = [*own, *(str(f) for f in rule_files if str(f) not in own)]
     return run_training_job(
         build_config(raw), workspace=workspace, progress=progress, callbacks=callbacks, on_finding=on_finding,
         ray_address=ray_address,

@@ -36,6 +36,7 @@ def run_training_job(
     must_push: bool = True,
     ray_address: str | None = None,
     ray_train: bool = False,
+    rule_files: list[str] | None = None,
 ) -> Job:
     """Run a training job to the end and return its directory.
 
@@ -53,11 +54,14 @@ def run_training_job(
             Ray); never read from a job, so a resumed job runs where its resumer says.
         ray_train: run on Ray Train workers even when train.workers is 1 (what the distributed path costs at
             one worker: benchmarks/distributed.py); `imgtune train --workers 1` keeps the single process.
+        rule_files: with `resume`, debugger rule files the resuming user trusts (added to a local job's own; for a
+            job from a bucket, the only ones run: imgtune.runs.trust).
     """
     if resume is not None:
         with JobLifecycle.resume(resume, workspace, "training", force=force, must_push=must_push) as life:
             forget_untrusted_run(life.job)
-            recorded = trusted_config(life.job, life.job.record().config or {})  # a bucket's job runs no file
+            # a bucket's job runs no file of its own, only the resuming user's
+            recorded = trusted_config(life.job, life.job.record().config or {}, rule_files)
             config = build_config(recorded, f"config of job {life.job.name}")
             return _train(life, config, callbacks, progress, on_finding, ray_address, ray_train)
     else:

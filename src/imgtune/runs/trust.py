@@ -70,13 +70,14 @@ def trusted_debugger(job: Job, debugger: dict[str, Any], given_rule_files: list[
 UNTRUSTED_TRACKING = ("mlflow_uri", "registered_model", "alias", "parent_run_id")
 
 
-def trusted_config(job: Job, config: dict[str, Any]) -> dict[str, Any]:
+def trusted_config(job: Job, config: dict[str, Any], given_rule_files: list[str] | None = None) -> dict[str, Any]:
     """A job config (a dict, as in job.json) with what a bucket may not decide taken out: its debugger rule
-    files (`trusted_debugger`) and, for a job from a bucket, its MLflow server and registry settings (the
-    environment's MLFLOW_TRACKING_URI, or MLflow's default, serves instead)."""
+    files (`trusted_debugger`: `given_rule_files`, the command line's, are trusted) and, for a job from a bucket,
+    its MLflow server and registry settings (the environment's MLFLOW_TRACKING_URI, or MLflow's default, serves
+    instead)."""
     debugger = config.get("debugger")
     if isinstance(debugger, dict):
-        config = {**config, "debugger": trusted_debugger(job, debugger)}
+        config = {**config, "debugger": trusted_debugger(job, debugger, given_rule_files)}
     tracking = config.get("tracking")
     if from_bucket(job) and isinstance(tracking, dict):
         named = {key: tracking[key] for key in UNTRUSTED_TRACKING if tracking.get(key)}
