@@ -70,6 +70,7 @@ def deploy(
     max_request_pixels: int = field_option(ServeOptions, "max_request_pixels"),
     endpoint_name: str | None = field_option(ServeOptions, "endpoint_name"),
     threads: int | None = field_option(ServeOptions, "threads"),
+    device: str = field_option(ServeOptions, "device"),
     replicas: Annotated[
         int,
         typer.Option(
@@ -109,6 +110,7 @@ def deploy(
         max_request_pixels=max_request_pixels,
         endpoint_name=endpoint_name,
         threads=threads,
+        device=device,
     )
     on = f"{replicas} replicas on Ray Serve, " if replicas > 1 or ray_address else ""
     err.print(f"serving {job} on http://{host}:{port} ({on}{backend}); Ctrl-C stops it", highlight=False)

@@ -149,6 +149,11 @@ class ServeOptions(Options):
     )
     endpoint_name: str | None = Field(None, description="Name in /endpoints/NAME/invocations [default: the job's].")
     threads: int | None = Field(None, ge=1, description="Inference threads [default: the backend's choice].")
+    device: str = Field(
+        "auto",
+        description="Where the model computes: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or "
+        "cuda:N. Replicas (--replicas) compute on CPUs.",
+    )
 
     @model_validator(mode="after")
     def _queue_holds_a_batch(self) -> ServeOptions:

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from imgtune.config import DataConfig
-from imgtune.core.errors import ImgtuneError, JobError
+from imgtune.core.errors import ConfigError, ImgtuneError, JobError
 from imgtune.data.check import MAX_IMAGE_PIXELS, BadImage, decode_image
 from imgtune.data.dataset import Sample, prepare_data
 from imgtune.data.transforms import load_image, to_rgb
@@ -108,6 +108,21 @@ def job_photos(bundle: Bundle, model_dir: Path) -> JobPhotos | None:
     return JobPhotos(example, train[0] if train else None, validation)
 
 
+def serving_device(name: str = "cpu") -> torch.device:
+    """The device a model serves on: `auto` (a CUDA GPU when torch sees one, else the CPU), `cpu`, `cuda`, `cuda:N`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}", "use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r}: a model serves on the CPU or a CUDA GPU", "use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}, but no CUDA GPU is available here", "use --device auto or cpu")
+    return device
+
+
 def noise_batch(bundle: Bundle) -> torch.Tensor:
     size = bundle.preprocessing.image_size
     return torch.randn(EXAMPLE_IMAGES, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -126,26 +141,32 @@ class Predictor:
 
     @classmethod
     def load(
-        cls, source: str | Path, backend: str = "auto", threads: int | None = None, workspace: str | Path | None = None
+        cls,
+        source: str | Path,
+        backend: str = "auto",
+        threads: int | None = None,
+        workspace: str | Path | None = None,
+        device: str = "cpu",
     ) -> Predictor:
         """From a job (name or directory, in the workspace) or a bundle directory, on `backend` (a name or alias
-        of imgtune.models.backends, or auto). The ONNX export, if any, is kept in the cache, named by the weights'
-        checksum: the bundle's own directory stays as training wrote it, and may be read-only."""
-        choice, cpu = resolve_backend_name(backend), torch.device("cpu")
+        of imgtune.models.backends, or auto) on `device` (see serving_device). The ONNX export, if any, is kept
+        in the cache, named by the weights' checksum: the bundle's own directory stays as training wrote it, and
+        may be read-only."""
+        choice, where = resolve_backend_name(backend), serving_device(device)
         if threads:
             torch.set_num_threads(threads)
         model_dir = resolve_model_dir(source, workspace)
         bundle = load_bundle(model_dir)
         common = {"threads": threads, "fingerprint": weights_sha256(bundle)}
         size = bundle.preprocessing.image_size
-        hit = remembered_backend(bundle.model, cpu, (3, size, size), **common) if choice == AUTO else None
+        hit = remembered_backend(bundle.model, where, (3, size, size), **common) if choice == AUTO else None
         if hit is None:  # measure (auto) or check (a named backend) on the job's own photos
             photos = job_photos(bundle, model_dir)
             if photos is None:  # a choice measured on noise serves, but is not remembered
                 log.warning("the job's photos are not at hand: the backend is checked on noise")
                 photos = JobPhotos(noise_batch(bundle))
             hit = choose_backend(
-                bundle.model, photos.example, cpu, choice, remember=photos.calibration is not None,
+                bundle.model, photos.example, where, choice, remember=photos.calibration is not None,
                 calibration=photos.calibration, validation=photos.validation, **common,
             )  # fmt: skip
         return cls(bundle, *hit, model_dir=model_dir)
@@ -187,6 +208,7 @@ class Predictor:
             "classes": len(self.labels),
             "image_size": self.image_size,
             "backend": self.backend.name,
+            "device": str(self.backend.device),
             "chosen_by": self.choice.get("chosen_by"),
             "checked_against_fp32_eager": next(
                 (

@@ -35,7 +35,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from imgtune.config import ServeOptions
-from imgtune.core.errors import JobError
+from imgtune.core.errors import ConfigError, JobError
 from imgtune.models.backends import Backend
 from imgtune.models.bundle import load_bundle
 from imgtune.serving.app import EndpointMetrics, create_app
@@ -159,6 +159,10 @@ def serve_replicas(
     (imgtune.deploy does it, as for tuning jobs)."""
     if not ray.is_initialized():
         raise JobError("Ray is not started", "call imgtune.deploy(..., replicas=N), which starts or joins it")
+    if options.device not in ("auto", "cpu"):
+        raise ConfigError(
+            f"replicas compute on CPUs, not on {options.device}", "leave out --device, or serve one process"
+        )
     threads, reserved = replica_cpus(options.threads, replicas)
     # the backend is chosen once, here (auto measures on the job's photos and remembers): every replica then
     # serves on the same one, instead of each measuring on its own at once on contended cores

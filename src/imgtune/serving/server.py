@@ -12,7 +12,7 @@ from pathlib import Path
 
 from imgtune.config import ServeOptions
 from imgtune.serving.app import create_app
-from imgtune.serving.predictor import Predictor, resolve_model_dir
+from imgtune.serving.predictor import Predictor, resolve_model_dir, serving_device
 
 
 def named_model_dir(source: str | Path, options: ServeOptions, workspace: str | Path | None = None) -> Path:
@@ -27,7 +27,10 @@ def named_model_dir(source: str | Path, options: ServeOptions, workspace: str | 
 def build_app(source: str | Path, options: ServeOptions, workspace: str | Path | None = None):
     """The endpoint's app for a job (or bundle directory), its model in this process."""
     model_dir = named_model_dir(source, options, workspace)
-    return create_app(lambda: Predictor.load(model_dir, options.backend, options.threads), options)
+    serving_device(options.device)  # a device that cannot serve fails here, before any server starts
+    return create_app(
+        lambda: Predictor.load(model_dir, options.backend, options.threads, device=options.device), options
+    )
 
 
 def serve(
