@@ -6,7 +6,9 @@ Every `interval` seconds it appends one JSON line to `JOB/profiler/system.jsonl`
 * ``proc_rss``: the job's resident memory (bytes, its worker processes included), ``proc_cpu`` (% of one core,
   workers included); ``mem_used`` (% of system memory), ``mem_available`` (bytes);
 * ``disk_read``, ``disk_write``, ``net_recv``, ``net_sent``: bytes per second since the previous sample;
-* ``gpus``: per NVIDIA GPU, ``util`` (%), ``mem_used`` and ``mem_total`` (bytes), from NVML; absent without one.
+* ``gpus``: per NVIDIA GPU this process may use, ``util`` (%), ``mem_used`` and ``mem_total`` (bytes), from NVML;
+  absent without one. "May use" is what ``CUDA_VISIBLE_DEVICES`` leaves it (all GPUs when unset; none when empty,
+  as Ray sets it for a worker that reserved no GPU), so a job on one GPU of eight is not judged by seven idle ones.
 
 Lines are flushed as they are written, so a killed job keeps its samples and a running job can be read. When
 the monitor stops, a last sample covers the time since the previous one (so a job shorter than one interval
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -32,8 +35,42 @@ SYSTEM_FILE = "system.jsonl"
 FINAL_SAMPLE_MIN_SECONDS = 0.05
 
 
+def visible_gpus(value: str | None) -> list[str] | None:
+    """The entries of a `CUDA_VISIBLE_DEVICES` value (indices, or UUIDs and their prefixes: GPU-..., MIG-...), read
+    as CUDA reads them: up to the first empty, negative or malformed one. None when unset (every GPU)."""
+    if value is None:
+        return None
+    entries = []
+    for part in value.split(","):
+        part = part.strip()
+        if not (part.isdigit() or part.startswith(("GPU-", "MIG-"))):
+            break
+        entries.append(part)
+    return entries
+
+
+def select_gpus(entries: list[str] | None, uuids: list[str]) -> list[int]:
+    """NVML's indices of the GPUs `entries` (see visible_gpus) name, in their order, given every GPU's UUID in
+    NVML's order; an entry naming no GPU, and any after it, select nothing (as CUDA ignores them). Indices are
+    read as NVML's, which is CUDA's with CUDA_DEVICE_ORDER=PCI_BUS_ID (Ray's numbering)."""
+    if entries is None:
+        return list(range(len(uuids)))
+    chosen: list[int] = []
+    for entry in entries:
+        if entry.isdigit():
+            index = int(entry) if int(entry) < len(uuids) else None
+        else:
+            index = next((i for i, uuid in enumerate(uuids) if uuid.startswith(entry)), None)
+        if index is None:
+            break
+        if index not in chosen:
+            chosen.append(index)
+    return chosen
+
+
 class _Nvml:
-    """NVIDIA GPUs through NVML, when the library and a driver are there; otherwise no GPUs."""
+    """The NVIDIA GPUs this process may use (CUDA_VISIBLE_DEVICES), through NVML, when the library and a driver
+    are there; otherwise no GPUs."""
 
     def __init__(self) -> None:
         self.handles: list[Any] = []
@@ -42,9 +79,14 @@ class _Nvml:
 
             pynvml.nvmlInit()
             self._nvml = pynvml
-            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            every = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            entries = visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"))
+            uuids = [""] * len(every) if entries is None else [_text(pynvml.nvmlDeviceGetUUID(h)) for h in every]
+            self.handles = [every[i] for i in select_gpus(entries, uuids)]
         except Exception:  # no library, no driver, no GPU: the monitor records CPUs only
             self.handles = []
+        if not self.handles:
+            self.close_library()
 
     def sample(self) -> list[dict[str, float]]:
         gpus = []
@@ -59,12 +101,23 @@ class _Nvml:
 
     def close(self) -> None:
         if self.handles:
+            self.close_library()
+
+    def close_library(self) -> None:
+        nvml = getattr(self, "_nvml", None)
+        if nvml is not None:
             with contextlib.suppress(Exception):
-                self._nvml.nvmlShutdown()
+                nvml.nvmlShutdown()
+            self._nvml = None
+
+
+def _text(value: str | bytes) -> str:
+    """NVML's strings are bytes in older nvidia-ml-py releases."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def gpu_count() -> int:
-    """NVIDIA GPUs NVML sees (0 without a driver)."""
+    """NVIDIA GPUs this process may use, as NVML sees them (0 without a driver or with CUDA_VISIBLE_DEVICES empty)."""
     nvml = _Nvml()
     count = len(nvml.handles)
     nvml.close()
