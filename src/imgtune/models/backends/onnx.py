@@ -90,6 +90,10 @@ class OnnxBackend(Backend):
             options.intra_op_num_threads = threads
         self.onnx_file = onnx_file
         self.session = ort.InferenceSession(str(onnx_file), options, providers=providers)
+        # A CUDA provider that fails to load (no cuDNN, a driver too old) is dropped with a log line, and the
+        # session runs on the CPU: on CUDA that is another backend than the one asked for, so say so.
+        if device.type == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise BackendUnavailable("ONNX Runtime's CUDA provider did not load (it fell back to the CPU)")
         self.input_name = self.session.get_inputs()[0].name
 
     def model_file(
