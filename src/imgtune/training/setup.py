@@ -54,7 +54,9 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
         return None
     if mode == "fp16":
         return torch.float16
-    if mode == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+    # Natively only (Ampere and later): older GPUs "support" bf16 by emulation, slowly and without cuDNN's bf16
+    # convolutions, where fp16 with a gradient scaler is the fast choice.
+    if mode == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)):
         return torch.bfloat16
     return torch.float16
 

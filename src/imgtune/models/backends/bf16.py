@@ -10,8 +10,8 @@ from imgtune.models.backends.registry import register_backend
 
 
 def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # natively (Ampere and later), not by emulation: slow, and no cuDNN bf16 convolutions
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return device.type == "cpu" and bool(torch.backends.mkldnn.is_available()) and _cpu_has_bf16()
 
 
