@@ -146,6 +146,71 @@ def test_a_killed_job_resumes_on_another_machine_from_the_bucket(bucket, tmp_pat
     assert "resuming" in stored["logs.txt"].decode()
 
 
+def bucket_files_parse(stored: dict[str, bytes]) -> list[int]:
+    """Every object of a job parses (JSON, JSON Lines, checkpoints as tensors only); returns the epochs its
+    metrics.jsonl records."""
+    import io
+
+    import torch
+
+    for key, data in stored.items():
+        if key.endswith(".json"):
+            json.loads(data)
+        elif key.endswith(".jsonl"):
+            [json.loads(line) for line in data.splitlines()]
+        elif key.endswith(".pt"):
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return [json.loads(line)["epoch"] for line in stored.get("metrics.jsonl", b"").splitlines()]
+
+
+@pytest.mark.slow
+def test_a_bucket_job_killed_during_its_pushes_resumes_on_the_other_machine_every_time(
+    bucket, tmp_path, dogs_mini, mobilenet_weights
+):
+    """Chaos for a job in a bucket: pushed after every step of its work (push interval 0, so most moments are in
+    a push), SIGKILLed at 5 seeded random moments, and resumed each time on the other of two machines from the
+    bucket alone. The bucket always holds whole files and each finished epoch once, and the job completes."""
+    import random
+
+    epochs, name, prefix = 4, "chaos", "team/chaos/"
+    env = {**os.environ, "IMGTUNE_WORKSPACE": WORKSPACE, "IMGTUNE_PUSH_INTERVAL": "0", "PYTHONUNBUFFERED": "1"}
+    start = train_command(dogs_mini, mobilenet_weights, name, "--epochs", str(epochs), *SLOW_IMAGE_TRAINING,
+                          "--set", "train.early_stopping.enabled=false")  # fmt: skip
+    moments = random.Random(19)
+    killed, machines = 0, ["machine-a", "machine-b"]
+    with (tmp_path / "chaos.log").open("ab") as log:
+        for kill in range(5):
+            host = machines[kill % 2]
+            env["IMGTUNE_CACHE"] = str(tmp_path / host)
+            claimed = "job.json" in objects(bucket, prefix)
+            command = resume_command(name, "--force") if claimed else start  # (the other machine's heartbeat is fresh)
+            process = subprocess.Popen(as_host(host, command), env=env, stdout=log, stderr=log)
+            deadline = time.monotonic() + moments.uniform(4.0, 24.0)
+            while process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                killed += 1
+            process.wait()
+            recorded = bucket_files_parse(objects(bucket, prefix))
+            assert recorded == list(range(1, len(recorded) + 1)), (kill, recorded)  # each epoch once, in order
+            if json.loads(objects(bucket, prefix).get("job.json", b"{}")).get("status") == "completed":
+                break
+    env["IMGTUNE_CACHE"] = str(tmp_path / machines[1])
+    stored = objects(bucket, prefix)
+    if json.loads(stored.get("job.json", b"{}")).get("status") != "completed":
+        result = subprocess.run(
+            as_host(machines[1], resume_command(name, "--force")), env=env, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        stored = objects(bucket, prefix)
+    assert bucket_files_parse(stored) == list(range(1, epochs + 1))
+    record = json.loads(stored["job.json"])
+    assert record["status"] == "completed" and record["epochs_run"] == epochs
+    assert "model/model.safetensors" in stored
+    assert killed >= 3 and stored["logs.txt"].decode().count("resuming") >= 2, (killed, stored["logs.txt"][-2000:])
+
+
 def test_a_missing_bucket_is_one_clear_error(s3_env, dogs_mini):
     result = runner.invoke(app, ["train", "--data", str(dogs_mini), "--workspace", "s3://imgtune-no-such-bucket/x"])
     assert result.exit_code == 2
@@ -445,6 +510,11 @@ def test_a_tuning_job_resumed_elsewhere_never_loads_a_ray_state_planted_in_the_b
                "ray/experiment/experiment_state-2099-01-01_00-00-00.json": json.dumps(state).encode()}  # fmt: skip
     for key, data in planted.items():
         bucket.put_object(Bucket=BUCKET, Key=f"team/tune-planted/{key}", Body=data)
+    # ... and points the job at a Ray cluster of theirs (here a loopback port where none listens: were it used,
+    # the resume would fail to connect)
+    tampered = json.loads(objects(bucket, "team/tune-planted/")["job.json"])
+    tampered["options"]["ray_address"] = "127.0.0.1:6399"
+    bucket.put_object(Bucket=BUCKET, Key="team/tune-planted/job.json", Body=json.dumps(tampered).encode())
 
     env["IMGTUNE_CACHE"] = str(tmp_path / "machine-b")
     resumed = subprocess.run(
@@ -465,6 +535,8 @@ def test_a_tuning_job_resumed_elsewhere_never_loads_a_ray_state_planted_in_the_b
     assert record["status"] == "completed" and [t["trial"] for t in record["trials"]] == names
     log = objects(bucket, "team/tune-planted/")["logs.txt"].decode()
     assert f"Ray state rebuilt from {len(finished(before))} finished trial(s) (the job came from {WORKSPACE}" in log
+    assert "the Ray cluster 127.0.0.1:6399" in log and "the Ray cluster 127.0.0.1:6399" in resumed.stderr  # told
+    assert record["ray"]["address"] == "in-process"
     in_bucket = {f"ray/{key}": data for key, data in objects(bucket, "team/tune-planted/ray/").items()}
     assert in_bucket == planted  # neither taken nor touched by machine b
     own = tmp_path / "machine-b" / MIRRORS_DIR / "s3" / BUCKET / "team" / "tune-planted" / "ray"
