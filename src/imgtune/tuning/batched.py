@@ -40,7 +40,7 @@ from imgtune.config import TuneOptions
 from imgtune.core.io import read_jsonl
 from imgtune.storage.jobs import Job, push_interval
 from imgtune.tuning.space import SearchSpace
-from imgtune.tuning.tuner import TRIAL_PREFIX, TRIALS_DIR, TUNER_STOP, best_of, sort_trials
+from imgtune.tuning.tuner import TRIAL_PREFIX, TRIALS_DIR, TUNER_STOP, best_of, resumed_seed, sort_trials
 
 STUDY_FILE = "optuna.journal"
 STUDY_NAME = "imgtune"
@@ -87,10 +87,10 @@ def grid_points(space: SearchSpace) -> list[dict[str, Any]]:
     return [dict(zip(space.keys, combo, strict=True)) for combo in combos]
 
 
-def _sampler(options: TuneOptions) -> optuna.samplers.BaseSampler:
+def _sampler(options: TuneOptions, seed: int | None) -> optuna.samplers.BaseSampler:
     if options.strategy == "bayesian":
-        return optuna.samplers.TPESampler(seed=options.seed)
-    return optuna.samplers.RandomSampler(seed=options.seed)  # grid: every point is enqueued, none sampled
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)  # grid: every point is enqueued, none sampled
 
 
 def _pruner(options: TuneOptions) -> optuna.pruners.BasePruner:
@@ -133,11 +133,14 @@ def open_study(
         storage=storage,
         study_name=STUDY_NAME,
         direction=direction,
-        sampler=_sampler(options),
+        sampler=_sampler(options, options.seed),
         pruner=_pruner(options),
         load_if_exists=resumed,
     )
     if resumed and study.trials:
+        # The job's own seed would draw the points of its first trials again (a sampler's draws depend on its
+        # seed, not on the trials the study holds): each resume samples with a seed of its own.
+        study.sampler = _sampler(options, resumed_seed(options.seed, len(study.trials)))
         return study
     dists = distributions(space)
     if options.strategy == "grid":

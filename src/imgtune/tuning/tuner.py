@@ -396,8 +396,9 @@ def trial_from_record(job: Job, trial: Job, options: TuneOptions, space: SearchS
     }
 
 
-def _resumed_seed(seed: int | None, finished: int) -> int | None:
-    """The searcher's seed in a rebuilt state: not the job's own, whose first draws its finished trials had."""
+def resumed_seed(seed: int | None, finished: int) -> int | None:
+    """The searcher's seed in a rebuilt state (a resumed study): not the job's own, whose first draws its finished
+    trials had."""
     return None if seed is None else random.Random(f"imgtune resumed {seed} {finished}").randrange(2**31)
 
 
@@ -410,6 +411,10 @@ def _why_rebuild(job: Job, experiment: Path) -> str | None:
                 "would run code here), so there is none on this machine"
             )
         return f"no Ray state was found in {experiment}"
+    if not any(experiment.glob("experiment_state-*.json")):
+        # Ray writes tuner.pkl as the Tuner starts, its searcher's state and trials only at its first save: a
+        # driver killed in between leaves a Tuner whose searcher has no search space (Ray keeps none in tuner.pkl)
+        return f"Ray's state in {experiment} was never saved (its driver was stopped before Ray's first save)"
     known = _state_trial_names(experiment)
     if known is None:  # not readable as JSON: Ray's restore says what is wrong
         return None
@@ -459,7 +464,7 @@ def rebuild(job: Job, options: TuneOptions, space: SearchSpace, reason: str) -> 
     plan.finished = [trial.name for trial, _ in finished]
     summaries = [trial_from_record(job, trial, options, space) for trial, _ in finished]
     plan.objectives = [s["objective"] if s["status"] != "errored" else None for s in summaries]
-    plan.seed = _resumed_seed(options.seed, len(finished))
+    plan.seed = resumed_seed(options.seed, len(finished))
     notes = []
     if options.strategy == "grid":
         done = [space.samples(s["hyperparameters"]) for s in summaries if s["hyperparameters"]]
