@@ -44,6 +44,7 @@ def train(
     batch_size: int | None = field_option(TrainConfig, "batch_size", default=None, help="Batch size."),
     image_size: int | None = field_option(DataConfig, "image_size", default=None),
     name: str | None = field_option(JobConfig, "name", default=None),
+    recipe: str | None = field_option(JobConfig, "recipe", default=None),
     workers: int | None = field_option(TrainConfig, "workers", default=None),
     gpus_per_worker: float | None = field_option(TrainConfig, "gpus_per_worker", default=None),
     cpus_per_worker: float | None = field_option(TrainConfig, "cpus_per_worker", default=None),
@@ -92,6 +93,7 @@ def train(
             "--batch-size": batch_size,
             "--image-size": image_size,
             "--name": name,
+            "--recipe": recipe,
             "--workers": workers,
             "--gpus-per-worker": gpus_per_worker,
             "--cpus-per-worker": cpus_per_worker,
@@ -110,7 +112,7 @@ def train(
         job = imgtune.train(
             data, config=config, overrides=[*(set_ or ()), *tracking], backbone=backbone, weights=weights,
             pretrained=pretrained, freeze=freeze, epochs=epochs, lr=lr, batch_size=batch_size, image_size=image_size,
-            name=name, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+            name=name, recipe=recipe, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
             ray_address=ray_address, debugger=not no_debugger, profiler=not no_profiler, workspace=workspace,
             progress=not as_json, rule_files=rule_file or (),
         )  # fmt: skip

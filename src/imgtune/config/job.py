@@ -135,12 +135,49 @@ class TrainConfig(_Section):
         ge=-1,
         description="Times Ray Train restarts the workers from the last checkpoint after one fails (-1: always).",
     )
+    # -- fine-tuning (an unfrozen backbone; see RECIPES) --------------------------------------------------------
+    backbone_lr_ratio: float = Field(
+        1.0, gt=0, le=1, description="The backbone's learning rate as a fraction of lr (the head's)."
+    )
+    layer_decay: float = Field(
+        1.0, gt=0, le=1, description="Layer-wise lr decay: each backbone stage below the last gets this factor more."
+    )
+    warmup_epochs: float = Field(
+        0.0, ge=0, le=1000, description="Epochs of linear lr warmup, then the schedule, per optimizer step."
+    )
+    head_only_epochs: int = Field(
+        0, ge=0, le=1000, description="Gradual unfreezing: the first epochs train the head alone, then everything."
+    )
+    batchnorm: Literal["train", "frozen"] = Field(
+        "train", description="'frozen': the backbone's batch-norm statistics stay as pretrained (small batches)."
+    )
+    augment: Literal["basic", "trivialaugment", "randaugment"] = Field(
+        "basic", description="Training augmentation on images: random crop and flip, plus a policy (torchvision v2)."
+    )
+    random_erasing: float = Field(0.0, ge=0, le=1, description="Probability of erasing a random box (images).")
+    mixup_alpha: float = Field(0.0, ge=0, le=10, description="MixUp's Beta(alpha, alpha) on training batches; 0: off.")
+    cutmix_alpha: float = Field(0.0, ge=0, le=10, description="CutMix's alpha on training batches; 0: off.")
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="Weight EMA: evaluate and keep an exponential average of the weights; 0: off."
+    )
+    tta: Literal["none", "flip"] = Field(
+        "none", description="Test-time augmentation on images: 'flip' averages each image's and its mirror's logits."
+    )
 
     @model_validator(mode="after")
     def _global_batch_splits_evenly(self) -> TrainConfig:
         if self.batch_size % self.workers:
             raise ValueError(
                 f"batch_size {self.batch_size} is the global batch and must split evenly over {self.workers} workers"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _head_only_epochs_train_alone(self) -> TrainConfig:
+        if self.workers > 1 and self.head_only_epochs:
+            raise ValueError(
+                "head_only_epochs (gradual unfreezing) trains in one process: data-parallel workers need every "
+                "parameter in every step; set train.workers=1 or train.head_only_epochs=0"
             )
         return self
 
@@ -283,16 +320,69 @@ class TrackingConfig(_Section):
         return self
 
 
+# Fine-tuning recipes: values a named recipe gives the keys a config leaves unset (every one stays a key of its
+# own, set or tuned like any other). `frozen` trains a new head on the pretrained backbone's features (cached);
+# `finetune` trains the whole network, the backbone at a tenth of the head's rate, after a warmup, on a cosine
+# schedule, with label smoothing; `finetune-strong` adds layer-wise decay, TrivialAugment, random erasing,
+# MixUp/CutMix, a weight EMA and flip TTA (for longer runs: strong regularisation needs epochs to pay).
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "frozen": {"model": {"freeze": "backbone"}},
+    "finetune": {
+        "model": {"freeze": "none"},
+        "train": {
+            "optimizer": "adamw", "weight_decay": 0.01, "backbone_lr_ratio": 0.1, "warmup_epochs": 0.5,
+            "schedule": "cosine", "label_smoothing": 0.1, "batchnorm": "frozen",
+        },
+    },
+    "finetune-strong": {
+        "model": {"freeze": "none"},
+        "train": {
+            "optimizer": "adamw", "weight_decay": 0.05, "backbone_lr_ratio": 0.1, "layer_decay": 0.8,
+            "warmup_epochs": 1.0, "schedule": "cosine", "label_smoothing": 0.1, "batchnorm": "frozen",
+            "augment": "trivialaugment", "random_erasing": 0.25, "mixup_alpha": 0.2, "cutmix_alpha": 1.0,
+            "ema_decay": 0.998, "tta": "flip",
+        },
+    },
+}  # fmt: skip
+
+
 class JobConfig(_Section):
     """A complete training job."""
 
     name: str | None = Field(None, description="Job name; generated from the backbone and time if empty.")
+    recipe: Literal["auto", "frozen", "finetune", "finetune-strong"] = Field(
+        "auto",
+        description="Named values for the keys a config leaves unset (imgtune.config.job.RECIPES); 'auto': "
+        "'finetune' when model.freeze is none or all_but_last, else 'frozen'.",
+    )
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     debugger: DebuggerConfig = Field(default_factory=DebuggerConfig)
     profiler: ProfilerConfig = Field(default_factory=ProfilerConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, data: Any) -> Any:
+        """Fill the keys the config leaves unset from its recipe ('auto' is resolved here, by model.freeze), so
+        the job's resolved config names the recipe it got and every value it took from it."""
+        if not isinstance(data, dict):
+            return data
+        recipe = data.get("recipe", "auto")
+        if recipe == "auto":
+            model = data.get("model")
+            freeze = model.get("freeze") if isinstance(model, dict) else getattr(model, "freeze", None)
+            recipe = "finetune" if freeze in ("none", "all_but_last") else "frozen"
+        if recipe not in RECIPES:
+            return data  # (refused by the field's own check)
+        data = {**data, "recipe": recipe}
+        for section, values in RECIPES[recipe].items():
+            given = data.get(section)
+            if isinstance(given, BaseModel):
+                given = given.model_dump(exclude_unset=True)
+            data[section] = {**values, **(given or {})}
+        return data
 
     @model_validator(mode="after")
     def _weights_or_pretrained(self) -> JobConfig:

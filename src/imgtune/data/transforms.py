@@ -89,12 +89,20 @@ class Preprocessing:
             + self._finish()
         )
 
-    def train_transform(self) -> v2.Compose:
+    def train_transform(self, augment: str = "basic", random_erasing: float = 0.0) -> v2.Compose:
+        """Random crop and flip; `augment` adds a policy ('trivialaugment': TrivialAugmentWide, 'randaugment':
+        RandAugment), `random_erasing` erases a random box with that probability (after normalisation)."""
         interp = _INTERPOLATIONS[self.interpolation]
+        policies = {"basic": [], "trivialaugment": [v2.TrivialAugmentWide(interpolation=interp)],
+                    "randaugment": [v2.RandAugment(interpolation=interp)]}  # fmt: skip
+        if augment not in policies:
+            raise ValueError(f"unknown augmentation {augment!r}: {', '.join(policies)}")
         return v2.Compose(
             [
                 v2.RandomResizedCrop(self.image_size, scale=self.train_scale, interpolation=interp, antialias=True),
                 v2.RandomHorizontalFlip(),
+                *policies[augment],
             ]
             + self._finish()
+            + ([v2.RandomErasing(p=random_erasing, value=0)] if random_erasing > 0 else [])
         )

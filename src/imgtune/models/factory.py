@@ -232,6 +232,21 @@ def last_stage(backbone: nn.Module) -> nn.Module:
         module = children[-1]
 
 
+def backbone_stages(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's stages from input to output (ResNet's stem parts and layer1-4, MobileNet's feature blocks,
+    ...), found as `last_stage` finds the last one: the children holding parameters, descending through a single
+    trunk container. For layer-wise learning rates; parameters outside them count as the first stage's."""
+    remnant = getattr(backbone, "_imgtune_classifier_container", None)
+    module = backbone
+    while True:
+        children = [m for m in _with_params(module) if m is not remnant]
+        if not children:
+            return [module]
+        if len(children) >= 3 or not isinstance(children[-1], nn.Sequential | nn.ModuleList):
+            return children
+        module = children[-1]
+
+
 def create_model(
     backbone: str = "resnet50",
     num_classes: int = 2,

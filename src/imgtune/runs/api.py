@@ -52,6 +52,7 @@ def train(
     batch_size: int | None = None,
     image_size: int | None = None,
     name: str | None = None,
+    recipe: str | None = None,
     workers: int | None = None,
     gpus_per_worker: float | None = None,
     cpus_per_worker: float | None = None,
@@ -69,9 +70,10 @@ def train(
     """Train a classifier on a folder of labelled photos (or continue a killed job with `resume`); returns the job.
 
     `workers` > 1 trains on that many data-parallel Ray Train workers (in-process Ray, or the cluster at
-    `ray_address`); `batch_size` stays the global batch. `rule_files`: Python files with debugger rules (see
-    `debug_rules`), added to the config's; with `resume`, the ones you trust (a job from a bucket runs no file its
-    job.json names, only these).
+    `ray_address`); `batch_size` stays the global batch. `recipe`: 'frozen', 'finetune' or 'finetune-strong' (values
+    for the keys the config leaves unset; default: by `freeze`, see imgtune.config.job.RECIPES). `rule_files`:
+    Python files with debugger rules (see `debug_rules`), added to the config's; with `resume`, the ones you trust
+    (a job from a bucket runs no file its job.json names, only these).
 
     Example: `imgtune.train("photos/", backbone="mobilenet_v2", epochs=5, overrides=["train.optimizer=sgd"])`.
     """
@@ -86,6 +88,7 @@ def train(
         )  # fmt: skip
     flags = {
         "name": name,
+        "recipe": recipe,
         "data": {"path": str(data) if data is not None else None, "image_size": image_size},
         "model": {
             "backbone": backbone, "weights": str(weights) if weights else None, "pretrained": pretrained,

@@ -24,10 +24,10 @@ from imgtune.storage.jobs import Job
 from imgtune.training import memo
 from imgtune.training.callbacks import Callback
 from imgtune.training.plugin import PluginSet, TrainingRun
+from imgtune.training.recipe import freeze_batchnorm_statistics, make_optimizer, recipe_callbacks, schedules_per_step
 from imgtune.training.setup import (
     amp_dtype,
     build_model,
-    make_optimizer,
     make_scheduler,
     resolve_device,
     seed_everything,
@@ -93,7 +93,12 @@ def train_in_this_process(
         job, config, data, model, preprocessing, setup, device, progress, rank, world_size, on_finding=on_finding
     )
     module = setup.module.to(device)
-    optimizer = make_optimizer(module.parameters(), cfg)
+    images = setup.mode == "images"
+    if images and cfg.batchnorm == "frozen" and not model.backbone_frozen:
+        layers = freeze_batchnorm_statistics(model)
+        if writer:
+            job.log(f"the backbone's batch-norm statistics stay as pretrained ({layers} layers)")
+    optimizer = make_optimizer(module, cfg)
     has_valid = "valid" in setup.loaders
     stopper = EarlyStopping(
         cfg.early_stopping.metric,
@@ -112,8 +117,9 @@ def train_in_this_process(
         num_classes=data.num_classes,
         loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
         device=device,
-        scheduler=make_scheduler(optimizer, cfg),
+        scheduler=None if schedules_per_step(cfg) else make_scheduler(optimizer, cfg),
         callbacks=[
+            *recipe_callbacks(module, cfg, data.num_classes, len(setup.loaders["train"]), images),
             *([MetricsWriter(job)] if writer else []),
             stopper,
             Checkpointer(checkpoints, run.class_ids),
@@ -124,6 +130,7 @@ def train_in_this_process(
         amp_dtype=amp_dtype(cfg.mixed_precision, device),
         seed=cfg.seed,
         log=job.log if writer else None,
+        tta_flip=cfg.tta == "flip" and images,
     )
     start_epoch = 1
     state = checkpoints.load() if resuming else None

@@ -168,8 +168,10 @@ def setup_training(
         return TrainingSetup(model.head, loaders, "features", seconds, backend_name, _rates(extraction) or None)
     loaders = {}
     for split, samples in data.splits.items():
-        transform = preprocessing.train_transform() if split == "train" else preprocessing.eval_transform()
         train = split == "train"
+        transform = (
+            preprocessing.train_transform(cfg.augment, cfg.random_erasing) if train else preprocessing.eval_transform()
+        )
         loaders[split] = make_loader(
             ImageFileDataset(samples, transform, config.data.max_image_pixels, seed=cfg.seed if train else None),
             batch_size=cfg.batch_size,

@@ -51,8 +51,10 @@ class Trainer:
         seed: int = 0,
         log: Callable[[str], None] | None = None,
         data_parallel: bool | None = None,
+        tta_flip: bool = False,
     ):
         self.module = module
+        self.tta_flip = tta_flip  # evaluation averages the logits of each image and its mirror image
         # None: data-parallel whenever this process is one of several ranks; False: train alone even so.
         self.data_parallel = distributed.is_distributed() if data_parallel is None else data_parallel
         self._train_module = self._data_parallel(module, torch.device(device)) if self.data_parallel else module
@@ -74,6 +76,9 @@ class Trainer:
         self.batch_index = 0
         self.inputs: torch.Tensor | None = None
         self.targets: torch.Tensor | None = None
+        # what the loss compares the outputs with, when a callback changed it at batch_start (MixUp's soft labels);
+        # `targets` stay the batch's labels, for the metrics
+        self.loss_targets: torch.Tensor | None = None
         self.outputs: torch.Tensor | None = None
         self.loss: torch.Tensor | None = None
         self.metrics: PhaseMetrics | None = None
@@ -179,12 +184,16 @@ class Trainer:
                 self.batch_index = batch_index
                 self.inputs = inputs.to(self.device, non_blocking=True)
                 self.targets = targets.to(self.device, non_blocking=True)
+                self.loss_targets = None
                 self._mark("h2d")
                 self.emit(Event.BATCH_START)
                 self._resume_timing()
                 with self._autocast():
                     self.outputs = forward(self.inputs)
-                    self.loss = self.loss_fn(self.outputs.float(), self.targets)
+                    if self.tta_flip and not train and self.inputs.dim() == 4:
+                        self.outputs = (self.outputs + forward(self.inputs.flip(-1))) / 2
+                    loss_targets = self.targets if self.loss_targets is None else self.loss_targets
+                    self.loss = self.loss_fn(self.outputs.float(), loss_targets)
                 self._mark("forward")
                 self.emit(Event.AFTER_FORWARD)
                 if train:
@@ -223,8 +232,9 @@ class Trainer:
             self.epoch = epoch
             self._seed_epoch(epoch)
             started = time.perf_counter()
-            self.epoch_record = {"epoch": epoch, "lr": self.current_lr()}
+            self.epoch_record = {"epoch": epoch}
             self.emit(Event.EPOCH_START)
+            self.epoch_record["lr"] = self.current_lr()  # (after epoch_start: a callback may set it)
             train = self.run_phase("train", train=True)
             self.epoch_record.update(train_loss=train.loss, train_accuracy=train.accuracy)
             if self._agree_on_stop():  # stopped mid-epoch: the epoch is incomplete, record nothing for it
