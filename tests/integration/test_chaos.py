@@ -22,10 +22,11 @@ KILLS = 20
 SEED = 19
 
 
-def files_parse(job: Path) -> None:
-    """Every file the job wrote is whole: JSON parses, JSON Lines parse line by line, checkpoints load."""
+def files_parse(job: Path, ignore: tuple[str, ...] = ()) -> None:
+    """Every file the job wrote is whole: JSON parses, JSON Lines parse line by line, checkpoints load. `ignore`:
+    folders of the job that are not its own (a tuning job's `ray`: Ray's experiment state)."""
     for path in job.rglob("*"):
-        if not path.is_file() or path.name.startswith(".imgtune-"):
+        if not path.is_file() or path.name.startswith(".imgtune-") or path.relative_to(job).parts[0] in ignore:
             continue
         if path.suffix == ".json":
             json.loads(path.read_text())
