@@ -272,6 +272,10 @@ def test_a_mirror_has_one_writer_whose_push_is_one_way_and_stops_once_another_wr
     # sends nothing at all, and learns who won.
     other = SyncedFolder(url, tmp_path / "other", ".record.json", keep_local_changes=True, guard="job.json")
     other.pull()
+    (other.local / "sub" / "same.txt").write_text("a reader's change\n")
+    with pytest.raises(Conflict):  # a copy that only read the folder is not its writer
+        other.push()
+    other.become_writer()  # (as a machine resuming the job does)
     (other.local / "job.json").write_text("the other machine runs it\n")
     (other.local / "sub" / "same.txt").write_text("the other machine's epoch\n")
     assert sorted(other.push()) == ["job.json", "sub/same.txt"]
@@ -311,17 +315,24 @@ def test_a_mirror_has_one_writer_whose_push_is_one_way_and_stops_once_another_wr
     assert objects(bucket, "sync-test/")["report.html"] == b"a report\n"
     stored["report.html"] = b"a report\n"
 
-    # A nested writer's folder (a tuning job's trial) that its parent pulled keeps its own record, and pushes.
-    parent = SyncedFolder(url, tmp_path / "parent", ".record.json", keep_local_changes=True, guard="job.json")
-    (tmp_path / "parent" / "sub").mkdir(parents=True)
-    (tmp_path / "parent" / "sub" / "job.json").write_text("a trial\n")
-    nested = SyncedFolder(f"{url}/sub", tmp_path / "parent" / "sub", ".record.json", True, guard="job.json")
-    nested.push()
+    # A nested writer's folder (a tuning job's trial, trials/NAME) that its parent pulled keeps its own record:
+    # the parent never pushes its files, and the trial pushes its own changes.
+    trial = SyncedFolder(f"{url}/trials/t1", tmp_path / "a" / "trials" / "t1", ".record.json", True, guard="job.json")
+    trial.local.mkdir(parents=True)
+    (trial.local / "job.json").write_text("a trial\n")
+    trial.push()
+    parent = SyncedFolder(url, tmp_path / "parent", ".record.json", True, guard="job.json", nested_dirs=("trials",))
     parent.pull()
-    (tmp_path / "parent" / "sub" / "same.txt").write_text("the nested job wrote this\n")
-    assert nested.push() == ["same.txt"]
-    assert objects(bucket, "sync-test/sub/") == {"same.txt": b"the nested job wrote this\n", "job.json": b"a trial\n"}
-    stored.update({"sub/same.txt": b"the nested job wrote this\n", "sub/job.json": b"a trial\n"})
+    pulled_trial = tmp_path / "parent" / "trials" / "t1"
+    assert (pulled_trial / "job.json").read_text() == "a trial\n" and (pulled_trial / ".record.json").is_file()
+    parent.become_writer()
+    (pulled_trial / "metrics.jsonl").write_text("{}\n")
+    assert parent.push() == []  # not the parent's to send
+    nested = SyncedFolder(f"{url}/trials/t1", pulled_trial, ".record.json", True, guard="job.json")
+    nested.become_writer()
+    assert nested.push() == ["metrics.jsonl"]
+    assert objects(bucket, "sync-test/trials/t1/") == {"metrics.jsonl": b"{}\n", "job.json": b"a trial\n"}
+    stored.update({"trials/t1/metrics.jsonl": b"{}\n", "trials/t1/job.json": b"a trial\n"})
 
     # A plain copy (a dataset) takes the bucket's version and drops files the bucket no longer has.
     copy = SyncedFolder(url, tmp_path / "copy", ".record.json")

@@ -230,3 +230,45 @@ def test_one_writer_per_job_a_machine_taken_over_sends_nothing_more_and_others_a
     machine(monkeypatch, tmp_path, "machine-b")
     life_b.complete({"epochs_run": 2})
     assert in_bucket()["status"] == "completed" and in_bucket()["evaluations"] == [{"split": "valid"}]
+
+    # Machine d still had its amendment's file: its object is gone (folded in), so it goes there too, and the
+    # evaluation counts once.
+    machine(monkeypatch, tmp_path, "machine-d")
+    seen_d = Job.open("shared", workspace, shallow=True)
+    assert seen_d.record().evaluations == [{"split": "valid"}] and not list(seen_d.path.glob("amendments/*"))
+
+
+def test_a_pull_on_the_machine_running_a_job_leaves_it_alone_and_its_runner_still_learns_it_was_taken_over(
+    s3_client: Any, tmp_path, monkeypatch
+):
+    from imgtune.runs.lifecycle import JobLifecycle
+    from imgtune.storage.jobs import JobTakenOver
+    from imgtune.storage.record import JobRecord
+
+    s3_client.create_bucket(Bucket="runner")
+    workspace = "s3://runner/team"
+    monkeypatch.setenv("IMGTUNE_PUSH_INTERVAL", "0")
+
+    def in_bucket() -> dict[str, Any]:
+        return json.loads(s3_client.get_object(Bucket="runner", Key="team/busy/job.json")["Body"].read())
+
+    machine(monkeypatch, tmp_path, "machine-a")
+    life_a = JobLifecycle.create(workspace, JobRecord(kind="training", name="busy", config={}), prefix="job")
+    life_a.begin(resumed_from_epoch=0)
+    (life_a.job.path / "metrics.jsonl").write_text('{"epoch": 1}\n')  # work not sent yet
+
+    machine(monkeypatch, tmp_path, "machine-b")  # takes it over
+    life_b = JobLifecycle.resume("busy", workspace, "training", force=True)
+    life_b.begin(resumed_from_epoch=7)
+
+    machine(monkeypatch, tmp_path, "machine-a")
+    seen = Job.open("busy", workspace)  # e.g. `imgtune jobs show` on the machine where the runner still runs
+    assert seen.path == life_a.job.path and (seen.path / "metrics.jsonl").is_file()  # its work left alone
+    assert seen.record().resumed_from_epoch == 0  # the runner's own copy, not the bucket's
+    with pytest.raises(JobTakenOver):
+        life_a.job.update(epochs_run=1)  # ... and its runner still finds out at its next push
+    assert in_bucket()["resumed_from_epoch"] == 7
+    life_a.fail(RuntimeError("taken over"), "")
+    machine(monkeypatch, tmp_path, "machine-b")
+    life_b.complete({})
+    assert in_bucket()["status"] == "completed"

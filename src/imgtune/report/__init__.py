@@ -378,7 +378,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return html.escape(str(value))
 
 
-def build_context(job: Job) -> dict[str, Any]:
+def build_context(job: Job, status: str | None = None) -> dict[str, Any]:
     record = job.record()
     metrics = job.read_metrics()
     figures = Figures()
@@ -391,7 +391,7 @@ def build_context(job: Job) -> dict[str, Any]:
     return {
         "job": record,
         "name": record.name or job.name,
-        "status": job.status(),
+        "status": status or job.status(),
         "timings": timings,
         "config": config,
         "config_json": json.dumps(json_safe(config), indent=2),
@@ -415,21 +415,22 @@ def build_context(job: Job) -> dict[str, Any]:
     }
 
 
-def render_report(job: Job) -> str:
+def render_report(job: Job, status: str | None = None) -> str:
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     env = Environment(loader=PackageLoader("imgtune.report", "templates"), autoescape=select_autoescape(["j2"]))
-    return env.get_template("job_report.html.j2").render(**build_context(job))
+    return env.get_template("job_report.html.j2").render(**build_context(job, status))
 
 
-def write_report(job: Job, out: Path | None = None) -> Path:
-    """Render the job's report (a training or a tuning job's) to `out` (default JOB/report.html)."""
+def write_report(job: Job, out: Path | None = None, status: str | None = None) -> Path:
+    """Render the job's report (a training or a tuning job's) to `out` (default JOB/report.html); `status`: the
+    job's, when its job.json does not say it yet (a job's own end writes its report before it is marked)."""
     path = out or job.path / REPORT_FILE
     if job.record().kind == "tuning":
         from imgtune.report.tuning import render_tuning_report
 
         html_text = render_tuning_report(job)
     else:
-        html_text = render_report(job)
+        html_text = render_report(job, status)
     atomic_write_text(path, html_text, durable=False)
     return path

@@ -16,7 +16,7 @@ class ReportPlugin(JobPlugin):
         from imgtune.report import write_report
 
         started = time.perf_counter()
-        path = write_report(job)
+        path = write_report(job, status=status)  # (the job is marked so once its end hooks ran)
         seconds = time.perf_counter() - started
         job.update(timings={**job.record().timings, "report": seconds})
         job.log(f"report written to {path} in {seconds:.2f} s")

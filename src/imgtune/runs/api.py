@@ -384,6 +384,7 @@ def write_report(
 ) -> Path:
     """Write a job's self-contained HTML report (evaluating the profiler rules again first, unless `rules` is
     False); a job of an s3:// workspace gets its report pushed too. Returns the file."""
+    from imgtune.report import REPORT_FILE
     from imgtune.report import write_report as render
     from imgtune.runs.lifecycle import amend_job
 
@@ -395,7 +396,7 @@ def write_report(
         if rules and (handle.path / PROFILER_DIR).exists():
             amend_job(handle, {"profiler": analyze_job(handle)})
     path = render(handle, Path(out) if out else None)
-    if path.resolve().is_relative_to(handle.path.resolve()):  # the job's own report: its bucket gets it too
+    if path.resolve() == (handle.path / REPORT_FILE).resolve():  # the job's own report: its bucket gets it too
         amend_job(handle, files=[path])
     return path
 

@@ -189,21 +189,33 @@ class JobLifecycle:
         if self._heartbeat is not None:
             self._heartbeat.stop()
         fields = {**fields, "heartbeat": None}  # no more beats: the status says what became of it
-        ended: dict[str, Any] = {"status": status, "timings": self.timings, **fields}
+        ended: dict[str, Any] = {"timings": self.timings, **fields}
         if status == "completed":
             ended.update(finished=now_iso(), seconds=time.perf_counter() - self.started)
-        try:
-            job.update(**ended)
-            job.log(message)
-            self.plugins.call("on_job_end", job, status)
-            if self.plugins.failures:
-                job.update(plugin_failures=self.plugins.failures)
-            # A job that failed or stopped is pushed as well as it can be; only a completed job's push must work.
-            job.push(strict=self.must_push and status == "completed")
-        except JobTakenOver:  # another machine runs the job now: its end is recorded here only (the log says so)
-            if status == "completed":
-                raise
-            job.log(message)
+        # A completed job is marked so only once its end hooks (report, trials push, trackers) ran: one killed
+        # during them reads as interrupted, and its resume does the end again (its training or trials are done).
+        completed = status == "completed"
+        taken_over: list[JobTakenOver] = []
+
+        def attempt(action: Callable[[], Any]) -> None:
+            try:
+                action()
+            except JobTakenOver as exc:  # another machine runs the job now: its end is recorded here only
+                taken_over.append(exc)
+
+        attempt(lambda: job.update(**ended) if completed else job.update(**ended, status=status))
+        attempt(lambda: self._call_end_hooks(status))
+        attempt(lambda: job.update(status=status) if completed else None)
+        job.log(message)
+        # A job that failed or stopped is pushed as well as it can be; only a completed job's push must work.
+        attempt(lambda: job.push(strict=self.must_push and completed))
+        if taken_over and completed:
+            raise taken_over[0]
+
+    def _call_end_hooks(self, status: str) -> None:
+        self.plugins.call("on_job_end", self.job, status)
+        if self.plugins.failures:
+            self.job.update(plugin_failures=self.plugins.failures)
 
 
 class Heartbeat:
@@ -230,6 +242,8 @@ class Heartbeat:
         while not self.stopped.wait(self.interval):
             try:
                 self.job.update(heartbeat=now_iso())
+            except JobTakenOver:  # (said in the job's log; the job's own next push stops it)
+                return
             except Exception as exc:  # a full disk, a bucket away: the job itself says what matters
                 with contextlib.suppress(Exception):
                     self.job.log(f"heartbeat not written: {exc}")

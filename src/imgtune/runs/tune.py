@@ -30,7 +30,7 @@ from imgtune.runs.lifecycle import JobLifecycle, amend_job
 from imgtune.runs.train import run_training_job
 from imgtune.runs.trial_batches import TrialBatchWorker
 from imgtune.runs.trust import forget_untrusted_run, trusted_config, trusted_ray_address
-from imgtune.storage.jobs import JOB_FILE, Job
+from imgtune.storage.jobs import JOB_FILE, RAY_STATE_DIR, Job
 from imgtune.storage.record import JobRecord
 from imgtune.training.plugin import JobPlugin
 from imgtune.training.setup import warm_feature_cache
@@ -192,8 +192,12 @@ def with_trial_workers(base: dict[str, Any], options: TuneOptions) -> dict[str, 
 
 def _trains_batches(job: Job, options: TuneOptions, features_shared: bool, resumed: bool) -> bool:
     """Trials on shared features train as batches of heads; a resumed job keeps the way it started."""
-    if resumed:
-        return bool(job.record().trials_batched)
+    if resumed:  # (a job killed before it chose, with no trial and no Ray state yet, chooses as a new one)
+        recorded = job.record().trials_batched
+        trials = job.path / TRIALS_DIR
+        started = (job.path / RAY_STATE_DIR).exists() or (trials.is_dir() and any(trials.iterdir()))
+        if recorded is not None or started:
+            return bool(recorded)
     return features_shared and can_batch(options.base)
 
 

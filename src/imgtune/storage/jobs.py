@@ -69,6 +69,7 @@ SHALLOW_FILES = ("*", "amendments/*")
 # the machine's that wrote it and never crosses a bucket: anyone who can write to the bucket could put code there.
 RAY_STATE_DIR = "ray"
 LOCAL_ONLY_DIRS = (RAY_STATE_DIR,)  # a job's top-level folders never pushed or pulled (remote.SyncedFolder)
+NESTED_JOB_DIRS = ("trials",)  # a job's top-level folders whose subfolders are jobs of their own (tuning trials)
 
 
 class JobTakenOver(JobError):
@@ -103,6 +104,8 @@ def workspace_dir(workspace: str | Path | None = None) -> Path:
         parts = [part for part in rest.split("/") if part]
         if not parts or any(part in (".", "..") for part in parts):
             raise JobError(f"bad workspace address {spec!r}", "give it as s3://bucket or s3://bucket/prefix")
+        if protocol not in ("s3", "s3a"):  # (one writer per job needs S3's ETags and conditional writes)
+            raise JobError(f"a workspace cannot be kept in {protocol}:// ({spec})", "use a local folder or s3://")
         return cache_dir().joinpath(MIRRORS_DIR, protocol, *parts)
     return Path(spec).expanduser().absolute()
 
@@ -198,7 +201,7 @@ class Job:
 
         return SyncedFolder(
             self.remote or "", self.path, SYNC_RECORD, keep_local_changes=True, local_only_dirs=LOCAL_ONLY_DIRS,
-            guard=JOB_FILE,
+            guard=JOB_FILE, writer_lock=LOCK_FILE, nested_dirs=NESTED_JOB_DIRS, kept_unsent=_is_amendment,
         )  # fmt: skip
 
     def push(self, min_interval: float = 0.0, strict: bool = True) -> None:
@@ -219,7 +222,7 @@ class Job:
 
         _last_push[self.path] = time.monotonic()  # a failed try counts too: no retry storm while S3 is away
         try:
-            self._synced().push(skip_dirs=lambda folder: (folder / JOB_FILE).is_file())
+            self._synced().push()  # (the trials in trials/NAME push themselves)
         except Conflict as exc:
             raise self._taken_over(exc.found) from None
         except (RemoteError, OSError) as exc:
@@ -277,10 +280,38 @@ class Job:
         from imgtune.storage.remote import list_remote
 
         with _bucket_errors():
-            listing = None
             if shallow:
                 listing = {rel: info for glob in SHALLOW_FILES for rel, info in list_remote(self.remote, glob).items()}
-            self._synced().pull(listing=listing)
+                self._synced().pull(listing=listing, complete=_in_a_shallow_listing)
+            else:
+                self._synced().pull()
+        self._send_unsent()
+
+    def _send_unsent(self) -> None:
+        """Send what this machine made of the job that its bucket lacks, unless the job runs here (its own
+        pushes do): the end of a push cut short, when this machine is still the job's writer (a job that
+        completed here but could not be pushed), and amendments whose sending failed. Another writer's job is
+        left alone; a bucket away is said in the job's log."""
+        from imgtune.storage.remote import Conflict, RemoteError
+
+        synced = self._synced()
+        if not self.pushes or synced._writer_here():
+            return
+        folder = self.path / AMENDMENTS_DIR
+        record = synced._read_record()
+        unsent = [
+            f"{AMENDMENTS_DIR}/{p.name}" for p in (folder.glob("*.json") if folder.is_dir() else [])
+            if f"{AMENDMENTS_DIR}/{p.name}" not in record
+        ]  # fmt: skip
+        try:
+            if unsent:
+                synced.push_files(unsent)
+            synced.push()
+        except Conflict:
+            pass  # another machine writes the job: nothing of this one's is to be sent
+        except (RemoteError, OSError) as exc:
+            with contextlib.suppress(OSError):
+                self.log(f"could not send this machine's unsent work on the job to {self.remote}: {exc}")
 
     # -- creation and lookup -------------------------------------------------------------------------
 
@@ -462,7 +493,11 @@ class Job:
 
     def mark_running(self, **fields: Any) -> None:
         """Record this process as the job's runner (with `fields`, in the same write): its pid, the pid's start
-        time and its host. Amendments made since its last run are folded into job.json first."""
+        time and its host. Amendments made since its last run are folded into job.json first. In a remote
+        workspace this machine becomes the job's writer: its push of this change wins only over the job.json it
+        read (another machine resuming the same job at once loses, see imgtune.storage.remote)."""
+        if self.remote is not None and self.pushes:
+            self._synced().become_writer()
         self.fold_amendments()
         pid = os.getpid()
         self.update(
@@ -540,6 +575,15 @@ def _bucket_errors() -> Iterator[None]:
 
 _UPDATES = threading.RLock()  # job.json read-modify-writes of this process (see Job._updating)
 _last_push: dict[Path, float] = {}  # job directory -> time.monotonic() of its last push, in this process
+
+
+def _is_amendment(rel: str) -> bool:
+    return rel.startswith(AMENDMENTS_DIR + "/") and rel.count("/") == 1
+
+
+def _in_a_shallow_listing(rel: str) -> bool:
+    """Is `rel` (relative to a job) one of the files a shallow pull lists (SHALLOW_FILES)?"""
+    return "/" not in rel or _is_amendment(rel)
 
 
 def _apply_amendment(data: dict[str, Any], amendment: dict[str, Any]) -> None:

@@ -102,30 +102,36 @@ def create_exclusively(url: str, data: bytes) -> dict[str, Any] | None:
     many writers at once, exactly one gets it. A store without conditional writes falls back to look-then-write."""
     fs, path = _filesystem(url)
     try:
-        _put_conditionally(fs, path, data, None, url)
+        etag = _put_conditionally(fs, path, data, None, url)
     except Conflict:
         return None
-    return fs.info(path)
+    return {"size": len(data), "ETag": etag}
 
 
 def _is_s3(fs: Any) -> bool:
     return "s3" in (fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,))
 
 
-def _put_conditionally(fs: Any, path: str, data: bytes, etag: str | None, url: str) -> None:
+def _put_conditionally(fs: Any, path: str, data: bytes, etag: str | None, url: str) -> str:
     """Put `data` at `path` if the object there still has ETag `etag` (If-Match), or if there is none when
-    `etag` is None (If-None-Match: *); else `Conflict`. S3 decides atomically; a store without conditional
-    writes is checked first, then written (a small window)."""
+    `etag` is None (If-None-Match: *); else `Conflict`. Returns the new object's ETag. S3 decides atomically
+    (a replacement that lost only because botocore retried it after it landed, so that the object is `data`,
+    counts as made: a writer's job.json holds its pid and times, no other writer's bytes are the same); a store
+    without conditional writes is checked first, then written (a small window)."""
     if _is_s3(fs):
         bucket, key, _ = fs.split_path(path)
         condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
         try:
-            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
-        except Exception as exc:  # 412 PreconditionFailed; 409 ConditionalRequestConflict (another write is on)
+            response = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+        except Exception as exc:
             if _lost_the_race(exc) or (etag is not None and isinstance(exc, FileNotFoundError)):
-                raise Conflict(f"{url} was changed by another writer", _info_or_none(fs, path)) from None
+                found = _info_or_none(fs, path)
+                if etag is not None and found is not None and _stamp(found)["etag"] == _md5_etag(data):
+                    return _stamp(found)["etag"]  # our own replacement, retried after it landed
+                raise Conflict(f"{url} was changed by another writer", found) from None
             raise RemoteError(f"cannot write {url}: {exc}") from None
-        return
+        fs.invalidate_cache(path)
+        return str(response.get("ETag") or _stamp(fs.info(path))["etag"])
     found = _info_or_none(fs, path)
     if (found is None) != (etag is None) or (found is not None and _stamp(found)["etag"] != etag):
         raise Conflict(f"{url} was changed by another writer", found)
@@ -133,6 +139,7 @@ def _put_conditionally(fs: Any, path: str, data: bytes, etag: str | None, url: s
         fs.pipe_file(path, data)
     except Exception as exc:
         raise RemoteError(f"cannot write {url}: {exc}") from None
+    return _stamp(fs.info(path))["etag"]
 
 
 def _lost_the_race(exc: BaseException) -> bool:
@@ -152,6 +159,8 @@ def _lost_the_race(exc: BaseException) -> bool:
 
 
 def _info_or_none(fs: Any, path: str) -> dict[str, Any] | None:
+    """The object's listing entry as the store says now (not from fsspec's cache), None when there is none."""
+    fs.invalidate_cache(path)
     try:
         return fs.info(path)
     except FileNotFoundError:
@@ -170,7 +179,11 @@ class SyncedFolder:
 
     `keep_local_changes`: a pull leaves alone local files changed since the last sync (a workspace mirror,
     where jobs write), unless the `guard` object changed since; without it the remote always wins (a dataset
-    copy). `guard`: the file whose object says who writes the folder (see the module). `local_only_dirs`: names
+    copy). `guard`: the file whose object says who writes the folder (see the module); `writer_lock`: the lock
+    file its writer holds while it runs here (then a pull leaves the folder alone: it is the newest copy);
+    `nested_dirs`: top-level folders whose subfolders with a guard of their own are other writers' (a tuning job's
+    trials/NAME), each synced by itself; `kept_unsent(rel)`: files never dropped though unsent (created once, under
+    unique names: amendments), when another writer took over. `local_only_dirs`: names
     of top-level folders (or files) that never cross: nothing under them is pushed, and no object under them is
     pulled (an object whose key leads there, as `./ray/x` or `a/../ray/x` does, counts too). Pulls and pushes of
     one folder take turns (a lock file beside the record), so two processes on one machine never lose each
@@ -185,12 +198,18 @@ class SyncedFolder:
         keep_local_changes: bool = False,
         local_only_dirs: Iterable[str] = (),
         guard: str | None = None,
+        writer_lock: str | None = None,
+        nested_dirs: Iterable[str] = (),
+        kept_unsent: Callable[[str], bool] = lambda rel: False,
     ):
         self.url = url.rstrip("/")
         self.local = local
         self.record_file = local / record
         self.keep_local_changes = keep_local_changes
         self.guard = guard
+        self.writer_lock = writer_lock
+        self.nested_dirs = tuple(nested_dirs)
+        self.kept_unsent = kept_unsent
         self.local_only_dirs = frozenset(name.casefold() for name in local_only_dirs)
 
     @contextlib.contextmanager
@@ -255,6 +274,7 @@ class SyncedFolder:
         listing: dict[str, dict[str, Any]] | None = None,
         on_start: Callable[[int], None] | None = None,
         on_file: Callable[[], None] | None = None,
+        complete: Callable[[str], bool] | None = None,
     ) -> list[str]:
         """Copy the objects that are new or changed since the last pull or push; returns the paths (relative
         to the prefix) of all the objects listed.
@@ -265,21 +285,32 @@ class SyncedFolder:
                 photos deleted from its source).
             listing: the objects to consider, as `list_remote` gives them, when the caller listed already.
             on_start, on_file: progress hooks, called with the number of files to copy, then once per file.
+            complete: which paths the `listing` given covers entirely (an object of theirs it lacks is gone); a
+                pull that lists everything itself covers all.
         """
+        complete = (lambda rel: True) if listing is None and pattern is None else complete
         if listing is None:
             listing = list_remote(self.url, pattern)
         listing = {rel: info for rel, info in listing.items() if not self._local_only(rel)}
         nested = self._nested(listing)
         for folder, files in nested.items():  # (each nested writer's folder keeps its own record)
-            SyncedFolder(
-                f"{self.url}/{folder}", self._target(folder), self.record_file.name, self.keep_local_changes,
-                guard=self.guard,
-            ).pull(listing=files)  # fmt: skip
+            covered = None if complete is None else (lambda rel, f=folder: complete(f"{f}/{rel}"))
+            self._nested_folder(folder).pull(listing=files, complete=covered)
         mine = {rel: info for rel, info in listing.items() if not any(rel.startswith(f + "/") for f in nested)}
         with self._locked():
+            if self.keep_local_changes and self._writer_here():
+                return list(listing)  # its writer runs here: this copy is the newest there is
             record = self._read_record()
+            fs, root = _filesystem(self.url)
+            if self.guard is not None and self.guard in mine:  # as it is now, not as listed before the lock
+                found = _info_or_none(fs, f"{root}/{self.guard}")
+                mine = {k: v for k, v in mine.items() if k != self.guard}
+                if found is not None:
+                    mine[self.guard] = found
             if self.keep_local_changes and self._taken_over(record, mine):
                 self._drop_local_changes(record, mine)
+            if self.keep_local_changes and complete is not None:
+                self._forget_deleted_objects(record, mine, complete)
             todo = [
                 (rel, info)
                 for rel, info in mine.items()
@@ -289,7 +320,6 @@ class SyncedFolder:
                 on_start(len(todo))
             saved = time.monotonic()
             try:
-                fs, root = _filesystem(self.url)
                 for count, (rel, info) in enumerate(todo, 1):
                     record[rel] = self._download(fs, root, rel, info)
                     if count % RECORD_EVERY_FILES == 0 or time.monotonic() - saved > RECORD_EVERY_SECONDS:
@@ -308,6 +338,53 @@ class SyncedFolder:
                 self._write_record(record)
         return list(listing)
 
+    def _writer_here(self) -> bool:
+        """Does a process of this machine hold the writer's lock (it runs the job)? (A try at the lock: free, it
+        is let go at once.)"""
+        import fcntl
+
+        if self.writer_lock is None or not (self.local / self.writer_lock).exists():
+            return False
+        with open(self.local / self.writer_lock, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            except OSError:  # a file system without locks: the status check is all there is
+                return False
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+    def _nested_folder(self, folder: str) -> SyncedFolder:
+        """The SyncedFolder of a nested writer's folder (`folder` relative to this one). One that an older
+        imgtune synced through this folder gets its entries from this folder's record, so it knows its files."""
+        inner = SyncedFolder(
+            f"{self.url}/{folder}", self._target(folder), self.record_file.name, self.keep_local_changes,
+            guard=self.guard, writer_lock=self.writer_lock, kept_unsent=self.kept_unsent,
+        )  # fmt: skip
+        if not inner.record_file.exists():
+            with self._locked():
+                mine = self._read_record()
+            inherited = {rel[len(folder) + 1 :]: e for rel, e in mine.items() if rel.startswith(folder + "/")}
+            if inherited:
+                inner.local.mkdir(parents=True, exist_ok=True)
+                with inner._locked():
+                    inner._write_record(inherited)
+        return inner
+
+    def _forget_deleted_objects(
+        self, record: dict[str, dict[str, Any]], listing: dict[str, dict[str, Any]], complete: Callable[[str], bool]
+    ) -> None:
+        """Files this copy synced and has not changed since, whose objects are gone (another writer removed them,
+        as a job's next run removes the amendments it folded in), go here too: where the listing is `complete`."""
+        for rel, entry in list(record.items()):
+            if rel in listing or not entry.get("remote") or not complete(rel):
+                continue
+            path = self.local / rel
+            if path.is_file() and entry.get("local") == _local_stamp(path):
+                path.unlink()
+                del record[rel]
+
     def _top_level_local_only(self, path: Path) -> bool:
         """A file or folder of the walk (a path below `local`) that is, or is in, a local-only top-level folder."""
         return path.parent == self.local and path.name.casefold() in self.local_only_dirs
@@ -323,11 +400,18 @@ class SyncedFolder:
         target = self._target(rel)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.part")
-        try:
-            fs.get_file(f"{root}/{rel}", str(tmp))
-        except Exception as exc:
-            tmp.unlink(missing_ok=True)
-            raise RemoteError(f"cannot copy {self.url}/{rel}: {exc}") from None
+        for _ in range(3):
+            try:
+                fs.get_file(f"{root}/{rel}", str(tmp))
+            except Exception as exc:
+                tmp.unlink(missing_ok=True)
+                raise RemoteError(f"cannot copy {self.url}/{rel}: {exc}") from None
+            # The guard's stamp must be the one of the bytes copied (it says who writes the folder): an object
+            # replaced between its listing and the copy is listed again (S3's ETag of a one-part put is the MD5).
+            listed = _stamp(info)["etag"]
+            if rel != self.guard or len(listed) != 34 or _md5_etag(tmp.read_bytes()) == listed:
+                break
+            info = _info_or_none(fs, f"{root}/{rel}") or info
         modified = info.get("LastModified") or info.get("mtime")
         if hasattr(modified, "timestamp"):  # keep the object's time, so newest-first listings stay right
             os.utime(tmp, (modified.timestamp(), modified.timestamp()))
@@ -355,38 +439,59 @@ class SyncedFolder:
             if self._is_bookkeeping(path) or self._local_only(rel):
                 continue
             entry = record.get(rel)
+            if entry is None and self.kept_unsent(rel):
+                continue  # (never another writer's: sent later)
             if entry is None or entry.get("local") != _local_stamp(path):
                 path.unlink()
                 record.pop(rel, None)
-        for rel in [rel for rel in record if rel in listing and not (self.local / rel).is_file()]:
-            del record[rel]
+        for rel in [rel for rel in record if not (self.local / rel).is_file() and not self._nested_rel(rel)]:
+            del record[rel]  # a deletion made here is not this copy's to send any more
 
     def _not_ours_to_walk(self, folder: Path) -> bool:
-        """A folder below `local` that is local-only, or another writer's (it holds a guard file of its own)."""
-        return self._top_level_local_only(folder) or (self.guard is not None and (folder / self.guard).is_file())
+        """A folder below `local` that is local-only, or another writer's (a nested folder with a guard file)."""
+        rel = folder.relative_to(self.local).as_posix()
+        return self._top_level_local_only(folder) or (
+            self._nested_rel(rel + "/") and self.guard is not None and (folder / self.guard).is_file()
+        )
+
+    def _nested_rel(self, rel: str) -> bool:
+        """Is `rel` in a nested writer's folder (NESTED_DIR/NAME/...)?"""
+        parts = rel.split("/")
+        return len(parts) >= 3 and parts[0] in self.nested_dirs
 
     def _nested(self, listing: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
         """The listing's files that belong to nested writers' folders (those with a guard object of their own: a
         tuning job's trials), by folder, relative to it; each such folder pulls itself."""
-        if self.guard is None:
+        if self.guard is None or not self.nested_dirs:
             return {}
-        folders = sorted(
-            (rel[: -len(self.guard) - 1] for rel in listing if rel.endswith("/" + self.guard)), key=len, reverse=True
-        )
+        folders = {
+            rel[: -len(self.guard) - 1]
+            for rel in listing
+            if rel.endswith("/" + self.guard) and rel.count("/") == 2 and rel.split("/")[0] in self.nested_dirs
+        }
         nested: dict[str, dict[str, dict[str, Any]]] = {}
         for rel, info in listing.items():
-            folder = next((f for f in folders if rel.startswith(f + "/")), None)
-            if folder is not None:
+            folder = "/".join(rel.split("/")[:2])
+            if rel.count("/") >= 2 and folder in folders:
                 nested.setdefault(folder, {})[rel[len(folder) + 1 :]] = info
         return nested
 
     def adopt(self, rel: str, info: dict[str, Any]) -> None:
-        """Record the object `rel` (as listed: `info`), written straight to the bucket from the local file of
-        the same bytes (a job's claim), as in step with it."""
+        """Record the guard object `rel` (as listed: `info`), written straight to the bucket from the local file of
+        the same bytes (a job's claim), as in step with it, and this copy as the folder's writer."""
         with self._locked():
             record = self._read_record()
-            record[rel] = {"remote": _stamp(info), "local": _local_stamp(self.local / rel)}
+            record[rel] = {"remote": _stamp(info), "local": _local_stamp(self.local / rel), "writer": True}
             self._write_record(record)
+
+    def become_writer(self) -> None:
+        """Make this copy the folder's writer from the guard object it last synced (a job resumed here): its next
+        push replaces that object only if it is still there (of two copies doing this, one wins)."""
+        with self._locked():
+            record = self._read_record()
+            if self.guard in record:
+                record[self.guard] = {**record[self.guard], "writer": True}
+                self._write_record(record)
 
     def push(self, skip_dirs: Callable[[Path], bool] = lambda _: False) -> list[str]:
         """Upload the files that are new or changed since the last push or pull, and delete the objects of
@@ -397,13 +502,12 @@ class SyncedFolder:
         `skip_dirs(dir)` says which subfolders another SyncedFolder pushes itself (a tuning job's trials).
         Local-only folders are never walked, and their objects (whoever put them there) are never deleted.
         """
-        local_only = self._top_level_local_only
         with self._locked():
             record = self._read_record()
             present: set[str] = set()
             changed: dict[str, Path] = {}
-            for path in _files_below(self.local, lambda folder: local_only(folder) or skip_dirs(folder)):
-                if self._is_bookkeeping(path) or local_only(path):
+            for path in _files_below(self.local, lambda folder: self._not_ours_to_walk(folder) or skip_dirs(folder)):
+                if self._is_bookkeeping(path) or self._top_level_local_only(path):
                     continue
                 rel = path.relative_to(self.local).as_posix()
                 present.add(rel)
@@ -417,6 +521,7 @@ class SyncedFolder:
                 for rel, entry in record.items()
                 if rel not in present
                 and entry.get("local")
+                and not self._nested_rel(rel)
                 and not _under_skipped(self.local / rel, self.local, skip_dirs)
             ]
             if not changed and not gone:
@@ -424,7 +529,9 @@ class SyncedFolder:
             fs, root = _filesystem(self.url)
             if self.guard is not None:
                 found = _info_or_none(fs, f"{root}/{self.guard}")
-                if not self._is_ours(record.get(self.guard), found):
+                entry = record.get(self.guard) or {}
+                writer = entry.get("writer") or (found is not None and _stamp(found)["etag"] == entry.get("pending"))
+                if not (writer and self._is_ours(entry, found)) and not (found is None and not entry):
                     raise Conflict(f"{self.url}/{self.guard} was written by another writer since", found)
             guard_path = changed.pop(self.guard, None) if self.guard is not None else None
             sent: list[str] = []
@@ -435,7 +542,7 @@ class SyncedFolder:
                         fs.put_file(str(path), f"{root}/{rel}")
                     except FileNotFoundError:
                         continue
-                    record[rel] = {"local": stamp, "remote": _stamp(fs.info(f"{root}/{rel}"))}
+                    record[rel] = {"local": stamp, "remote": _stamp(_info_or_none(fs, f"{root}/{rel}") or {})}
                     sent.append(rel)
                 current = list_remote(self.url) if gone else {}
                 objects = [f"{root}/{rel}" for rel in gone if rel in current]
@@ -466,8 +573,8 @@ class SyncedFolder:
             expected = _stamp(found)["etag"]  # our own put, whose record was not written
         record[rel] = {**entry, "pending": _md5_etag(data)}
         self._write_record(record)
-        _put_conditionally(fs, f"{root}/{rel}", data, expected, f"{self.url}/{rel}")
-        record[rel] = {"local": stamp, "remote": _stamp(fs.info(f"{root}/{rel}"))}
+        etag = _put_conditionally(fs, f"{root}/{rel}", data, expected, f"{self.url}/{rel}")
+        record[rel] = {"local": stamp, "remote": {"size": len(data), "etag": etag}, "writer": True}
 
     def push_files(self, rels: Iterable[str]) -> None:
         """Send the named files (paths relative to the folder) of a writer that is not the folder's: each
@@ -481,8 +588,8 @@ class SyncedFolder:
                     path = self._target(rel)
                     stamp, data = _local_stamp(path), path.read_bytes()
                     expected = (record.get(rel, {}).get("remote") or {}).get("etag") or None
-                    _put_conditionally(fs, f"{root}/{rel}", data, expected, f"{self.url}/{rel}")
-                    record[rel] = {"local": stamp, "remote": _stamp(fs.info(f"{root}/{rel}"))}
+                    etag = _put_conditionally(fs, f"{root}/{rel}", data, expected, f"{self.url}/{rel}")
+                    record[rel] = {"local": stamp, "remote": {"size": len(data), "etag": etag}}
             finally:
                 self._write_record(record)
 
