@@ -217,3 +217,15 @@ def test_weight_ema_is_what_evaluation_and_the_final_model_use_and_survives_a_ch
     other.load_state_dict(state)
     assert all(torch.equal(v, state["average"][k]) for k, v in other.average.state_dict().items())
     assert math.isclose(int(other.average.n_averaged), trainer.step)
+
+
+def test_the_finetune_search_space_is_named_and_every_corner_is_a_valid_job():
+    from imgtune.tuning.space import FINETUNE_SPACE, apply_values, load_space
+
+    space = load_space("finetune")
+    assert set(space.keys) == set(FINETUNE_SPACE) >= {"train.backbone_lr_ratio", "train.warmup_epochs"}
+    base = JobConfig(data={"path": "d"}, recipe="finetune").model_dump(mode="json")
+    space.check_against(base)  # raises on a key or a value a job config refuses
+    trial = build_config(apply_values(base, {"train.augment": "randaugment", "train.backbone_lr_ratio": 0.05}))
+    assert trial.train.augment == "randaugment" and trial.train.backbone_lr_ratio == 0.05
+    assert trial.train.optimizer == "adamw"  # the rest as the recipe set it

@@ -47,7 +47,11 @@ def tune(
     ctx: typer.Context,
     data: str | None = field_option(DataConfig, "path", default=None),
     space: Annotated[
-        Path | None, typer.Option(help="Search space YAML \\[default: lr 0.001-0.1 log, batch size].")
+        Path | None,
+        typer.Option(
+            help="Search space YAML, or a named one: 'finetune' (an unfrozen backbone: lr, backbone lr ratio, "
+            "warmup, augmentation, freeze, head-only epochs) \\[default: lr 0.001-0.1 log, batch size]."
+        ),
     ] = None,
     strategy: str = field_option(TuneOptions, "strategy"),  # a str: TuneOptions says "unknown strategy 'x'"
     max_trials: int = field_option(TuneOptions, "max_trials"),

@@ -11,7 +11,8 @@ A space is a mapping from a config key (as `--set` writes it) to a parameter::
 Types: ``float`` and ``int`` (scales ``linear``, ``log``, ``reverse_log``: log-spaced towards ``high``, for
 values near 1 such as momentum) and ``categorical``. For the grid strategy a numeric parameter takes
 ``grid_points`` values (default 3) spaced on its scale. The default space is the original project's: learning
-rate 0.001-0.1 (log) and batch size {16, 32, 64, 128, 256}.
+rate 0.001-0.1 (log) and batch size {16, 32, 64, 128, 256}; `finetune` (FINETUNE_SPACE) is for an unfrozen
+backbone.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ DEFAULT_SPACE = {
     "train.lr": {"type": "float", "low": 0.001, "high": 0.1, "scale": "log"},
     "train.batch_size": {"type": "categorical", "values": [16, 32, 64, 128, 256]},
 }
+# `--space finetune`: for an unfrozen backbone (the finetune recipes): the head's rate, the backbone's share of
+# it, the warmup, the augmentation's strength and how much of the network trains (and when).
+FINETUNE_SPACE = {
+    "train.lr": {"type": "float", "low": 0.0003, "high": 0.003, "scale": "log"},
+    "train.backbone_lr_ratio": {"type": "float", "low": 0.03, "high": 0.3, "scale": "log"},
+    "train.warmup_epochs": {"type": "categorical", "values": [0.0, 0.5, 1.0]},
+    "train.augment": {"type": "categorical", "values": ["basic", "trivialaugment", "randaugment"]},
+    "model.freeze": {"type": "categorical", "values": ["none", "all_but_last"]},
+    "train.head_only_epochs": {"type": "categorical", "values": [0, 1]},
+}
+NAMED_SPACES = {"default": DEFAULT_SPACE, "finetune": FINETUNE_SPACE}
 
 
 @dataclass(frozen=True)
@@ -204,9 +216,11 @@ def parse_space(raw: dict[str, Any]) -> SearchSpace:
 
 
 def load_space(path: str | Path | None) -> SearchSpace:
-    """The space in a YAML file, or the default one."""
+    """The space in a YAML file, or a named one (NAMED_SPACES: `default`, `finetune`), or the default one."""
     if path is None:
         return parse_space(DEFAULT_SPACE)
+    if str(path) in NAMED_SPACES and not Path(path).is_file():
+        return parse_space(NAMED_SPACES[str(path)])
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"search space file not found: {path}")
