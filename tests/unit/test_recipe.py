@@ -229,3 +229,23 @@ def test_the_finetune_search_space_is_named_and_every_corner_is_a_valid_job():
     trial = build_config(apply_values(base, {"train.augment": "randaugment", "train.backbone_lr_ratio": 0.05}))
     assert trial.train.augment == "randaugment" and trial.train.backbone_lr_ratio == 0.05
     assert trial.train.optimizer == "adamw"  # the rest as the recipe set it
+
+
+def test_a_cpu_with_native_bf16_trains_images_under_bf16_autocast_in_channels_last():
+    from imgtune.training.setup import amp_dtype, cpu_has_native_bf16
+
+    cpu = torch.device("cpu")
+    assert amp_dtype("auto", cpu, images=True) == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert amp_dtype("auto", cpu, images=False) is None  # a head on cached features: nothing to gain
+    assert amp_dtype("off", cpu, images=True) is None and amp_dtype("bf16", cpu) == torch.bfloat16
+    model = tiny_classifier().to(memory_format=torch.channels_last)
+    seen = []
+
+    class Formats(Callback):
+        def on_after_forward(self, trainer):
+            seen.append(trainer.inputs.is_contiguous(memory_format=torch.channels_last))
+
+    loaders = {"train": DataLoader(images(), batch_size=8)}
+    Trainer(model, make_optimizer(model, TrainConfig()), loaders, epochs=1, num_classes=3, callbacks=[Formats()],
+            channels_last=True).fit()  # fmt: skip
+    assert seen and all(seen)

@@ -108,8 +108,11 @@ class TrainConfig(_Section):
     gamma: float = Field(0.1, gt=0, le=1, description="Decay factor of the step schedule.")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     mixed_precision: Literal["auto", "off", "bf16", "fp16"] = Field(
-        "auto", description="'auto': fp16/bf16 autocast on CUDA, off on CPU."
+        "auto",
+        description="'auto': bf16 autocast on CUDA where the GPU has it natively, else fp16; on a CPU with native "
+        "bf16 (AVX512-BF16, AMX), bf16 for a network trained on images; else off.",
     )
+    channels_last: bool = Field(True, description="Train a network on images in NHWC memory format (faster convs).")
     seed: int = 0
     deterministic: bool = Field(False, description="Deterministic algorithms (slower, bit-reproducible).")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")

@@ -92,8 +92,10 @@ def train_in_this_process(
     run = TrainingRun(
         job, config, data, model, preprocessing, setup, device, progress, rank, world_size, on_finding=on_finding
     )
-    module = setup.module.to(device)
     images = setup.mode == "images"
+    module = setup.module.to(device)
+    if images and cfg.channels_last:  # convolutions run faster on NHWC tensors (oneDNN, cuDNN)
+        module.to(memory_format=torch.channels_last)
     if images and cfg.batchnorm == "frozen" and not model.backbone_frozen:
         layers = freeze_batchnorm_statistics(model)
         if writer:
@@ -127,7 +129,8 @@ def train_in_this_process(
             *plugins.callbacks(run),
             *callbacks,
         ],
-        amp_dtype=amp_dtype(cfg.mixed_precision, device),
+        amp_dtype=amp_dtype(cfg.mixed_precision, device, images=images),
+        channels_last=images and cfg.channels_last,
         seed=cfg.seed,
         log=job.log if writer else None,
         tta_flip=cfg.tta == "flip" and images,
@@ -176,7 +179,7 @@ def train_in_this_process(
         }
         if writer:
             job.log(f"test accuracy {test.accuracy:.4f} top-5 {test.top5:.4f} on {test.samples} images")
-    module.cpu()
+    module.cpu().to(memory_format=torch.contiguous_format)
     plugins.call("on_fit_end", run, results)
     timings["finalization"] = time.perf_counter() - finalize_started
     timings["total"] = time.perf_counter() - started

@@ -52,9 +52,11 @@ class Trainer:
         log: Callable[[str], None] | None = None,
         data_parallel: bool | None = None,
         tta_flip: bool = False,
+        channels_last: bool = False,
     ):
         self.module = module
         self.tta_flip = tta_flip  # evaluation averages the logits of each image and its mirror image
+        self.memory_format = torch.channels_last if channels_last else torch.preserve_format  # of image batches
         # None: data-parallel whenever this process is one of several ranks; False: train alone even so.
         self.data_parallel = distributed.is_distributed() if data_parallel is None else data_parallel
         self._train_module = self._data_parallel(module, torch.device(device)) if self.data_parallel else module
@@ -182,7 +184,7 @@ class Trainer:
                     break
                 self._mark("data")
                 self.batch_index = batch_index
-                self.inputs = inputs.to(self.device, non_blocking=True)
+                self.inputs = inputs.to(self.device, non_blocking=True, memory_format=self.memory_format)
                 self.targets = targets.to(self.device, non_blocking=True)
                 self.loss_targets = None
                 self._mark("h2d")
