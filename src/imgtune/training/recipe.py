@@ -172,12 +172,15 @@ class WeightEMA(Callback):
         self.decay = decay
         self.average = torch.optim.swa_utils.AveragedModel(module, avg_fn=self._blend, use_buffers=True)
         self.training_weights: dict[str, torch.Tensor] | None = None  # while the module holds the average
+        self._now = decay
 
     def _blend(self, averaged: torch.Tensor, current: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        decay = min(self.decay, (1 + int(count)) / (10 + int(count)))
-        return averaged + (current - averaged) * (1 - decay)
+        return averaged + (current - averaged) * (1 - self._now)
 
     def on_after_step(self, trainer: Any) -> None:
+        # the decay of this update, from the step count (a Python number: no device sync per parameter)
+        updates = trainer.step - 1
+        self._now = min(self.decay, (1 + updates) / (10 + updates))
         self.average.update_parameters(self.module)
 
     def _use_average(self) -> None:
