@@ -168,11 +168,12 @@ def test_a_bucket_job_killed_during_its_pushes_resumes_on_the_other_machine_ever
     bucket, tmp_path, dogs_mini, mobilenet_weights
 ):
     """Chaos for a job in a bucket: pushed after every step of its work (push interval 0, so most moments are in
-    a push), SIGKILLed at 5 seeded random moments, and resumed each time on the other of two machines from the
-    bucket alone. The bucket always holds whole files and each finished epoch once, and the job completes."""
+    a push), SIGKILLed at 5 seeded random moments (the start, then after each run's first pushed epoch), and
+    resumed each time on the other of two machines from the bucket alone. The bucket always holds whole files and
+    each finished epoch once, and the job completes."""
     import random
 
-    epochs, name, prefix = 4, "chaos", "team/chaos/"
+    epochs, name, prefix = 8, "chaos", "team/chaos/"
     env = {**os.environ, "IMGTUNE_WORKSPACE": WORKSPACE, "IMGTUNE_PUSH_INTERVAL": "0", "PYTHONUNBUFFERED": "1"}
     start = train_command(dogs_mini, mobilenet_weights, name, "--epochs", str(epochs), *SLOW_IMAGE_TRAINING,
                           "--set", "train.early_stopping.enabled=false")  # fmt: skip
@@ -185,9 +186,16 @@ def test_a_bucket_job_killed_during_its_pushes_resumes_on_the_other_machine_ever
             claimed = "job.json" in objects(bucket, prefix)
             command = resume_command(name, "--force") if claimed else start  # (the other machine's heartbeat is fresh)
             process = subprocess.Popen(as_host(host, command), env=env, stdout=log, stderr=log)
-            deadline = time.monotonic() + moments.uniform(4.0, 24.0)
+            # The first kill at a seeded moment of the start (data check, claim, first pushes); each later one a
+            # seeded moment after this run pushed an epoch of its own (so it lands mid-job, most likely in a push,
+            # however fast the machine trains).
+            before = bucket_files_parse(objects(bucket, prefix))
+            deadline = time.monotonic() + (moments.uniform(3.0, 8.0) if kill == 0 else 600)
+            delay = moments.uniform(0.0, 2.0)
             while process.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.02)
+                if kill and len(bucket_files_parse(objects(bucket, prefix))) > len(before):
+                    deadline = min(deadline, time.monotonic() + delay)
+                time.sleep(0.05)
             if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
                 killed += 1

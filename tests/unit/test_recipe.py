@@ -70,6 +70,8 @@ def test_recipes_fill_only_the_keys_a_config_leaves_unset_and_round_trip(tmp_pat
     assert (from_file.train.warmup_epochs, from_file.train.augment, from_file.train.head_only_epochs) == (
         2, "randaugment", 1)  # fmt: skip
     assert from_file.train.optimizer == "adamw"  # the rest from the recipe
+    off = build_config(apply_overrides({"data": {"path": "d"}}, ["train.mixed_precision=off"]))
+    assert off.train.mixed_precision == "off"  # (YAML reads off as false)
     for config in (strong, from_file):  # a job's resolved config (job.json) validates to itself
         assert JobConfig.model_validate(config.model_dump(mode="json")) == config
     with pytest.raises(ValueError, match="recipe"):

@@ -175,6 +175,12 @@ class TrainConfig(_Section):
             )
         return self
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _off_is_off(cls, value: Any) -> Any:
+        """`--set train.mixed_precision=off` (and `off` in a YAML file) reads as false in YAML 1.1: it means off."""
+        return "off" if value is False else value
+
     @model_validator(mode="after")
     def _head_only_epochs_train_alone(self) -> TrainConfig:
         if self.workers > 1 and self.head_only_epochs:
