@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 from imgtune.config import DataConfig
-from imgtune.core.errors import ConfigError, ImgtuneError, JobError
+from imgtune.core.errors import ImgtuneError, JobError
+from imgtune.core.resources import torch_device
 from imgtune.data.check import MAX_IMAGE_PIXELS, BadImage, decode_image
 from imgtune.data.dataset import Sample, prepare_data
 from imgtune.data.transforms import load_image, to_rgb
@@ -110,17 +111,7 @@ def job_photos(bundle: Bundle, model_dir: Path) -> JobPhotos | None:
 
 def serving_device(name: str = "cpu") -> torch.device:
     """The device a model serves on: `auto` (a CUDA GPU when torch sees one, else the CPU), `cpu`, `cuda`, `cuda:N`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}", "use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {name!r}: a model serves on the CPU or a CUDA GPU", "use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r}, but no CUDA GPU is available here", "use --device auto or cpu")
-    return device
+    return torch_device(name, "--device")
 
 
 def noise_batch(bundle: Bundle) -> torch.Tensor:

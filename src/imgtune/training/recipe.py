@@ -37,28 +37,18 @@ def parameter_groups(module: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]
     by_stage: dict[int, list[nn.Parameter]] = {}
     for parameter in module.backbone.parameters():
         by_stage.setdefault(stage_of.get(id(parameter), 0), []).append(parameter)
-    trainable = [p for p in module.backbone.parameters() if p.requires_grad] or cfg.head_only_epochs
-    if trainable:
+    if any(p.requires_grad for p in module.backbone.parameters()):
         groups += [{"params": ps, "lr": rates[i], "name": f"backbone.{i}"} for i, ps in sorted(by_stage.items())]
     return groups
 
 
 def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer over `parameter_groups` (only parameters that train now or after head_only_epochs)."""
-    from imgtune.core.errors import ConfigError
+    """The config's optimizer over `parameter_groups`, each group's rate kept as its base for the per-step
+    schedule (LrPerStep). (Parameters that HeadOnlyEpochs holds still for the first epochs are trainable when
+    this is called, so they are in.)"""
+    from imgtune.training.setup import make_optimizer as optimizer_over
 
-    groups = []
-    for group in parameter_groups(module, cfg):
-        params = [p for p in group["params"] if p.requires_grad or cfg.head_only_epochs]
-        if params:
-            groups.append({**group, "params": params, BASE_LR: group["lr"]})
-    if not groups:
-        raise ConfigError("nothing to train: every parameter is frozen")
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer_over([{**group, BASE_LR: group["lr"]} for group in parameter_groups(module, cfg)], cfg)
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:

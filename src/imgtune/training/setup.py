@@ -19,6 +19,7 @@ from torch import nn
 from imgtune.config import JobConfig, TrainConfig
 from imgtune.core.errors import ConfigError
 from imgtune.core.io import cache_dir
+from imgtune.core.resources import torch_device
 from imgtune.core.version import __version__
 from imgtune.data.dataset import ImageFileDataset, PreparedData, make_loader, prepare_data
 from imgtune.data.transforms import Preprocessing
@@ -37,15 +38,8 @@ FEATURE_BATCH_SIZE = 64
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}", "use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is cuda but no CUDA GPU is available", "use train.device=auto or cpu")
-    return device
+    """The device a job trains on (train.device): auto, cpu, cuda or cuda:N."""
+    return torch_device(name, "train.device")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -96,8 +90,15 @@ def versions() -> dict[str, str]:
     }
 
 
-def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+def make_optimizer(params: Iterable[Any], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The config's optimizer over `params` (parameters, or parameter groups with rates of their own, as
+    imgtune.training.recipe gives them); parameters that do not train are left out."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+        params = [g for g in groups if g["params"]]
+    else:
+        params = [p for p in params if p.requires_grad]
     if not params:
         raise ConfigError("nothing to train: every parameter is frozen")
     if cfg.optimizer == "sgd":
