@@ -237,9 +237,9 @@ def test_a_cpu_with_native_bf16_trains_images_under_bf16_autocast_in_channels_la
     from imgtune.training.setup import amp_dtype, cpu_has_native_bf16
 
     cpu = torch.device("cpu")
-    assert amp_dtype("auto", cpu, images=True) == (torch.bfloat16 if cpu_has_native_bf16() else None)
-    assert amp_dtype("auto", cpu, images=False) is None  # a head on cached features: nothing to gain
-    assert amp_dtype("off", cpu, images=True) is None and amp_dtype("bf16", cpu) == torch.bfloat16
+    assert amp_dtype("auto", cpu, fine_tuning=True) == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert amp_dtype("auto", cpu, fine_tuning=False) is None  # a head on frozen features keeps fp32's numbers
+    assert amp_dtype("off", cpu, fine_tuning=True) is None and amp_dtype("bf16", cpu) == torch.bfloat16
     model = tiny_classifier().to(memory_format=torch.channels_last)
     seen = []
 

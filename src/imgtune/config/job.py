@@ -110,7 +110,7 @@ class TrainConfig(_Section):
     mixed_precision: Literal["auto", "off", "bf16", "fp16"] = Field(
         "auto",
         description="'auto': bf16 autocast on CUDA where the GPU has it natively, else fp16; on a CPU with native "
-        "bf16 (AVX512-BF16, AMX), bf16 for a network trained on images; else off.",
+        "bf16 (AVX512-BF16, AMX), bf16 for an unfrozen backbone trained on images; else off.",
     )
     channels_last: bool = Field(True, description="Train a network on images in NHWC memory format (faster convs).")
     seed: int = 0

@@ -129,7 +129,7 @@ def train_in_this_process(
             *plugins.callbacks(run),
             *callbacks,
         ],
-        amp_dtype=amp_dtype(cfg.mixed_precision, device, images=images),
+        amp_dtype=amp_dtype(cfg.mixed_precision, device, fine_tuning=images and not model.backbone_frozen),
         channels_last=images and cfg.channels_last,
         seed=cfg.seed,
         log=job.log if writer else None,

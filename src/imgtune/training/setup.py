@@ -52,11 +52,12 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def amp_dtype(mode: str, device: torch.device, images: bool = False) -> torch.dtype | None:
-    """The autocast dtype: bf16 where the GPU supports it, else fp16. On a CPU, 'auto' takes bf16 for a network
-    trained on images where the CPU has it natively (a head on cached features gains nothing), else none."""
+def amp_dtype(mode: str, device: torch.device, fine_tuning: bool = False) -> torch.dtype | None:
+    """The autocast dtype: bf16 where the GPU supports it, else fp16. On a CPU, 'auto' takes bf16 for an unfrozen
+    backbone trained on images (`fine_tuning`: where the time goes) where the CPU has it natively, else none (a
+    head on cached or frozen features keeps fp32's numbers)."""
     if mode == "auto" and device.type != "cuda":
-        return torch.bfloat16 if images and device.type == "cpu" and cpu_has_native_bf16() else None
+        return torch.bfloat16 if fine_tuning and device.type == "cpu" and cpu_has_native_bf16() else None
     if mode == "off":
         return None
     if mode == "fp16":
