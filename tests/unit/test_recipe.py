@@ -251,3 +251,29 @@ def test_a_cpu_with_native_bf16_trains_images_under_bf16_autocast_in_channels_la
     Trainer(model, make_optimizer(model, TrainConfig()), loaders, epochs=1, num_classes=3, callbacks=[Formats()],
             channels_last=True).fit()  # fmt: skip
     assert seen and all(seen)
+
+
+def test_review_fixes_warmup_never_overshoots_legacy_configs_keep_their_values_and_sections_stay_models():
+    from imgtune.config.job import recorded_config
+    from imgtune.tuning.batched import can_batch
+
+    for steps in (3, 9, 10):  # a warmup that is not a whole number of steps
+        factors = [lr_factor(s, steps, TrainConfig(epochs=3, warmup_epochs=0.5, schedule="cosine")) for s in range(30)]
+        assert max(factors) <= 1.0 and factors[0] > 0
+    # a job recorded before recipes (no `recipe`, an unfrozen backbone): resumed with its own values, one group
+    old = JobConfig(data={"path": "d"}, model={"freeze": "none"}, recipe="custom").model_dump(mode="json")
+    del old["recipe"]
+    for key in ("backbone_lr_ratio", "layer_decay", "warmup_epochs", "batchnorm", "augment", "ema_decay", "tta"):
+        del old["train"][key]
+    resumed = build_config(recorded_config(old))
+    assert (resumed.train.optimizer, resumed.train.backbone_lr_ratio, resumed.train.batchnorm) == ("adam", 1.0, "train")
+    assert len(make_optimizer(tiny_classifier(), resumed.train).param_groups) == 1  # its checkpoint's one group
+    # a section given as an object stays one (and assignment works)
+    from imgtune.config.job import ModelConfig
+
+    config = JobConfig(data={"path": "d"}, model=ModelConfig(freeze="none"))
+    config.name = "renamed"
+    assert config.train.backbone_lr_ratio == 0.1 and config.name == "renamed" and not isinstance(config.train, dict)
+    # batched heads neither warm up nor average: such trials train alone
+    observers_off = {"debugger": {"enabled": False}, "profiler": {"enabled": False}}
+    assert can_batch(observers_off) and not can_batch({**observers_off, "train": {"warmup_epochs": 1}})

@@ -335,6 +335,7 @@ class TrackingConfig(_Section):
 # schedule, with label smoothing; `finetune-strong` adds layer-wise decay, TrivialAugment, random erasing,
 # MixUp/CutMix, a weight EMA and flip TTA (for longer runs: strong regularisation needs epochs to pay).
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "custom": {},  # the keys as given, nothing filled in (a job recorded before recipes existed resumes so)
     "frozen": {"model": {"freeze": "backbone"}},
     "finetune": {
         "model": {"freeze": "none"},
@@ -359,7 +360,7 @@ class JobConfig(_Section):
     """A complete training job."""
 
     name: str | None = Field(None, description="Job name; generated from the backbone and time if empty.")
-    recipe: Literal["auto", "frozen", "finetune", "finetune-strong"] = Field(
+    recipe: Literal["auto", "custom", "frozen", "finetune", "finetune-strong"] = Field(
         "auto",
         description="Named values for the keys a config leaves unset (imgtune.config.job.RECIPES); 'auto': "
         "'finetune' when model.freeze is none or all_but_last, else 'frozen'.",
@@ -388,9 +389,10 @@ class JobConfig(_Section):
         data = {**data, "recipe": recipe}
         for section, values in RECIPES[recipe].items():
             given = data.get(section)
-            if isinstance(given, BaseModel):
-                given = given.model_dump(exclude_unset=True)
-            data[section] = {**values, **(given or {})}
+            if isinstance(given, BaseModel):  # (a section object: it stays one, its own values first)
+                data[section] = type(given).model_validate({**values, **given.model_dump(exclude_unset=True)})
+            else:
+                data[section] = {**values, **(given or {})}
         return data
 
     @model_validator(mode="after")
@@ -436,6 +438,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return raw
+
+
+def recorded_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A job's config as its job.json recorded it, ready to validate again: one recorded before recipes existed
+    (no `recipe`) keeps its values as they were (recipe `custom`), gaining none of a recipe's."""
+    return {**raw, "recipe": raw.get("recipe", "custom")}
 
 
 def build_config(raw: dict[str, Any], source: str = "config") -> JobConfig:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from imgtune.config import JobConfig, build_config
+from imgtune.config.job import recorded_config
 from imgtune.core.errors import ConfigError, DataError
 from imgtune.data.sources import is_remote
 from imgtune.runs.lifecycle import JobLifecycle
@@ -62,7 +63,7 @@ def run_training_job(
             forget_untrusted_run(life.job)
             # a bucket's job runs no file of its own, only the resuming user's
             recorded = trusted_config(life.job, life.job.record().config or {}, rule_files)
-            config = build_config(recorded, f"config of job {life.job.name}")
+            config = build_config(recorded_config(recorded), f"config of job {life.job.name}")
             return _train(life, config, callbacks, progress, on_finding, ray_address, ray_train)
     else:
         if config is None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from imgtune.config import TuneOptions, build_config
+from imgtune.config.job import recorded_config
 from imgtune.core.errors import ConfigError, JobError
 from imgtune.core.io import cache_dir
 from imgtune.report.plugin import TuningReportPlugin
@@ -98,7 +99,7 @@ def run_tuning_job(
             options = TuneOptions(
                 **{
                     **recorded,
-                    "base": trusted_config(life.job, recorded.get("base") or {}),
+                    "base": recorded_config(trusted_config(life.job, recorded.get("base") or {})),
                     "ray_address": trusted_ray_address(life.job, recorded.get("ray_address"), ray_address),
                 }
             )
@@ -252,7 +253,7 @@ def train_best(job: Job, *, name: str | None = None, progress: bool = True) -> J
     record = job.record()
     if not record.best:
         raise JobError(f"tuning job {job.name} has no finished trial", "see `imgtune tune show`")
-    base = trusted_config(job, (record.options or {})["base"])  # a bucket's tuning job runs no file here
+    base = recorded_config(trusted_config(job, (record.options or {})["base"]))  # a bucket's job runs no file here
     raw = apply_values(base, record.best["hyperparameters"])
     raw["name"] = name or f"{job.name}-best"
     raw["debugger"] = {k: v for k, v in raw.get("debugger", {}).items() if k != "enabled"}

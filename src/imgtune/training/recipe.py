@@ -28,8 +28,8 @@ def parameter_groups(module: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]
     stages from the last down each `layer_decay` times the one above. A module that is not an ImageClassifier
     (a head on cached features) is one group. Parameters frozen now but unfrozen later (head_only_epochs) are
     in their groups already."""
-    if not isinstance(module, ImageClassifier):
-        return [{"params": list(module.parameters()), "lr": cfg.lr}]
+    if not isinstance(module, ImageClassifier) or (cfg.backbone_lr_ratio == 1 and cfg.layer_decay == 1):
+        return [{"params": list(module.parameters()), "lr": cfg.lr}]  # one rate: one group (as before recipes)
     groups = [{"params": list(module.head.parameters()), "lr": cfg.lr, "name": "head"}]
     stages = backbone_stages(module.backbone)
     stage_of = {id(p): i for i, stage in enumerate(stages) for p in stage.parameters()}
@@ -54,7 +54,8 @@ def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     """The factor of each group's base rate at optimizer step `step` (0-based): linear warmup over
     `warmup_epochs`, then the schedule (cosine to 0 at the last step, step decay, or constant)."""
-    warmup = cfg.warmup_epochs * steps_per_epoch
+    warmup = round(cfg.warmup_epochs * steps_per_epoch) if cfg.warmup_epochs > 0 else 0
+    warmup = max(warmup, 1) if cfg.warmup_epochs > 0 else 0  # (whole steps: the rate never overshoots)
     if step < warmup:
         return (step + 1) / warmup
     total = max(cfg.epochs * steps_per_epoch - warmup, 1)

@@ -51,9 +51,11 @@ _NAME = "imgtune_trial"  # the user attribute holding a trial's name (its traini
 
 def can_batch(base: dict[str, Any]) -> bool:
     """Trials on shared features can train as batches of heads unless they capture tensors or profile (per
-    trial hooks on a model that is not there alone), or each trial is a data-parallel job."""
-    if base.get("train", {}).get("workers", 1) > 1:
-        return False
+    trial hooks on a model that is not there alone), each trial is a data-parallel job, or they warm up per
+    step or keep a weight EMA (a batch of heads does neither)."""
+    train = base.get("train", {})
+    if train.get("workers", 1) > 1 or train.get("warmup_epochs", 0) > 0 or train.get("ema_decay", 0) > 0:
+        return False  # (batched heads have no per-step warmup and no weight EMA: those trials train alone)
     return not base.get("debugger", {}).get("enabled", True) and not base.get("profiler", {}).get("enabled", True)
 
 
