@@ -493,20 +493,20 @@ class SyncedFolder:
                 record[self.guard] = {**record[self.guard], "writer": True}
                 self._write_record(record)
 
-    def push(self, skip_dirs: Callable[[Path], bool] = lambda _: False) -> list[str]:
+    def push(self) -> list[str]:
         """Upload the files that are new or changed since the last push or pull, and delete the objects of
         files this folder once held that are gone locally; returns what was sent (paths relative to the folder).
 
         With a `guard`, only the folder's writer pushes: the guard object must be the one this copy last
         synced, else `Conflict` and nothing is sent; the guard goes last, conditionally (see the module).
-        `skip_dirs(dir)` says which subfolders another SyncedFolder pushes itself (a tuning job's trials).
-        Local-only folders are never walked, and their objects (whoever put them there) are never deleted.
+        Nested writers' folders (`nested_dirs`: a tuning job's trials) push themselves. Local-only folders are
+        never walked, and their objects (whoever put them there) are never deleted.
         """
         with self._locked():
             record = self._read_record()
             present: set[str] = set()
             changed: dict[str, Path] = {}
-            for path in _files_below(self.local, lambda folder: self._not_ours_to_walk(folder) or skip_dirs(folder)):
+            for path in _files_below(self.local, self._not_ours_to_walk):
                 if self._is_bookkeeping(path) or self._top_level_local_only(path):
                     continue
                 rel = path.relative_to(self.local).as_posix()
@@ -519,10 +519,7 @@ class SyncedFolder:
             gone = [
                 rel
                 for rel, entry in record.items()
-                if rel not in present
-                and entry.get("local")
-                and not self._nested_rel(rel)
-                and not _under_skipped(self.local / rel, self.local, skip_dirs)
+                if rel not in present and entry.get("local") and not self._nested_rel(rel)
             ]
             if not changed and not gone:
                 return []
@@ -599,7 +596,3 @@ def _files_below(folder: Path, skip_dirs: Callable[[Path], bool]) -> Iterable[Pa
         here = Path(dirpath)
         dirnames[:] = [d for d in dirnames if not skip_dirs(here / d)]
         yield from (here / name for name in filenames)
-
-
-def _under_skipped(path: Path, root: Path, skip_dirs: Callable[[Path], bool]) -> bool:
-    return any(skip_dirs(parent) for parent in path.parents if parent.is_relative_to(root) and parent != root)
