@@ -168,6 +168,7 @@ def profiled_gpu_job(cuda, tmp_path_factory, dogs_mini, mobilenet_weights) -> Jo
             "interval_ms": 100,
             "trace_start_step": 2,
             "trace_steps": 3,
+            "trace_max_share": 1,
             "rule_parameters": {
                 "LowGPUUtilization": {**short, "window": 5},
                 "CPUBottleneck": short,

@@ -26,7 +26,7 @@ def pair(tmp_path_factory, dogs_mini: Path, mobilenet_weights: Path) -> Job:
             "data": {"path": str(dogs_mini), "image_size": 64, "num_workers": 0},
             "model": {"backbone": "mobilenet_v2", "weights": str(mobilenet_weights)},
             "train": {"epochs": 2, "batch_size": 32, "feature_cache": False, "workers": 2},
-            "profiler": {"interval_ms": 200, "trace_start_step": 2, "trace_steps": 3},
+            "profiler": {"interval_ms": 200, "trace_start_step": 2, "trace_steps": 3, "trace_max_share": 1},
         }
     )
     return run_training_job(config, workspace=tmp_path_factory.mktemp("ws"), progress=False)

@@ -29,7 +29,7 @@ def image_training_config(data: Path, weights: Path, **profiler) -> dict:
         "model": {"backbone": "mobilenet_v2", "weights": str(weights), "freeze": "all_but_last"},
         "train": {"epochs": 2, "batch_size": 32, "feature_cache": False},
         "debugger": {"enabled": False},
-        "profiler": {"interval_ms": 100, "trace_start_step": 2, "trace_steps": 3, **profiler},
+        "profiler": {"interval_ms": 100, "trace_start_step": 2, "trace_steps": 3, "trace_max_share": 1, **profiler},
     }
 
 
@@ -176,3 +176,18 @@ def test_a_job_shorter_than_one_interval_still_has_a_sample(tmp_path):
         time.sleep(0.2)
     (sample,) = read_jsonl(tmp_path / "system.jsonl")
     assert sample["cpu"] and sample["proc_rss"] > 0
+
+
+def test_a_short_job_pays_no_trace_and_says_why(tmp_path, dogs_mini, mobilenet_weights):
+    """At the default trace_max_share (4 %), 20 training steps are too few to trace one: no trace, the reason in
+    meta.json and the report, the timeline and rules as always."""
+    raw = image_training_config(dogs_mini, mobilenet_weights)
+    del raw["profiler"]["trace_max_share"]
+    job = run_training_job(build_config(raw), workspace=tmp_path, progress=False)
+    profiler = job.path / "profiler"
+    assert not (profiler / "trace.json").exists() and not (profiler / "operators.json").exists()
+    window = json.loads((profiler / "meta.json").read_text())["trace"]
+    assert window["planned_steps"] == 20 and window["steps"] == 0 and "20 planned training steps" in window["reason"]
+    assert job.read()["profiler"]["trace"] is None
+    assert len([s for s in read_jsonl(profiler / "steps.jsonl") if s["phase"] == "train"]) == 20
+    assert window["reason"] in (job.path / "report.html").read_text()

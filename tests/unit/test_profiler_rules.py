@@ -324,3 +324,23 @@ def test_a_data_parallel_profile_loads_every_rank_and_node(tmp_path: Path) -> No
     assert data.world_size == 2 and list(data.node_samples) == [0] and data.samples == node  # rank 0's node
     single = ProfileData.load(tmp_path / "nothing")
     assert single.world_size == 1 and not single.rank_steps and not single.steps
+
+
+@pytest.mark.parametrize(
+    ("planned", "start", "steps", "share", "expected"),
+    [
+        (None, 5, 5, 0.04, (5, 5)),  # not known: the configured window
+        (1000, 5, 5, 0.04, (5, 5)),  # a long job: the configured window
+        (100, 5, 5, 0.04, (5, 4)),  # 4 % of 100 steps
+        (30, 5, 5, 0.04, (5, 1)),
+        (24, 5, 5, 0.04, (None, 0)),  # under 25 steps: no trace at all
+        (10, 5, 5, 1.0, (5, 5)),  # share 1: the whole job may be traced
+        (6, 5, 5, 1.0, (1, 5)),  # too short for the warm-up: the window starts early enough to fit
+    ],
+)
+def test_the_trace_window_fits_a_share_of_the_planned_steps(planned, start, steps, share, expected):
+    from imgtune.profiler.timeline import fit_trace_window
+
+    window = fit_trace_window(planned, start, steps, share)
+    assert (window["start"], window["steps"]) == expected
+    assert (window["reason"] is None) == (expected == (start, steps))  # a changed window says why

@@ -286,6 +286,13 @@ class ProfilerConfig(_Section):
     trace: bool = Field(True, description="Record a torch.profiler trace over a window of training steps.")
     trace_start_step: int = Field(5, ge=0, description="Training steps (warm-up) before the trace window.")
     trace_steps: int = Field(5, ge=1, le=1000, description="Training steps the trace window covers.")
+    trace_max_share: float = Field(
+        0.04,
+        gt=0,
+        le=1,
+        description="The trace window covers at most this share of the job's planned training steps (traced steps "
+        "run slower): a short job traces fewer steps, one of under 1/share steps none.",
+    )
     rules: list[str] = Field(default_factory=lambda: list(PROFILER_RULES))
     rule_parameters: dict[str, dict[str, Any]] = Field(default_factory=dict)
     report: bool = Field(True, description="Write report.html when the job ends.")

@@ -6,7 +6,10 @@
   callbacks' time included: ``total`` minus the segments is what callbacks and bookkeeping took), written at
   least every second and at the end of each phase, so a killed job loses at most its last second;
 * ``trace.json``: a torch.profiler trace of `trace_steps` training steps after `trace_start_step` warm-up
-  steps, in the Chrome trace format that Perfetto and chrome://tracing open;
+  steps, in the Chrome trace format that Perfetto and chrome://tracing open; traced steps run slower (the
+  profiler records every operator), so the window covers at most `trace_max_share` of the job's planned training
+  steps: a short job traces fewer steps, or none (`fit_trace_window`; ``meta.json``'s ``trace`` says which and
+  why);
 * ``trace-meta.json``: how many steps the trace holds; ``operators.json``: its top operators by self time,
   made from the trace when the job ends (`imgtune.profiler.operators`);
 * ``meta.json``: what the rules need to know about the run (cores, GPUs, loader settings).
@@ -71,6 +74,26 @@ def _quiet_native_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
+def fit_trace_window(planned_steps: int | None, start: int, steps: int, max_share: float) -> dict[str, Any]:
+    """The trace window a job of `planned_steps` training steps gets: at most `max_share` of them traced, starting
+    after `start` warm-up steps (earlier when the job is too short for that, so the window still fits). Returns
+    ``start``, ``steps`` (0: no trace) and ``reason`` (why the window is not the configured one; None when it is).
+    `planned_steps` None (not known): the configured window."""
+    window = {"planned_steps": planned_steps, "start": start, "steps": steps, "reason": None}
+    if planned_steps is None:
+        return window
+    allowed = min(steps, int(planned_steps * max_share))
+    if allowed < 1:
+        reason = f"{planned_steps} planned training steps: tracing one would take over {max_share:.0%} of them"
+        return {**window, "start": None, "steps": 0, "reason": reason}
+    start = max(0, min(start, planned_steps - allowed))
+    if allowed < steps:
+        window["reason"] = f"{allowed} of {steps} steps: at most {max_share:.0%} of {planned_steps} planned steps"
+    elif start != window["start"]:
+        window["reason"] = f"starts after {start} steps: the job plans {planned_steps}"
+    return {**window, "start": start, "steps": allowed}
+
+
 class StepTimeline(Callback):
     """Writes each batch's timing, and records the trace window (see the module docstring)."""
 
@@ -83,17 +106,25 @@ class StepTimeline(Callback):
         trace: bool = True,
         trace_start_step: int = 5,
         trace_steps: int = 5,
+        trace_max_share: float = 1.0,
+        planned_steps: int | None = None,
         meta: dict[str, Any] | None = None,
         rank: int | None = None,
     ):
         """`rank`: this process's rank in a data-parallel job (its files are named by it and its records carry
-        it); None for a single-process job."""
+        it); None for a single-process job. `planned_steps`: the training steps this training will run (the
+        trace window is fitted to them, see `fit_trace_window`); None when not known."""
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        self.meta = dict(meta or {})
         self.trace = trace and not (directory / TRACE_FILE).exists()  # a resumed job keeps its first trace
+        if self.trace:
+            window = fit_trace_window(planned_steps, trace_start_step, trace_steps, trace_max_share)
+            self.meta["trace"] = window
+            self.trace = window["steps"] > 0
+            trace_start_step, trace_steps = window["start"] or 0, max(window["steps"], 1)
         self.trace_start_step = trace_start_step
         self.trace_steps = trace_steps
-        self.meta = meta or {}
         self.rank = rank
         self._tag = {} if rank is None else {"rank": rank}
         self._meta_path = directory / rank_file(META_FILE, rank)
