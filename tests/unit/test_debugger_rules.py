@@ -25,6 +25,7 @@ from imgtune.debugger.rules import REGISTRY, Finding, Rule, load_rule_file, make
 from imgtune.debugger.rules.builtin import BUILTIN_RULES
 from imgtune.debugger.runner import run_rules_offline
 from imgtune.debugger.store import RULES_FILE, Trial
+from imgtune.training.callbacks import Callback
 
 EVERY_STEP = {"train": SaveConfig(save_interval=1)}  # save weights/gradients at every training step
 
@@ -697,3 +698,45 @@ def test_a_module_called_twice_in_a_step_gets_one_record_per_call(tmp_path):
     result = run(tmp_path, SharedRelu(), blobs(), None, [], debugger_overrides=overrides)
     names = result.trial.tensor_names(collection="activations")
     assert names == ["relu_call1_relu_input", "relu_call1_relu_output", "relu_relu_input", "relu_relu_output"]
+
+
+class CountedParameters(nn.Sequential):
+    """An MLP that counts who asks for its parameters by name (the debugger's per-parameter walk)."""
+
+    walks = 0
+
+    def named_parameters(self, *args, **kwargs):
+        self.walks += 1
+        return super().named_parameters(*args, **kwargs)
+
+
+class ParameterWalksPerStep(Callback):
+    """Records, for each training step, how many times the model's parameters were walked by name in it."""
+
+    order = 99
+
+    def __init__(self) -> None:
+        self.per_step: list[int] = []
+
+    def on_batch_start(self, trainer) -> None:
+        self._before = trainer.module.walks
+
+    def on_batch_end(self, trainer) -> None:
+        if trainer.phase == "train":
+            self.per_step.append(trainer.module.walks - self._before)
+
+
+def test_between_saved_steps_the_debugger_never_touches_the_parameters(tmp_path):
+    """Its per-step cost must not grow with the network: at a step neither saved (every 10th) nor in a rule's
+    dense window (PoorWeightInitialization's first 3 here), it does not walk the parameters, and the activation
+    hooks a rule's window asked for are gone once the window is past."""
+    torch.manual_seed(0)
+    model = CountedParameters(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    walks = ParameterWalksPerStep()
+    result = run(tmp_path, model, blobs(320), None, rule("PoorWeightInitialization", steps=3), callbacks=[walks])
+    assert len(walks.per_step) == 20
+    touched = [step for step, n in enumerate(walks.per_step) if n]
+    assert touched == [0, 1, 2, 10]  # the dense window and the saved steps, nothing else
+    assert result.trial.tensor("gradient/0.weight").steps("train") == [0, 1, 2, 10]
+    assert result.trial.tensor("3_relu_input").steps("train") == [0, 1, 2]
+    assert not any(module._forward_hooks for module in model.modules())

@@ -144,8 +144,20 @@ class DebuggerCallback(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         self._attach_activation_hooks(trainer.module)
 
+    def _activations_done(self) -> bool:
+        """Will no later step save activations? (They were only asked for by rules' dense windows, now past.)"""
+        if "activations" in self.config.collections:
+            return False
+        windows = [r.until_step for r in self.requirements if r.collection == "activations"]
+        return None not in windows and self.mode_steps["train"] >= max(windows, default=0)
+
+    def _detach_activation_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
     def _attach_activation_hooks(self, module: nn.Module) -> None:
-        if self._hooks or "activations" not in self.collections:
+        if self._hooks or "activations" not in self.collections or self._activations_done():
             return
         regex = re.compile(self.config.activations_regex, re.IGNORECASE)
         required = [re.compile(r.regex) for r in self.requirements if r.collection == "activations" and r.regex]
@@ -191,6 +203,8 @@ class DebuggerCallback(Callback):
         save_config = getattr(self.config, self.mode)
         self._saving = save_config.should_save(self.mode_steps[self.mode])
         self._active = self._step_is_active()
+        if self._hooks and self._activations_done():  # past the rules' windows: no hook runs per module call
+            self._detach_activation_hooks()
         if self._wants("inputs", "inputs") and trainer.inputs is not None:
             self._record("inputs", "inputs", trainer.inputs, batch=int(trainer.inputs.shape[0]))
             if trainer.inputs.dim() == 4:
@@ -221,6 +235,8 @@ class DebuggerCallback(Callback):
 
     def on_after_backward(self, trainer: Trainer) -> None:
         self._before_update = {}
+        if not self._active:  # most steps: not a look at the parameters (a cost that grows with the network)
+            return
         if any(r.collection == "weight_updates" for r in self.requirements):
             for name, param in trainer.module.named_parameters():
                 if param.requires_grad and not name.endswith("bias") and self._wants("weights", self.prefix + name):
@@ -231,6 +247,8 @@ class DebuggerCallback(Callback):
                 self._record(full, "gradients", param.grad)
 
     def on_after_step(self, trainer: Trainer) -> None:
+        if not self._active:
+            return
         for name, param in trainer.module.named_parameters():
             if not param.requires_grad:
                 continue
@@ -281,6 +299,5 @@ class DebuggerCallback(Callback):
         self._resumed = True  # the next loss record says so (StalledTraining ignores the gap before it)
 
     def close(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
+        self._detach_activation_hooks()
         self.writer.close()
