@@ -20,7 +20,7 @@ from imgtune.core.errors import ConfigError, DataError
 from imgtune.data.check import check_dataset, declared_pixels
 from imgtune.data.dataset import PreparedData, prepare_data
 from imgtune.data.folders import ALL, discover, readable_name
-from imgtune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, load_image, to_rgb
+from imgtune.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, load_image, read_image, to_rgb
 
 DOGS_CLASSES = (
     "001.Shih-Tzu",
@@ -424,6 +424,38 @@ def test_load_image_converts_to_8bit_rgb(convertible: tuple[Path, Path], name: s
         assert np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2])
         assert np.abs(arr[..., 0] - grey).mean() < 3
     # rgba: see test_rgba_transparent_pixels_become_white
+
+
+@pytest.mark.parametrize("name", ["photo.jpg", *sorted(CONVERTIBLE_KINDS)])
+def test_read_image_decodes_rgb_and_grey_jpegs_with_torchvision_and_the_rest_as_load_image(
+    convertible: tuple[Path, Path], name: str
+) -> None:
+    """RGB and greyscale JPEGs come back as uint8 tensors (libjpeg-turbo), within a grey level or two of PIL's
+    decoding; every other kind (CMYK JPEG, PNGs) exactly as load_image gives it."""
+    folder, source = convertible
+    path = source if name == "photo.jpg" else folder / name
+    image = read_image(path)
+    reference = torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)
+    if name in ("photo.jpg", "grey.jpg"):
+        assert isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.shape == reference.shape
+        assert (image.float() - reference.float()).abs().mean() < 2
+    else:
+        assert isinstance(image, Image.Image)
+        assert torch.equal(torch.from_numpy(np.array(image)).permute(2, 0, 1), reference)
+
+
+def test_read_image_keeps_the_pixel_limit(tmp_path: Path, dogs_mini: Path) -> None:
+    """PIL reads the header first: a JPEG over twice Image.MAX_IMAGE_PIXELS is refused before any decoding."""
+    photo = sorted((dogs_mini / "train" / DOGS_CLASSES[0]).glob("*.jpg"))[0]
+    with Image.open(photo) as im:
+        pixels = im.size[0] * im.size[1]
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = pixels // 3
+    try:
+        with pytest.raises(Image.DecompressionBombError):
+            read_image(photo)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def test_16bit_png_is_scaled_not_clipped(convertible: tuple[Path, Path]) -> None:

@@ -19,7 +19,7 @@ from imgtune.core.resources import default_workers
 from imgtune.data.check import CheckReport, FileInfo, FileProblem, Issue, check_layout
 from imgtune.data.folders import ALL, SPLITS, ClassInfo, discover
 from imgtune.data.sources import resolve_source
-from imgtune.data.transforms import load_image
+from imgtune.data.transforms import read_image
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ class ImageFileDataset(Dataset):
         sample = self.samples[index]
         if self.max_pixels and self.max_pixels != Image.MAX_IMAGE_PIXELS:
             Image.MAX_IMAGE_PIXELS = self.max_pixels  # per worker process
-        image = load_image(sample.path)
+        image = read_image(sample.path)
         if self.seed is None:
             return self.transform(image), sample.label
         with torch.random.fork_rng(devices=[]):  # the caller's own random stream is left as it was

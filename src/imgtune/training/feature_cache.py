@@ -22,10 +22,10 @@ from torch import nn
 from imgtune.core.io import atomic_output
 from imgtune.core.progress import progress_bar
 from imgtune.data.dataset import ImageFileDataset, Sample, make_loader
-from imgtune.data.transforms import Preprocessing, load_image
+from imgtune.data.transforms import Preprocessing, read_image
 from imgtune.models.backends import Backend, choose_backend, weights_fingerprint
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: JPEGs decoded by torchvision.io (data.transforms.read_image), not PIL
 
 
 def module_fingerprint(module: nn.Module, name: str = "") -> str:
@@ -38,7 +38,7 @@ def example_images(samples: list[Sample], transform, count: int = 16) -> torch.T
     step = max(1, len(samples) // count)
     images = []
     for sample in samples[::step][:count]:
-        images.append(transform(load_image(sample.path)))
+        images.append(transform(read_image(sample.path)))
     return torch.stack(images)
 
 
