@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from imgtune.core.errors import ConfigError
 
@@ -113,6 +113,11 @@ class TrainConfig(_Section):
         "bf16 (AVX512-BF16, AMX), bf16 for an unfrozen backbone trained on images; else off.",
     )
     channels_last: bool = Field(True, description="Train a network on images in NHWC memory format (faster convs).")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="torch.compile for a network trained on images: 'auto' measures one epoch eager against one "
+        "compiled on the first long enough job of its kind, remembers the faster and uses it; one process only.",
+    )
     seed: int = 0
     deterministic: bool = Field(False, description="Deterministic algorithms (slower, bit-reproducible).")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
@@ -175,11 +180,23 @@ class TrainConfig(_Section):
             )
         return self
 
-    @field_validator("mixed_precision", mode="before")
+    @field_validator("mixed_precision", "compile", mode="before")
     @classmethod
-    def _off_is_off(cls, value: Any) -> Any:
-        """`--set train.mixed_precision=off` (and `off` in a YAML file) reads as false in YAML 1.1: it means off."""
-        return "off" if value is False else value
+    def _off_is_off(cls, value: Any, info: ValidationInfo) -> Any:
+        """`--set train.mixed_precision=off` (and `off` in a YAML file) reads as false in YAML 1.1: it means off;
+        `compile=on` reads as true."""
+        if value is False:
+            return "off"
+        return "on" if value is True and info.field_name == "compile" else value
+
+    @model_validator(mode="after")
+    def _compile_on_in_one_process(self) -> TrainConfig:
+        if self.workers > 1 and self.compile == "on":
+            raise ValueError(
+                "train.compile=on compiles training in one process; with data-parallel workers set train.compile "
+                "to auto or off (they train eager)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _head_only_epochs_train_alone(self) -> TrainConfig:

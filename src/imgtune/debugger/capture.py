@@ -170,6 +170,7 @@ class DebuggerCallback(Callback):
                 self._hooks.append(sub.register_forward_hook(self._activation_hook(base)))
 
     def _activation_hook(self, base: str):
+        @torch.compiler.disable  # recorded in Python, outside a compiled graph (train.compile)
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             if isinstance(inputs, tuple) and inputs and isinstance(inputs[0], torch.Tensor):
                 self._record_activation(f"{base}_input", inputs[0])

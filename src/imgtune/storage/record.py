@@ -62,6 +62,7 @@ class JobRecord(BaseModel):
     restored_best: bool | None = None
     best: dict[str, Any] | None = None  # training: the epoch record kept; tuning: the best trial
     callback_failures: list[dict[str, str]] | None = None
+    compile: dict[str, Any] | None = None  # train.compile: what trained compiled and why (training.compiled)
     test: dict[str, Any] | None = None
     debugger: dict[str, Any] | None = None  # rule -> status and finding count
     profiler: dict[str, Any] | None = None  # samples, steps, trace, issues

@@ -23,6 +23,7 @@ from imgtune.core.progress import console
 from imgtune.storage.jobs import Job
 from imgtune.training import memo
 from imgtune.training.callbacks import Callback
+from imgtune.training.compiled import CompiledTraining, compile_key
 from imgtune.training.plugin import PluginSet, TrainingRun
 from imgtune.training.recipe import freeze_batchnorm_statistics, make_optimizer, recipe_callbacks, schedules_per_step
 from imgtune.training.setup import (
@@ -111,6 +112,15 @@ def train_in_this_process(
         save_best=writer,
     )
     checkpoints = checkpoints or CheckpointFile(job.checkpoint_dir / LAST_CHECKPOINT)
+    amp = amp_dtype(cfg.mixed_precision, device, fine_tuning=images and not model.backbone_frozen)
+    compiling = []
+    if images and world_size == 1:
+        key = compile_key(module, device, cfg.batch_size, config.data.image_size, amp, cfg.channels_last)
+        first_trainable = cfg.head_only_epochs + 1 if not model.backbone_frozen else 1
+        log = job.log if writer else None
+        compiling.append(
+            CompiledTraining(module, cfg.compile, key, cfg.batch_size, first_trainable_epoch=first_trainable, log=log)
+        )
     trainer = Trainer(
         module,
         optimizer,
@@ -121,6 +131,7 @@ def train_in_this_process(
         device=device,
         scheduler=None if schedules_per_step(cfg) else make_scheduler(optimizer, cfg),
         callbacks=[
+            *compiling,
             *recipe_callbacks(module, cfg, data.num_classes, len(setup.loaders["train"]), images),
             *([MetricsWriter(job)] if writer else []),
             stopper,
@@ -129,7 +140,7 @@ def train_in_this_process(
             *plugins.callbacks(run),
             *callbacks,
         ],
-        amp_dtype=amp_dtype(cfg.mixed_precision, device, fine_tuning=images and not model.backbone_frozen),
+        amp_dtype=amp,
         channels_last=images and cfg.channels_last,
         seed=cfg.seed,
         log=job.log if writer else None,
@@ -170,6 +181,8 @@ def train_in_this_process(
         "best": _best_record(trainer.history, stopper.best_epoch if restored else None),
         "callback_failures": trainer.runner.failures,
     }
+    if compiling:
+        results["compile"] = compiling[0].summary
     if "test" in setup.loaders and cfg.evaluate_test:
         test = trainer.evaluate("test", confusion=True)
         results["test"] = {

@@ -91,6 +91,15 @@ class Trainer:
         self.batch_started = 0.0
         self.sync_timing = False
         self._mark_time = 0.0
+        # torch.compile's module for training steps, when a callback puts one here (imgtune.training.compiled);
+        # if it fails, the step runs eager, this stays None and `compile_error` says why
+        self.compiled_module: nn.Module | None = None
+        self.compile_error: str | None = None
+
+    @property
+    def train_module(self) -> nn.Module:
+        """What a training step runs: the module, or its DistributedDataParallel wrapper."""
+        return self._train_module
 
     @staticmethod
     def _data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
@@ -168,7 +177,9 @@ class Trainer:
         self.phase = phase
         self.metrics = PhaseMetrics(self.num_classes, confusion=confusion)
         self.module.train(train)
-        forward = self._train_module if train else self.module
+        forward = self.module
+        if train:
+            forward = self._train_module if self.compiled_module is None else self.compiled_module
         if self.data_parallel and not train:
             distributed.share_buffers(self.module)  # every rank evaluates rank 0's model (the one it saves)
         self.emit(Event.PHASE_START)
@@ -191,7 +202,13 @@ class Trainer:
                 self.emit(Event.BATCH_START)
                 self._resume_timing()
                 with self._autocast():
-                    self.outputs = forward(self.inputs)
+                    try:
+                        self.outputs = forward(self.inputs)
+                    except Exception as exc:
+                        if forward is not self.compiled_module or forward is None:
+                            raise
+                        forward = self._compile_failed(exc)
+                        self.outputs = forward(self.inputs)
                     if self.tta_flip and not train and self.inputs.dim() == 4:
                         self.outputs = (self.outputs + forward(self.inputs.flip(-1))) / 2
                     loss_targets = self.targets if self.loss_targets is None else self.loss_targets
@@ -221,6 +238,17 @@ class Trainer:
             self.metrics.sum_over_ranks()
         self.emit(Event.PHASE_END)
         return self.metrics
+
+    def _compile_failed(self, exc: Exception) -> nn.Module:
+        """The compiled module failed (it compiles at its first call): train on eager; returns what to run."""
+        def said(error: BaseException) -> str:
+            return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+
+        cause = getattr(exc, "inner_exception", None) or exc.__cause__  # dynamo's BackendCompilerFailed wraps it
+        self.compile_error = said(exc) + (f" {said(cause)}" if cause is not None else "")
+        self.compiled_module = None
+        self.log(f"torch.compile failed ({self.compile_error}): training goes on eager")
+        return self._train_module
 
     def fit(self, start_epoch: int = 1) -> list[dict[str, Any]]:
         """Train from `start_epoch` to `epochs` (or until a callback stops it); returns the history."""

@@ -1,0 +1,176 @@
+"""torch.compile for a network trained on images, where it pays: `train.compile` on, off or auto.
+
+`auto` decides by measurement and remembers, as the inference backends do (imgtune.models.backends.choose): the
+first job of a kind (device, torch, architecture, trainable parameters, batch and input shape, precision, memory
+format) long enough to measure trains one epoch eager and one compiled, compares their median step times
+(forward, backward and optimizer: data waits and callbacks left out; full batches only; the compiled epoch's
+first steps, which compile, left out), keeps the faster for its remaining epochs and records the choice in
+``CACHE/training/compile.json``; every later job of that kind takes the recorded choice from its first step.
+A job too short to measure (fewer than MEASURE_EPOCHS epochs left after gradual unfreezing, or fewer than
+MIN_STEPS full batches an epoch) trains eager. Compiling is slow the first time (minutes for a ResNet on a CPU;
+torch's own cache makes it faster later), which is why a choice is made once.
+
+Evaluation stays eager; the compiled module shares the eager module's parameters, so checkpoints, the debugger
+and the model bundle see one module. If compiling fails (no C++ compiler, an unsupported operator), the step
+runs eager, the job says why in its log and `compile` summary, and auto records nothing.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from imgtune.core.io import cache_dir
+from imgtune.models.backends.base import architecture_signature, device_description
+from imgtune.models.backends.choose import ChoiceRecord
+from imgtune.training.callbacks import Callback
+
+if TYPE_CHECKING:
+    from imgtune.training.trainer import Trainer
+
+MEASURE_EPOCHS = 3  # epochs left (after head-only ones) for auto to measure: eager, compiled, then the faster
+MIN_STEPS = 8  # full batches an epoch, for a median step time worth comparing
+COMPILE_STEPS = 2  # the compiled epoch's first full steps compile (forward, then backward): not timed
+PAYS = 0.95  # compiled is taken when its median step takes at most this share of eager's
+
+
+def record_file() -> Path:
+    return cache_dir() / "training" / "compile.json"
+
+
+def compile_key(
+    module: nn.Module, device: torch.device, batch_size: int, image_size: int, amp: torch.dtype | None, nhwc: bool
+) -> str:
+    """What a measured choice holds for: the device, torch, the network and which of its parameters train, the
+    batch and input shape, the autocast dtype and the memory format."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    parts = [device_description(device), torch.__version__, architecture_signature(module), f"trainable={trainable}"]
+    parts += [f"batch={batch_size}", f"size={image_size}", f"amp={amp}", f"channels_last={nhwc}"]
+    return "|".join(parts)
+
+
+def step_seconds(trainer: Trainer) -> float:
+    """The last training step's own time: the copy to the device, forward, backward and the optimizer step."""
+    timing = trainer.step_timing
+    return sum(timing.get(segment, 0.0) for segment in ("h2d", "forward", "backward", "optimizer"))
+
+
+class CompiledTraining(Callback):
+    """Puts the compiled module in the Trainer's training steps, by `mode` (see the module docstring).
+
+    `key`: the choice's record key (compile_key); `full_batch`: the batch size whose steps are timed (the last,
+    smaller batch of an epoch recompiles). `summary` (for job.json's `compile`) says what was done and why."""
+
+    order = 4  # before the callbacks that time or inspect the epoch's steps
+
+    def __init__(
+        self,
+        module: nn.Module,
+        mode: str,
+        key: str,
+        full_batch: int,
+        *,
+        first_trainable_epoch: int = 1,
+        record: ChoiceRecord | None = None,
+        log: Callable[[str], None] | None = None,
+        compiler: Callable[[nn.Module], nn.Module] = torch.compile,
+    ):
+        self.module = module
+        self.mode = mode
+        self.key = key
+        self.full_batch = full_batch
+        self.first_trainable_epoch = first_trainable_epoch
+        self.record = record or ChoiceRecord(record_file())
+        self.log = log or (lambda message: None)
+        self.compiler = compiler
+        self.compiled: nn.Module | None = None
+        self.plan: dict[int, str] | None = None  # epoch -> "eager" | "compiled" | "measure-eager" | "measure-compiled"
+        self.times: dict[str, list[float]] = {"eager": [], "compiled": []}
+        self._full_steps = 0
+        self.summary: dict[str, Any] = {"mode": mode}
+
+    # -- the plan -------------------------------------------------------------------------------------------
+
+    def _make_plan(self, trainer: Trainer) -> dict[int, str]:
+        epochs = range(trainer.epoch, trainer.epochs + 1)
+        if self.mode == "off":
+            return self._everywhere(epochs, "eager", "configuration")
+        if self.mode == "on":
+            return self._everywhere(epochs, "compiled", "configuration")
+        remembered = self.record.get(self.key)
+        if remembered is not None:
+            self.summary.update({k: remembered.get(k) for k in ("eager_step_s", "compiled_step_s")})
+            return self._everywhere(epochs, "compiled" if remembered["compiled"] else "eager", "record")
+        first = max(trainer.epoch, self.first_trainable_epoch)
+        steps = len(trainer.loaders["train"]) if hasattr(trainer.loaders["train"], "__len__") else 0
+        if trainer.epochs - first + 1 < MEASURE_EPOCHS or steps - 1 < MIN_STEPS:
+            self.summary["reason"] = (
+                f"too short to measure (auto needs {MEASURE_EPOCHS} epochs of at least {MIN_STEPS + 1} batches "
+                "with every parameter training)"
+            )
+            return self._everywhere(epochs, "eager", "too short")
+        plan = dict.fromkeys(epochs, "eager")
+        plan[first], plan[first + 1] = "measure-eager", "measure-compiled"
+        self.summary["chosen_by"] = "measurement"
+        return plan
+
+    def _everywhere(self, epochs: range, what: str, chosen_by: str) -> dict[int, str]:
+        self.summary.update(chosen_by=chosen_by, compiled=what == "compiled")
+        return dict.fromkeys(epochs, what)
+
+    # -- the Trainer's hooks ---------------------------------------------------------------------------------
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        if self.plan is None:
+            self.plan = self._make_plan(trainer)
+        wants = self.plan.get(trainer.epoch, "eager")
+        self._full_steps = 0
+        if wants.endswith("compiled") and self.compiled is None and "failed" not in self.summary:
+            self.compiled = self.compiler(trainer.train_module)
+        trainer.compiled_module = self.compiled if wants.endswith("compiled") else None
+
+    def on_batch_end(self, trainer: Trainer) -> None:
+        wants = (self.plan or {}).get(trainer.epoch, "")
+        if trainer.phase != "train" or not wants.startswith("measure") or trainer.inputs is None:
+            return
+        if trainer.inputs.shape[0] != self.full_batch:
+            return
+        self._full_steps += 1
+        if wants == "measure-compiled" and self._full_steps <= COMPILE_STEPS:
+            self.summary["compile_s"] = round(self.summary.get("compile_s", 0.0) + step_seconds(trainer), 3)
+            return
+        self.times["compiled" if wants == "measure-compiled" else "eager"].append(step_seconds(trainer))
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        if trainer.compile_error is not None and "failed" not in self.summary:
+            self._failed(trainer)
+            return
+        if (self.plan or {}).get(trainer.epoch) != "measure-compiled":
+            return
+        eager, compiled = (statistics.median(self.times[k]) if self.times[k] else None for k in ("eager", "compiled"))
+        if eager is None or compiled is None:
+            self._settle(False, "no full steps to compare")
+            return
+        faster = compiled <= PAYS * eager
+        self.summary.update(eager_step_s=round(eager, 4), compiled_step_s=round(compiled, 4))
+        self.record.put(self.key, {"compiled": faster, "eager_step_s": eager, "compiled_step_s": compiled})
+        self._settle(faster, f"median step {compiled:.3f} s compiled against {eager:.3f} s eager")
+
+    def _settle(self, compiled: bool, why: str) -> None:
+        assert self.plan is not None
+        for epoch, what in self.plan.items():
+            if not what.startswith("measure"):
+                self.plan[epoch] = "compiled" if compiled else "eager"
+        self.summary.update(compiled=compiled, reason=why)
+        self.log(f"torch.compile {'pays' if compiled else 'does not pay'} here: {why}; the remaining epochs train "
+                 f"{'compiled' if compiled else 'eager'}")  # fmt: skip
+
+    def _failed(self, trainer: Trainer) -> None:
+        self.plan = dict.fromkeys(self.plan or {}, "eager")
+        self.compiled = None
+        self.summary.update(compiled=False, failed=trainer.compile_error, chosen_by="failure")

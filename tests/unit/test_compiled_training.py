@@ -1,0 +1,134 @@
+"""train.compile: the compiled module in the Trainer's steps, auto's measure-once-and-remember plan, and the
+fallback to eager when compiling fails. torch.compile runs for real, with its `eager` backend (dynamo traces and
+runs the graph without generating code: seconds, not minutes); the slow test in
+tests/integration/test_finetune_recipes.py compiles a job with inductor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from imgtune.config import build_config
+from imgtune.core.errors import ConfigError
+from imgtune.models.backends.choose import ChoiceRecord
+from imgtune.training.callbacks import Callback
+from imgtune.training.compiled import CompiledTraining
+from imgtune.training.trainer import Trainer
+
+BATCH = 16
+
+
+def images(n: int = 10 * BATCH + 4) -> TensorDataset:  # 10 full batches and a short one per epoch
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % 2
+    x = torch.rand(n, 3, 16, 16, generator=g)
+    x[labels == 1, 0] += 0.5
+    return TensorDataset(x, labels)
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)
+    )
+
+
+class CompiledSteps:
+    """torch.compile with dynamo's eager backend, counting the modules it compiled."""
+
+    def __init__(self, backend="eager"):
+        self.backend = backend
+        self.compiled: list[nn.Module] = []
+
+    def __call__(self, module: nn.Module) -> nn.Module:
+        torch._dynamo.reset()
+        compiled = torch.compile(module, backend=self.backend)
+        self.compiled.append(compiled)
+        return compiled
+
+
+class ModulePerEpoch(Callback):
+    """Which module each training epoch's steps ran (from the Trainer's own attribute)."""
+
+    order = 50
+
+    def __init__(self) -> None:
+        self.per_epoch: dict[int, str] = {}
+
+    def on_batch_end(self, trainer: Trainer) -> None:
+        if trainer.phase == "train":
+            self.per_epoch[trainer.epoch] = "compiled" if trainer.compiled_module is not None else "eager"
+
+
+def train(tmp_path: Path, mode: str, epochs: int, compiler: CompiledSteps) -> tuple[CompiledTraining, ModulePerEpoch]:
+    module = cnn()
+    record = ChoiceRecord(tmp_path / "compile.json")
+    plan = CompiledTraining(module, mode, "the-key", BATCH, record=record, compiler=compiler)
+    seen = ModulePerEpoch()
+    loaders = {"train": DataLoader(images(), batch_size=BATCH, shuffle=True), "valid": DataLoader(images(40), 16)}
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    trainer = Trainer(module, opt, loaders, epochs=epochs, num_classes=2, callbacks=[plan, seen])
+    history = trainer.fit()
+    assert len(history) == epochs and not trainer.runner.failures, trainer.runner.failures
+    return plan, seen
+
+
+def test_auto_measures_once_then_follows_the_record(tmp_path):
+    compiler = CompiledSteps()
+    plan, seen = train(tmp_path, "auto", 4, compiler)
+    summary = plan.summary
+    assert summary["chosen_by"] == "measurement" and len(compiler.compiled) == 1
+    assert summary["eager_step_s"] > 0 and summary["compiled_step_s"] > 0 and summary["compile_s"] > 0
+    assert len(plan.times["eager"]) == 10 and len(plan.times["compiled"]) == 10 - 2  # full batches; 2 compile
+    chosen = "compiled" if summary["compiled"] else "eager"
+    assert seen.per_epoch == {1: "eager", 2: "compiled", 3: chosen, 4: chosen}
+    remembered = ChoiceRecord(tmp_path / "compile.json").get("the-key")
+    assert remembered["compiled"] == summary["compiled"] and remembered["eager_step_s"] > 0
+
+    again, seen_again = train(tmp_path, "auto", 4, compiler)  # the same kind of job: nothing measured
+    assert again.summary["chosen_by"] == "record" and again.times == {"eager": [], "compiled": []}
+    assert set(seen_again.per_epoch.values()) == {chosen}
+
+
+def test_auto_does_not_measure_a_short_job(tmp_path):
+    compiler = CompiledSteps()
+    plan, seen = train(tmp_path, "auto", 2, compiler)
+    assert plan.summary["chosen_by"] == "too short" and not compiler.compiled
+    assert set(seen.per_epoch.values()) == {"eager"}
+    assert ChoiceRecord(tmp_path / "compile.json").get("the-key") is None
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("on", "compiled"), ("off", "eager")])
+def test_on_and_off_are_followed(tmp_path, mode, expected):
+    compiler = CompiledSteps()
+    plan, seen = train(tmp_path, mode, 2, compiler)
+    assert plan.summary == {"mode": mode, "chosen_by": "configuration", "compiled": mode == "on"}
+    assert set(seen.per_epoch.values()) == {expected} and len(compiler.compiled) == (mode == "on")
+
+
+def no_compiler(graph_module, example_inputs):
+    raise RuntimeError("no C++ compiler found")  # what inductor says on a machine without one, in short
+
+
+def test_a_failing_compiler_leaves_training_eager(tmp_path):
+    plan, seen = train(tmp_path, "auto", 4, CompiledSteps(no_compiler))
+    assert plan.summary["chosen_by"] == "failure" and "no C++ compiler" in plan.summary["failed"]
+    assert set(seen.per_epoch.values()) == {"eager"}  # the failed step itself ran eager
+    assert ChoiceRecord(tmp_path / "compile.json").get("the-key") is None
+
+
+@pytest.mark.parametrize(("given", "expected"), [("on", "on"), ("off", "off"), ("auto", "auto")])
+def test_compile_reads_yaml_on_and_off_as_words(given, expected, tmp_path):
+    import yaml  # --set values and config files are YAML: on and off read as booleans
+
+    config = build_config({"data": {"path": str(tmp_path)}, "train": {"compile": yaml.safe_load(given)}})
+    assert config.train.compile == expected
+
+
+def test_compile_on_with_data_parallel_workers_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="compile"):
+        build_config({"data": {"path": str(tmp_path)}, "train": {"compile": "on", "workers": 2, "batch_size": 32}})
