@@ -16,7 +16,7 @@ from imgtune.config import build_config
 from imgtune.core.errors import ConfigError
 from imgtune.models.backends.choose import ChoiceRecord
 from imgtune.training.callbacks import Callback
-from imgtune.training.compiled import CompiledTraining
+from imgtune.training.compiled import MIN_JOB_SECONDS, CompiledTraining
 from imgtune.training.trainer import Trainer
 
 BATCH = 16
@@ -64,10 +64,15 @@ class ModulePerEpoch(Callback):
             self.per_epoch[trainer.epoch] = "compiled" if trainer.compiled_module is not None else "eager"
 
 
-def train(tmp_path: Path, mode: str, epochs: int, compiler: CompiledSteps) -> tuple[CompiledTraining, ModulePerEpoch]:
+def train(
+    tmp_path: Path, mode: str, epochs: int, compiler: CompiledSteps, min_job_seconds: float = 0.0
+) -> tuple[CompiledTraining, ModulePerEpoch]:
+    """`min_job_seconds` 0: these jobs of milliseconds count as long enough to try compiling."""
     module = cnn()
     record = ChoiceRecord(tmp_path / "compile.json")
-    plan = CompiledTraining(module, mode, "the-key", BATCH, record=record, compiler=compiler)
+    plan = CompiledTraining(
+        module, mode, "the-key", BATCH, record=record, compiler=compiler, min_job_seconds=min_job_seconds
+    )
     seen = ModulePerEpoch()
     loaders = {"train": DataLoader(images(), batch_size=BATCH, shuffle=True), "valid": DataLoader(images(40), 16)}
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
@@ -99,6 +104,16 @@ def test_auto_does_not_measure_a_short_job(tmp_path):
     plan, seen = train(tmp_path, "auto", 2, compiler)
     assert plan.summary["chosen_by"] == "too short" and not compiler.compiled
     assert set(seen.per_epoch.values()) == {"eager"}
+    assert ChoiceRecord(tmp_path / "compile.json").get("the-key") is None
+
+
+def test_auto_does_not_compile_where_the_training_left_could_not_pay_it_back(tmp_path):
+    """With the default MIN_JOB_SECONDS (20 minutes of training left after the eager epoch), a short job
+    measures its eager epoch, then stays eager and records nothing."""
+    compiler = CompiledSteps()
+    plan, seen = train(tmp_path, "auto", 4, compiler, min_job_seconds=MIN_JOB_SECONDS)
+    assert plan.summary["chosen_by"] == "too short" and "too little to pay back" in plan.summary["reason"]
+    assert set(seen.per_epoch.values()) == {"eager"} and not compiler.compiled
     assert ChoiceRecord(tmp_path / "compile.json").get("the-key") is None
 
 

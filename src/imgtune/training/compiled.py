@@ -6,9 +6,11 @@ format) long enough to measure trains one epoch eager and one compiled, compares
 (forward, backward and optimizer: data waits and callbacks left out; full batches only; the compiled epoch's
 first steps, which compile, left out), keeps the faster for its remaining epochs and records the choice in
 ``CACHE/training/compile.json``; every later job of that kind takes the recorded choice from its first step.
-A job too short to measure (fewer than MEASURE_EPOCHS epochs left after gradual unfreezing, or fewer than
-MIN_STEPS full batches an epoch) trains eager. Compiling is slow the first time (minutes for a ResNet on a CPU;
-torch's own cache makes it faster later), which is why a choice is made once.
+Compiling is slow the first time (two to three minutes for MobileNetV2 on a 2-core CPU; torch's own cache makes
+it faster later), so auto only tries it in a job long enough to pay that back: after its eager epoch, the
+training left must be estimated at MIN_JOB_SECONDS or more; a shorter job (or one with fewer than
+MEASURE_EPOCHS epochs left after gradual unfreezing, or fewer than MIN_STEPS full batches an epoch) trains eager
+and records nothing.
 
 Evaluation stays eager; the compiled module shares the eager module's parameters, so checkpoints, the debugger
 and the model bundle see one module. If compiling fails (no C++ compiler, an unsupported operator), the step
@@ -37,6 +39,7 @@ MEASURE_EPOCHS = 3  # epochs left (after head-only ones) for auto to measure: ea
 MIN_STEPS = 8  # full batches an epoch, for a median step time worth comparing
 COMPILE_STEPS = 2  # the compiled epoch's first full steps compile (forward, then backward): not timed
 PAYS = 0.95  # compiled is taken when its median step takes at most this share of eager's
+MIN_JOB_SECONDS = 1200.0  # eager training left, estimated after the eager epoch, for auto to try compiling
 
 
 def record_file() -> Path:
@@ -79,6 +82,7 @@ class CompiledTraining(Callback):
         record: ChoiceRecord | None = None,
         log: Callable[[str], None] | None = None,
         compiler: Callable[[nn.Module], nn.Module] = torch.compile,
+        min_job_seconds: float = MIN_JOB_SECONDS,
     ):
         self.module = module
         self.mode = mode
@@ -88,6 +92,7 @@ class CompiledTraining(Callback):
         self.record = record or ChoiceRecord(record_file())
         self.log = log or (lambda message: None)
         self.compiler = compiler
+        self.min_job_seconds = min_job_seconds
         self.compiled: nn.Module | None = None
         self.plan: dict[int, str] | None = None  # epoch -> "eager" | "compiled" | "measure-eager" | "measure-compiled"
         self.times: dict[str, list[float]] = {"eager": [], "compiled": []}
@@ -150,6 +155,8 @@ class CompiledTraining(Callback):
         if trainer.compile_error is not None and "failed" not in self.summary:
             self._failed(trainer)
             return
+        if (self.plan or {}).get(trainer.epoch) == "measure-eager":
+            self._worth_compiling(trainer)
         if (self.plan or {}).get(trainer.epoch) != "measure-compiled":
             return
         eager, compiled = (statistics.median(self.times[k]) if self.times[k] else None for k in ("eager", "compiled"))
@@ -160,6 +167,22 @@ class CompiledTraining(Callback):
         self.summary.update(eager_step_s=round(eager, 4), compiled_step_s=round(compiled, 4))
         self.record.put(self.key, {"compiled": faster, "eager_step_s": eager, "compiled_step_s": compiled})
         self._settle(faster, f"median step {compiled:.3f} s compiled against {eager:.3f} s eager")
+
+    def _worth_compiling(self, trainer: Trainer) -> None:
+        """After the eager epoch: is the training left long enough to pay back a compile? If not, eager on."""
+        if not self.times["eager"]:
+            return
+        epochs_left = trainer.epochs - trainer.epoch
+        left = statistics.median(self.times["eager"]) * len(trainer.loaders["train"]) * epochs_left
+        if left >= self.min_job_seconds:
+            return
+        assert self.plan is not None
+        self.plan[trainer.epoch + 1] = "eager"
+        self.summary.update(chosen_by="too short", compiled=False)
+        self.summary["reason"] = (
+            f"about {left:.0f} s of training left: too little to pay back compiling (auto tries it with "
+            f"{self.min_job_seconds:.0f} s or more)"
+        )
 
     def _settle(self, compiled: bool, why: str) -> None:
         assert self.plan is not None
