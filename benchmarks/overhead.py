@@ -8,6 +8,7 @@ their ratios (with / without).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -35,7 +36,16 @@ def arguments(doc: str) -> argparse.Namespace:
 
 
 def machine() -> str:
-    return f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    """The machine in a line: architecture, cores, the CPU's model and whether it has bf16 natively, torch."""
+    model, flags = platform.processor() or "unknown CPU", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == (platform.processor() or "unknown CPU"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    bf16 = "with native bf16" if flags & {"avx512_bf16", "amx_bf16"} else "without native bf16"
+    return f"machine: {platform.machine()}, {os.cpu_count()} cores, {model} ({bf16}), torch {torch.__version__}"
 
 
 def job_timings(raw: dict[str, Any], section: str, enabled: bool, workspace: Path) -> dict[str, float]:
