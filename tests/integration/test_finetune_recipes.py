@@ -33,6 +33,11 @@ def test_each_recipe_trains_a_job_end_to_end(recipe, dogs_mini, mobilenet_weight
     assert "batch-norm statistics stay as pretrained" in job.log_file.read_text()
     predictions = imgtune.predict([next((dogs_mini / "test").rglob("*.jpg"))], job=job)
     assert predictions[0]["classes"]
+    if recipe == "finetune-strong":  # train.tta=flip: `imgtune evaluate` does as the job did, unless told not to
+        as_the_job = imgtune.evaluate(job, dogs_mini, workspace=tmp_path, progress=False)
+        plain = imgtune.evaluate(job, dogs_mini, workspace=tmp_path, progress=False, tta=False)
+        assert (as_the_job["tta"], plain["tta"]) == ("flip", "none") and as_the_job["loss"] != plain["loss"]
+        assert as_the_job["accuracy"] == pytest.approx(record.test["accuracy"], abs=0.02)
 
 
 def test_the_recipe_flag_is_a_config_key(tmp_path, dogs_mini):

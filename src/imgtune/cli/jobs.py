@@ -86,11 +86,20 @@ def evaluate(
     job: JobArgument,
     data: Annotated[str, typer.Option(help="Dataset folder or s3:// prefix.")],
     split: str = typer.Option(api_default(imgtune.evaluate, "split"), help="train, valid, test, or all."),
+    tta: Annotated[
+        bool | None,
+        typer.Option(
+            "--tta/--no-tta",
+            help="Average each image's and its mirror image's logits \\[default: as the job evaluated itself, "
+            "its train.tta].",
+            show_default=False,
+        ),
+    ] = None,
     workspace: WorkspaceOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Evaluate a job's model on a split of a dataset (top-1, top-5, per-class accuracy)."""
-    result = imgtune.evaluate(job, data, split=split, workspace=workspace, progress=not as_json)
+    result = imgtune.evaluate(job, data, split=split, workspace=workspace, progress=not as_json, tta=tta)
     print_json(result) if as_json else render.evaluation(result, split)
 
 

@@ -185,13 +185,20 @@ def open_tuning_job(job: str | Path | Job, workspace: Workspace = None, *, shall
 
 
 def evaluate(
-    job: str | Path | Job, data: str | Path, *, split: str = "test", workspace: Workspace = None, progress: bool = True
+    job: str | Path | Job,
+    data: str | Path,
+    *,
+    split: str = "test",
+    workspace: Workspace = None,
+    progress: bool = True,
+    tta: bool | None = None,
 ) -> dict[str, Any]:
     """A job's model on a split of a dataset: top-1, top-5, per-class accuracy, confusion matrix (also recorded
-    in the job's `evaluations`)."""
+    in the job's `evaluations`); `tta` (flip test-time augmentation) None: as the job's own `train.tta`."""
     from imgtune.runs.evaluate import evaluate_job
 
-    return evaluate_job(model_source(job), str(data), split=split, workspace=workspace, progress=progress)
+    source = model_source(job)
+    return evaluate_job(source, str(data), split=split, workspace=workspace, progress=progress, tta=tta)
 
 
 def pipeline(

@@ -66,13 +66,18 @@ def evaluate_job(
     batch_size: int = 64,
     num_workers: int = -1,
     progress: bool = True,
+    tta: bool | None = None,
 ) -> dict[str, Any]:
     """Top-1/top-5 accuracy, loss, per-class accuracy and confusion matrix of a job's model on a split.
 
     `split` is train, valid, test, or all. Images of classes the model does not know are left out and
-    counted. The result is also appended to the job's `evaluations` in job.json.
+    counted. `tta`: average each image's logits with its mirror image's (flip test-time augmentation); None:
+    as the job evaluated itself (its `train.tta`). The result is also appended to the job's `evaluations` in
+    job.json.
     """
     handle, model_dir, config = _model_and_config(job, workspace)
+    if tta is None:
+        tta = config.get("train", {}).get("tta") == "flip"
     model = config.get("model", {})
     backend = model.get("backend", model.get("inference", "auto"))  # `inference`: job configs of older imgtune
     predictor = Predictor.load(model_dir, backend=backend)
@@ -98,10 +103,13 @@ def evaluate_job(
     loss_fn = torch.nn.CrossEntropyLoss()
     for images, targets in loader:
         logits = predictor.backend(images)  # the fastest backend that agrees with fp32 eager, by default
+        if tta:
+            logits = (logits + predictor.backend(images.flip(-1))) / 2
         metrics.update(logits, targets, loss_fn(logits, targets))
     result = {
         "data": data_path,
         "split": split,
+        "tta": "flip" if tta else "none",
         "evaluated": now_iso(),
         **metrics.summary(),
         "skipped_unknown_class": unknown,

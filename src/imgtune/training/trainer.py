@@ -241,6 +241,7 @@ class Trainer:
 
     def _compile_failed(self, exc: Exception) -> nn.Module:
         """The compiled module failed (it compiles at its first call): train on eager; returns what to run."""
+
         def said(error: BaseException) -> str:
             return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
 
