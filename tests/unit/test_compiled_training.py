@@ -1,7 +1,7 @@
 """train.compile: the compiled module in the Trainer's steps, auto's measure-once-and-remember plan, and the
 fallback to eager when compiling fails. torch.compile runs for real, with its `eager` backend (dynamo traces and
-runs the graph without generating code: seconds, not minutes); the slow test in
-tests/integration/test_finetune_recipes.py compiles a job with inductor."""
+runs the graph without generating code: seconds, not minutes); `benchmarks/finetune.py --part compile` compiles
+whole jobs with inductor (minutes on a CPU)."""
 
 from __future__ import annotations
 
@@ -84,24 +84,37 @@ def train(
 
 def test_auto_measures_once_then_follows_the_record(tmp_path):
     compiler = CompiledSteps()
-    plan, seen = train(tmp_path, "auto", 4, compiler)
+    plan, seen = train(tmp_path, "auto", 5, compiler)
     summary = plan.summary
     assert summary["chosen_by"] == "measurement" and len(compiler.compiled) == 1
     assert summary["eager_step_s"] > 0 and summary["compiled_step_s"] > 0 and summary["compile_s"] > 0
     assert len(plan.times["eager"]) == 10 and len(plan.times["compiled"]) == 10 - 2  # full batches; 2 compile
     chosen = "compiled" if summary["compiled"] else "eager"
-    assert seen.per_epoch == {1: "eager", 2: "compiled", 3: chosen, 4: chosen}
+    # epoch 1 (one-off costs) is not measured; epoch 2 eager and epoch 3 compiled are
+    assert seen.per_epoch == {1: "eager", 2: "eager", 3: "compiled", 4: chosen, 5: chosen}
     remembered = ChoiceRecord(tmp_path / "compile.json").get("the-key")
     assert remembered["compiled"] == summary["compiled"] and remembered["eager_step_s"] > 0
 
-    again, seen_again = train(tmp_path, "auto", 4, compiler)  # the same kind of job: nothing measured
+    again, seen_again = train(tmp_path, "auto", 5, compiler)  # the same kind of job: nothing measured
     assert again.summary["chosen_by"] == "record" and again.times == {"eager": [], "compiled": []}
     assert set(seen_again.per_epoch.values()) == {chosen}
 
 
+def test_a_remembered_compiled_choice_is_not_followed_by_a_job_too_short_to_pay_it_back(tmp_path):
+    ChoiceRecord(tmp_path / "compile.json").put(
+        "the-key", {"compiled": True, "eager_step_s": 0.5, "compiled_step_s": 0.3}
+    )  # fmt: skip
+    compiler = CompiledSteps()
+    plan, seen = train(tmp_path, "auto", 2, compiler, min_job_seconds=MIN_JOB_SECONDS)  # 2 x 11 steps x 0.5 s
+    assert plan.summary["chosen_by"] == "record" and "too little to pay back" in plan.summary["reason"]
+    assert set(seen.per_epoch.values()) == {"eager"} and not compiler.compiled
+    plan, seen = train(tmp_path, "auto", 2, compiler)  # long enough (min_job_seconds 0): compiled from the start
+    assert plan.summary["compiled"] and set(seen.per_epoch.values()) == {"compiled"}
+
+
 def test_auto_does_not_measure_a_short_job(tmp_path):
     compiler = CompiledSteps()
-    plan, seen = train(tmp_path, "auto", 2, compiler)
+    plan, seen = train(tmp_path, "auto", 3, compiler)
     assert plan.summary["chosen_by"] == "too short" and not compiler.compiled
     assert set(seen.per_epoch.values()) == {"eager"}
     assert ChoiceRecord(tmp_path / "compile.json").get("the-key") is None
@@ -111,7 +124,7 @@ def test_auto_does_not_compile_where_the_training_left_could_not_pay_it_back(tmp
     """With the default MIN_JOB_SECONDS (20 minutes of training left after the eager epoch), a short job
     measures its eager epoch, then stays eager and records nothing."""
     compiler = CompiledSteps()
-    plan, seen = train(tmp_path, "auto", 4, compiler, min_job_seconds=MIN_JOB_SECONDS)
+    plan, seen = train(tmp_path, "auto", 5, compiler, min_job_seconds=MIN_JOB_SECONDS)
     assert plan.summary["chosen_by"] == "too short" and "too little to pay back" in plan.summary["reason"]
     assert set(seen.per_epoch.values()) == {"eager"} and not compiler.compiled
     assert ChoiceRecord(tmp_path / "compile.json").get("the-key") is None
@@ -129,11 +142,60 @@ def no_compiler(graph_module, example_inputs):
     raise RuntimeError("no C++ compiler found")  # what inductor says on a machine without one, in short
 
 
-def test_a_failing_compiler_leaves_training_eager(tmp_path):
-    plan, seen = train(tmp_path, "auto", 4, CompiledSteps(no_compiler))
-    assert plan.summary["chosen_by"] == "failure" and "no C++ compiler" in plan.summary["failed"]
-    assert set(seen.per_epoch.values()) == {"eager"}  # the failed step itself ran eager
+def no_compiler_for_the_backward():
+    """A backend whose forward compiles and whose backward (compiled at the first backward) finds no C++
+    compiler, as inductor does on a machine without one."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def backward_compiler(graph_module, example_inputs):
+        raise InvalidCxxCompiler()
+
+    return aot_autograd(fw_compiler=lambda graph_module, example_inputs: graph_module, bw_compiler=backward_compiler)
+
+
+@pytest.mark.parametrize("backend", [no_compiler, no_compiler_for_the_backward()], ids=["forward", "backward"])
+def test_a_failing_compiler_leaves_training_eager(tmp_path, backend):
+    plan, seen = train(tmp_path, "auto", 5, CompiledSteps(backend))
+    assert plan.summary["chosen_by"] == "failure" and not plan.summary["compiled"]
+    assert "no C++ compiler" in plan.summary["failed"] or "No working C++ compiler" in plan.summary["failed"]
+    assert set(seen.per_epoch.values()) == {"eager"}  # the failed step itself ran again eager
     assert ChoiceRecord(tmp_path / "compile.json").get("the-key") is None
+
+
+def test_an_error_of_the_model_itself_is_not_taken_for_a_compile_failure(tmp_path):
+    """Only torch.compile's own errors fall back to eager: a compiled model that fails fails the job."""
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise ValueError("the model's own bug")
+
+    module = Broken()
+    plan = CompiledTraining(
+        module, "on", "k", BATCH, record=ChoiceRecord(tmp_path / "c.json"), compiler=CompiledSteps()
+    )
+    loaders = {"train": DataLoader(images(), batch_size=BATCH)}
+    opt = torch.optim.SGD(cnn().parameters(), lr=0.1)
+    trainer = Trainer(module, opt, loaders, epochs=1, num_classes=2, callbacks=[plan])
+    with pytest.raises(ValueError, match="own bug"):
+        trainer.fit()
+    assert trainer.compile_error is None
+
+
+def test_the_debugger_hooks_going_away_rebuild_the_compiled_module(tmp_path):
+    """PoorWeightInitialization's window (3 steps here) hooks the ReLUs; once it is past the debugger removes the
+    hooks and the next epoch's compiled module is traced again without them."""
+    from debug_harness import blobs, run
+    from imgtune.debugger.rules import make_rules
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    compiler = CompiledSteps()
+    plan = CompiledTraining(model, "on", "k", 16, record=ChoiceRecord(tmp_path / "c.json"), compiler=compiler)
+    rules = make_rules(["PoorWeightInitialization"], {"PoorWeightInitialization": {"steps": 3}})
+    result = run(tmp_path, model, blobs(160), None, rules, epochs=3, callbacks=[plan])
+    assert len(compiler.compiled) == 2  # epoch 1 with the hooks, epoch 2 without; epoch 3 as epoch 2
+    assert result.trial.tensor("1_relu_input").steps("train") == [0, 1, 2]
 
 
 @pytest.mark.parametrize(("given", "expected"), [("on", "on"), ("off", "off"), ("auto", "auto")])

@@ -711,15 +711,18 @@ class CountedParameters(nn.Sequential):
 
 
 class ParameterWalksPerStep(Callback):
-    """Records, for each training step, how many times the model's parameters were walked by name in it."""
+    """Records, for each training step, how many times the model's parameters were walked by name in it, and
+    how many forward hooks its modules had."""
 
     order = 99
 
     def __init__(self) -> None:
         self.per_step: list[int] = []
+        self.hooks_per_step: list[int] = []
 
     def on_batch_start(self, trainer) -> None:
         self._before = trainer.module.walks
+        self.hooks_per_step.append(sum(len(m._forward_hooks) for m in trainer.module.modules()))
 
     def on_batch_end(self, trainer) -> None:
         if trainer.phase == "train":
@@ -739,4 +742,4 @@ def test_between_saved_steps_the_debugger_never_touches_the_parameters(tmp_path)
     assert touched == [0, 1, 2, 10]  # the dense window and the saved steps, nothing else
     assert result.trial.tensor("gradient/0.weight").steps("train") == [0, 1, 2, 10]
     assert result.trial.tensor("3_relu_input").steps("train") == [0, 1, 2]
-    assert not any(module._forward_hooks for module in model.modules())
+    assert walks.hooks_per_step[:3] == [2, 2, 2] and set(walks.hooks_per_step[3:]) == {0}  # gone while training

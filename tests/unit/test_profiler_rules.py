@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from imgtune.core.errors import ConfigError
 from imgtune.profiler.data import ProfileData
@@ -344,3 +345,21 @@ def test_the_trace_window_fits_a_share_of_the_planned_steps(planned, start, step
     window = fit_trace_window(planned, start, steps, share)
     assert (window["start"], window["steps"]) == expected
     assert (window["reason"] is None) == (expected == (start, steps))  # a changed window says why
+
+
+def test_a_resumed_job_fits_its_trace_window_to_the_epochs_left(tmp_path):
+    """A job resumed after 8 of its 10 epochs (the checkpoint set the Trainer's epoch) runs 2 epochs of 50 steps:
+    its window is 4 % of 100 steps, not of 500."""
+    from torch import nn
+
+    from imgtune.profiler.timeline import StepTimeline
+    from imgtune.training.trainer import Trainer
+
+    module = nn.Linear(2, 2)
+    trainer = Trainer(module, torch.optim.SGD(module.parameters(), lr=0.1), {"train": []}, epochs=10, num_classes=2)
+    timeline = StepTimeline(tmp_path, trace_start_step=5, trace_steps=5, trace_max_share=0.04, steps_per_epoch=50)
+    trainer.epoch = 8
+    timeline.on_fit_start(trainer)
+    window = json.loads((tmp_path / "meta.json").read_text())["trace"]
+    assert (window["planned_steps"], window["start"], window["steps"]) == (100, 5, 4)
+    timeline.close()

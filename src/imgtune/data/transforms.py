@@ -14,12 +14,12 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-with warnings.catch_warnings():  # torchvision 0.29+ says its decoders will move to TorchCodec; they still work
-    warnings.simplefilter("ignore", DeprecationWarning)
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except ImportError:  # a torchvision without them: every image is decoded by PIL
-        decode_jpeg = None
+# torchvision 0.29+ says its decoders will move to TorchCodec (at import and at each call); they still work
+warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
+try:
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # a torchvision without them: every image is decoded by PIL
+    decode_jpeg = None
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,18 +66,16 @@ def read_image(path: str | Path) -> tv_tensors.Image | Image.Image:
     """`load_image` for training and evaluation, faster: an RGB or greyscale JPEG (most photos) is decoded by
     libjpeg-turbo into a uint8 tensor (torchvision.io, about twice as fast as PIL and its conversion), everything
     else by PIL as `load_image` does. PIL reads the header first either way, so its pixel limit
-    (`Image.MAX_IMAGE_PIXELS`) refuses an oversized image before any decoding; a JPEG that libjpeg refuses and PIL
-    reads (a truncated one) is PIL's. The v2 transforms take either."""
+    (`Image.MAX_IMAGE_PIXELS`) refuses an oversized image before any decoding; a JPEG that libjpeg refuses is
+    given to PIL, which decides. The v2 transforms take either."""
     data = Path(path).read_bytes()
     with Image.open(io.BytesIO(data)) as img:
         if decode_jpeg is not None and img.format == "JPEG" and img.mode in ("RGB", "L"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                try:
-                    pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-                    return tv_tensors.Image(pixels)
-                except RuntimeError:
-                    pass
+            try:
+                pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                return tv_tensors.Image(pixels)
+            except RuntimeError:
+                pass
         img.load()
         return to_rgb(img)
 

@@ -204,8 +204,6 @@ class DebuggerCallback(Callback):
         save_config = getattr(self.config, self.mode)
         self._saving = save_config.should_save(self.mode_steps[self.mode])
         self._active = self._step_is_active()
-        if self._hooks and self._activations_done():  # past the rules' windows: no hook runs per module call
-            self._detach_activation_hooks()
         if self._wants("inputs", "inputs") and trainer.inputs is not None:
             self._record("inputs", "inputs", trainer.inputs, batch=int(trainer.inputs.shape[0]))
             if trainer.inputs.dim() == 4:
@@ -272,6 +270,8 @@ class DebuggerCallback(Callback):
             self._pending = {}
         self.step += 1
         self.mode_steps[self.mode] += 1
+        if self._hooks and self._activations_done():  # past the rules' windows: no hook runs per module call
+            self._detach_activation_hooks()
 
     def on_phase_end(self, trainer: Trainer) -> None:
         self.writer.flush()

@@ -44,15 +44,15 @@ class ProfilerSession:
         self.monitor.start()
         return self
 
-    def callback(self, meta: dict[str, Any], planned_steps: int | None = None) -> StepTimeline:
-        """The Trainer callback; `planned_steps`: the training steps it will run (the trace window fits them)."""
+    def callback(self, meta: dict[str, Any], steps_per_epoch: int | None = None) -> StepTimeline:
+        """The Trainer callback; `steps_per_epoch`: its training steps an epoch (the trace window fits them)."""
         self.timeline = StepTimeline(
             self.directory,
             trace=self.config.trace,
             trace_start_step=self.config.trace_start_step,
             trace_steps=self.config.trace_steps,
             trace_max_share=self.config.trace_max_share,
-            planned_steps=planned_steps,
+            steps_per_epoch=steps_per_epoch,
             meta=meta,
         )
         return self.timeline
@@ -96,14 +96,14 @@ class RankSession:
             self.monitor.start()
         return self
 
-    def callback(self, meta: dict[str, Any], planned_steps: int | None = None) -> StepTimeline:
+    def callback(self, meta: dict[str, Any], steps_per_epoch: int | None = None) -> StepTimeline:
         self.timeline = StepTimeline(
             self.directory,
             trace=self.config.trace and self.rank == 0,  # one trace window per job: rank 0's
             trace_start_step=self.config.trace_start_step,
             trace_steps=self.config.trace_steps,
             trace_max_share=self.config.trace_max_share,
-            planned_steps=planned_steps,
+            steps_per_epoch=steps_per_epoch,
             meta={**meta, **self.where},
             rank=self.rank,
         )

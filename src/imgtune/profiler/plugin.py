@@ -37,12 +37,12 @@ class ProfilerPlugin(JobPlugin):
             "num_workers": getattr(loader, "num_workers", 0),
             "pin_memory": bool(getattr(loader, "pin_memory", False)),
         }
-        planned_steps = len(loader) * run.config.train.epochs if hasattr(loader, "__len__") else None
+        steps_per_epoch = len(loader) if hasattr(loader, "__len__") else None
         if self.session is None:  # a Ray Train worker: the job's process (which has the session) is another
             self._close_rank()  # (a plugin object reused for a second training in one process)
             self.rank_session = RankSession(run.job, self.config, run.rank, run.world_size).start()
-            return [self.rank_session.callback(meta, planned_steps)]
-        return [self.session.callback(meta, planned_steps)]
+            return [self.rank_session.callback(meta, steps_per_epoch)]
+        return [self.session.callback(meta, steps_per_epoch)]
 
     @every_rank
     def on_fit_end(self, run: TrainingRun, results: dict[str, Any]) -> None:

@@ -107,24 +107,21 @@ class StepTimeline(Callback):
         trace_start_step: int = 5,
         trace_steps: int = 5,
         trace_max_share: float = 1.0,
-        planned_steps: int | None = None,
+        steps_per_epoch: int | None = None,
         meta: dict[str, Any] | None = None,
         rank: int | None = None,
     ):
         """`rank`: this process's rank in a data-parallel job (its files are named by it and its records carry
-        it); None for a single-process job. `planned_steps`: the training steps this training will run (the
-        trace window is fitted to them, see `fit_trace_window`); None when not known."""
+        it); None for a single-process job. `steps_per_epoch`: training steps an epoch (the trace window is
+        fitted to the epochs this training runs, see `fit_trace_window`); None when not known."""
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.meta = dict(meta or {})
         self.trace = trace and not (directory / TRACE_FILE).exists()  # a resumed job keeps its first trace
-        if self.trace:
-            window = fit_trace_window(planned_steps, trace_start_step, trace_steps, trace_max_share)
-            self.meta["trace"] = window
-            self.trace = window["steps"] > 0
-            trace_start_step, trace_steps = window["start"] or 0, max(window["steps"], 1)
         self.trace_start_step = trace_start_step
         self.trace_steps = trace_steps
+        self.trace_max_share = trace_max_share
+        self.steps_per_epoch = steps_per_epoch
         self.rank = rank
         self._tag = {} if rank is None else {"rank": rank}
         self._meta_path = directory / rank_file(META_FILE, rank)
@@ -139,6 +136,12 @@ class StepTimeline(Callback):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         trainer.sync_timing = True
+        if self.trace:  # fitted to the epochs left (a resumed job runs fewer)
+            planned = None if self.steps_per_epoch is None else self.steps_per_epoch * (trainer.epochs - trainer.epoch)
+            window = fit_trace_window(planned, self.trace_start_step, self.trace_steps, self.trace_max_share)
+            self.meta["trace"] = window
+            self.trace = window["steps"] > 0
+            self.trace_start_step, self.trace_steps = window["start"] or 0, max(window["steps"], 1)
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         meta = {
             "cpu_count": os.cpu_count(),

@@ -2,19 +2,25 @@
 
 `auto` decides by measurement and remembers, as the inference backends do (imgtune.models.backends.choose): the
 first job of a kind (device, torch, architecture, trainable parameters, batch and input shape, precision, memory
-format) long enough to measure trains one epoch eager and one compiled, compares their median step times
-(forward, backward and optimizer: data waits and callbacks left out; full batches only; the compiled epoch's
-first steps, which compile, left out), keeps the faster for its remaining epochs and records the choice in
-``CACHE/training/compile.json``; every later job of that kind takes the recorded choice from its first step.
+format) long enough to measure trains its first epoch eager (one-off costs: the debugger's dense window, warm-up),
+then one epoch eager and one compiled, measured: their median step times (copy, forward, backward and optimizer,
+the device waited for; data waits and callbacks left out; full batches only; the compiled epoch's first steps,
+which compile, left out). It keeps the faster for its remaining epochs and records the choice in
+``CACHE/training/compile.json``; a later job of that kind takes the recorded choice from its first step.
 Compiling is slow the first time (two to three minutes for MobileNetV2 on a 2-core CPU; torch's own cache makes
-it faster later), so auto only tries it in a job long enough to pay that back: after its eager epoch, the
-training left must be estimated at MIN_JOB_SECONDS or more; a shorter job (or one with fewer than
-MEASURE_EPOCHS epochs left after gradual unfreezing, or fewer than MIN_STEPS full batches an epoch) trains eager
-and records nothing.
+it faster later), so auto only compiles in a job long enough to pay that back: the training left, estimated
+from the measured (or remembered) eager step, must be MIN_JOB_SECONDS or more; a shorter job (or one with fewer
+than MEASURE_EPOCHS epochs left after gradual unfreezing, or fewer than MIN_STEPS full batches an epoch) trains
+eager and records nothing.
+
+When the module's forward hooks change (the debugger removes the hooks a rule's first steps needed), the
+compiled module is built again at the next epoch's start: a compiled graph keeps calling the hooks it was
+traced with.
 
 Evaluation stays eager; the compiled module shares the eager module's parameters, so checkpoints, the debugger
-and the model bundle see one module. If compiling fails (no C++ compiler, an unsupported operator), the step
-runs eager, the job says why in its log and `compile` summary, and auto records nothing.
+and the model bundle see one module. If compiling fails (no C++ compiler, an unsupported operator; in the
+forward or in the backward, which compiles at the first backward), the step runs again eager, the rest of the
+job trains eager, the job says why in its log and `compile` summary, and auto records nothing.
 """
 
 from __future__ import annotations
@@ -35,11 +41,11 @@ from imgtune.training.callbacks import Callback
 if TYPE_CHECKING:
     from imgtune.training.trainer import Trainer
 
-MEASURE_EPOCHS = 3  # epochs left (after head-only ones) for auto to measure: eager, compiled, then the faster
+MEASURE_EPOCHS = 4  # epochs left (after head-only ones) for auto to measure: warm-up, eager, compiled, the rest
 MIN_STEPS = 8  # full batches an epoch, for a median step time worth comparing
 COMPILE_STEPS = 2  # the compiled epoch's first full steps compile (forward, then backward): not timed
 PAYS = 0.95  # compiled is taken when its median step takes at most this share of eager's
-MIN_JOB_SECONDS = 1200.0  # eager training left, estimated after the eager epoch, for auto to try compiling
+MIN_JOB_SECONDS = 1200.0  # eager training left, estimated from the eager step, for auto to compile
 
 
 def record_file() -> Path:
@@ -61,6 +67,11 @@ def step_seconds(trainer: Trainer) -> float:
     """The last training step's own time: the copy to the device, forward, backward and the optimizer step."""
     timing = trainer.step_timing
     return sum(timing.get(segment, 0.0) for segment in ("h2d", "forward", "backward", "optimizer"))
+
+
+def forward_hooks(module: nn.Module) -> tuple[int, ...]:
+    """Which forward hooks the module's submodules have now (their ids)."""
+    return tuple(key for sub in module.modules() for key in (*sub._forward_hooks, *sub._forward_pre_hooks))
 
 
 class CompiledTraining(Callback):
@@ -94,39 +105,55 @@ class CompiledTraining(Callback):
         self.compiler = compiler
         self.min_job_seconds = min_job_seconds
         self.compiled: nn.Module | None = None
+        self._compiled_with: tuple[int, ...] = ()  # the forward hooks the compiled module was traced with
         self.plan: dict[int, str] | None = None  # epoch -> "eager" | "compiled" | "measure-eager" | "measure-compiled"
         self.times: dict[str, list[float]] = {"eager": [], "compiled": []}
         self._full_steps = 0
-        self.summary: dict[str, Any] = {"mode": mode}
+        self._sync_timing = False
+        self.summary: dict[str, Any] = {"mode": mode, "compiled": False}
 
     # -- the plan -------------------------------------------------------------------------------------------
 
     def _make_plan(self, trainer: Trainer) -> dict[int, str]:
         epochs = range(trainer.epoch, trainer.epochs + 1)
-        if self.mode == "off":
-            return self._everywhere(epochs, "eager", "configuration")
-        if self.mode == "on":
-            return self._everywhere(epochs, "compiled", "configuration")
-        remembered = self.record.get(self.key)
-        if remembered is not None:
-            self.summary.update({k: remembered.get(k) for k in ("eager_step_s", "compiled_step_s")})
-            return self._everywhere(epochs, "compiled" if remembered["compiled"] else "eager", "record")
-        first = max(trainer.epoch, self.first_trainable_epoch)
+        if self.mode != "auto":
+            self.summary["chosen_by"] = "configuration"
+            return dict.fromkeys(epochs, "compiled" if self.mode == "on" else "eager")
         steps = len(trainer.loaders["train"]) if hasattr(trainer.loaders["train"], "__len__") else 0
+        remembered = self._remembered()
+        if remembered is not None:
+            self.summary.update(chosen_by="record", eager_step_s=remembered["eager_step_s"])
+            self.summary["compiled_step_s"] = remembered["compiled_step_s"]
+            left = remembered["eager_step_s"] * steps * len(epochs)
+            if remembered["compiled"] and left < self.min_job_seconds:
+                self.summary["reason"] = self._too_short(left)
+                return dict.fromkeys(epochs, "eager")
+            return dict.fromkeys(epochs, "compiled" if remembered["compiled"] else "eager")
+        first = max(trainer.epoch, self.first_trainable_epoch)
         if trainer.epochs - first + 1 < MEASURE_EPOCHS or steps - 1 < MIN_STEPS:
+            self.summary["chosen_by"] = "too short"
             self.summary["reason"] = (
                 f"too short to measure (auto needs {MEASURE_EPOCHS} epochs of at least {MIN_STEPS + 1} batches "
                 "with every parameter training)"
             )
-            return self._everywhere(epochs, "eager", "too short")
+            return dict.fromkeys(epochs, "eager")
         plan = dict.fromkeys(epochs, "eager")
-        plan[first], plan[first + 1] = "measure-eager", "measure-compiled"
+        plan[first + 1], plan[first + 2] = "measure-eager", "measure-compiled"
         self.summary["chosen_by"] = "measurement"
         return plan
 
-    def _everywhere(self, epochs: range, what: str, chosen_by: str) -> dict[int, str]:
-        self.summary.update(chosen_by=chosen_by, compiled=what == "compiled")
-        return dict.fromkeys(epochs, what)
+    def _remembered(self) -> dict[str, Any] | None:
+        remembered = self.record.get(self.key)
+        fields = {"compiled": bool, "eager_step_s": float, "compiled_step_s": float}
+        if not isinstance(remembered, dict) or not all(isinstance(remembered.get(k), t) for k, t in fields.items()):
+            return None  # none, or not one this version wrote: measured again
+        return remembered
+
+    def _too_short(self, left: float) -> str:
+        return (
+            f"about {left:.0f} s of training left: too little to pay back compiling (auto compiles with "
+            f"{self.min_job_seconds:.0f} s or more)"
+        )
 
     # -- the Trainer's hooks ---------------------------------------------------------------------------------
 
@@ -135,9 +162,23 @@ class CompiledTraining(Callback):
             self.plan = self._make_plan(trainer)
         wants = self.plan.get(trainer.epoch, "eager")
         self._full_steps = 0
-        if wants.endswith("compiled") and self.compiled is None and "failed" not in self.summary:
-            self.compiled = self.compiler(trainer.train_module)
-        trainer.compiled_module = self.compiled if wants.endswith("compiled") else None
+        trainer.compiled_module = None
+        if wants.startswith("measure"):  # device times, not launch times
+            self._sync_timing, trainer.sync_timing = trainer.sync_timing, True
+        if not wants.endswith("compiled") or "failed" in self.summary:
+            return
+        hooks = forward_hooks(trainer.train_module)
+        if self.compiled is None or hooks != self._compiled_with:
+            try:
+                if self.compiled is not None:  # the graph was traced with hooks that are gone now
+                    torch._dynamo.reset()
+                self.compiled, self._compiled_with = self.compiler(trainer.train_module), hooks
+            except Exception as exc:
+                self.summary["failed"] = f"{type(exc).__name__}: {exc}"
+                self._failed()
+                return
+        trainer.compiled_module = self.compiled
+        self.summary["compiled"] = self.plan.get(trainer.epoch) == "compiled" or self.summary["compiled"]
 
     def on_batch_end(self, trainer: Trainer) -> None:
         wants = (self.plan or {}).get(trainer.epoch, "")
@@ -151,38 +192,53 @@ class CompiledTraining(Callback):
             return
         self.times["compiled" if wants == "measure-compiled" else "eager"].append(step_seconds(trainer))
 
+    def on_phase_end(self, trainer: Trainer) -> None:
+        if trainer.phase == "train" and (self.plan or {}).get(trainer.epoch, "").startswith("measure"):
+            trainer.sync_timing = self._sync_timing
+
     def on_epoch_end(self, trainer: Trainer) -> None:
-        if trainer.compile_error is not None and "failed" not in self.summary:
-            self._failed(trainer)
+        if trainer.compile_error is not None:
+            if "failed" not in self.summary:
+                self.summary["failed"] = trainer.compile_error
+                self._failed()
             return
-        if (self.plan or {}).get(trainer.epoch) == "measure-eager":
+        measuring = (self.plan or {}).get(trainer.epoch)
+        if measuring == "measure-eager":
             self._worth_compiling(trainer)
-        if (self.plan or {}).get(trainer.epoch) != "measure-compiled":
+        elif measuring == "measure-compiled":
+            self._decide()
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        trainer.compiled_module = None
+        if trainer.compile_error is not None and "failed" not in self.summary:  # failed in a stopped epoch
+            self.summary["failed"] = trainer.compile_error
+            self._failed()
+
+    # -- deciding --------------------------------------------------------------------------------------------
+
+    def _worth_compiling(self, trainer: Trainer) -> None:
+        """After the measured eager epoch: is the training left long enough to pay back a compile? If not, eager
+        on, and nothing recorded."""
+        if not self.times["eager"]:
             return
+        left = statistics.median(self.times["eager"]) * len(trainer.loaders["train"]) * (trainer.epochs - trainer.epoch)
+        if left < self.min_job_seconds:
+            assert self.plan is not None
+            self.plan[trainer.epoch + 1] = "eager"
+            self.summary.update(chosen_by="too short", reason=self._too_short(left))
+
+    def _decide(self) -> None:
         eager, compiled = (statistics.median(self.times[k]) if self.times[k] else None for k in ("eager", "compiled"))
         if eager is None or compiled is None:
             self._settle(False, "no full steps to compare")
             return
         faster = compiled <= PAYS * eager
         self.summary.update(eager_step_s=round(eager, 4), compiled_step_s=round(compiled, 4))
-        self.record.put(self.key, {"compiled": faster, "eager_step_s": eager, "compiled_step_s": compiled})
+        try:
+            self.record.put(self.key, {"compiled": faster, "eager_step_s": eager, "compiled_step_s": compiled})
+        except OSError as exc:
+            self.log(f"the compile choice could not be remembered ({exc}): the next job measures again")
         self._settle(faster, f"median step {compiled:.3f} s compiled against {eager:.3f} s eager")
-
-    def _worth_compiling(self, trainer: Trainer) -> None:
-        """After the eager epoch: is the training left long enough to pay back a compile? If not, eager on."""
-        if not self.times["eager"]:
-            return
-        epochs_left = trainer.epochs - trainer.epoch
-        left = statistics.median(self.times["eager"]) * len(trainer.loaders["train"]) * epochs_left
-        if left >= self.min_job_seconds:
-            return
-        assert self.plan is not None
-        self.plan[trainer.epoch + 1] = "eager"
-        self.summary.update(chosen_by="too short", compiled=False)
-        self.summary["reason"] = (
-            f"about {left:.0f} s of training left: too little to pay back compiling (auto tries it with "
-            f"{self.min_job_seconds:.0f} s or more)"
-        )
 
     def _settle(self, compiled: bool, why: str) -> None:
         assert self.plan is not None
@@ -193,7 +249,7 @@ class CompiledTraining(Callback):
         self.log(f"torch.compile {'pays' if compiled else 'does not pay'} here: {why}; the remaining epochs train "
                  f"{'compiled' if compiled else 'eager'}")  # fmt: skip
 
-    def _failed(self, trainer: Trainer) -> None:
+    def _failed(self) -> None:
         self.plan = dict.fromkeys(self.plan or {}, "eager")
         self.compiled = None
-        self.summary.update(compiled=False, failed=trainer.compile_error, chosen_by="failure")
+        self.summary.update(compiled=False, chosen_by="failure")

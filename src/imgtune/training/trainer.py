@@ -16,6 +16,14 @@ from imgtune.training.callbacks import Callback, CallbackRunner, Event, StopTrai
 from imgtune.training.metrics import PhaseMetrics
 
 
+def is_compile_error(exc: BaseException) -> bool:
+    """Did torch.compile fail (dynamo, or inductor: no C++ compiler, a failed build, an unsupported operator),
+    rather than the model's own computation?"""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(exc, TorchDynamoException) or type(exc).__module__.startswith("torch._inductor")
+
+
 class Trainer:
     """Trains `module` on `loaders["train"]`, validates on `loaders["valid"]` each epoch.
 
@@ -201,24 +209,28 @@ class Trainer:
                 self._mark("h2d")
                 self.emit(Event.BATCH_START)
                 self._resume_timing()
-                with self._autocast():
-                    try:
-                        self.outputs = forward(self.inputs)
-                    except Exception as exc:
-                        if forward is not self.compiled_module or forward is None:
-                            raise
-                        forward = self._compile_failed(exc)
-                        self.outputs = forward(self.inputs)
-                    if self.tta_flip and not train and self.inputs.dim() == 4:
-                        self.outputs = (self.outputs + forward(self.inputs.flip(-1))) / 2
-                    loss_targets = self.targets if self.loss_targets is None else self.loss_targets
-                    self.loss = self.loss_fn(self.outputs.float(), loss_targets)
+                compiled = self.compiled_module is not None and forward is self.compiled_module
+                try:
+                    self._forward(forward, train)
+                except Exception as exc:
+                    if not (compiled and is_compile_error(exc)):
+                        raise
+                    forward, compiled = self._compile_failed(exc), False
+                    self._forward(forward, train)
                 self._mark("forward")
                 self.emit(Event.AFTER_FORWARD)
                 if train:
                     self._resume_timing()
                     self.optimizer.zero_grad(set_to_none=True)
-                    self.scaler.scale(self.loss).backward()
+                    try:
+                        self.scaler.scale(self.loss).backward()
+                    except Exception as exc:  # a compiled module compiles its backward at the first backward
+                        if not (compiled and is_compile_error(exc)):
+                            raise
+                        forward, compiled = self._compile_failed(exc), False
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self._forward(forward, train)
+                        self.scaler.scale(self.loss).backward()
                     if self.scaler.is_enabled():  # callbacks see true gradients, not loss-scaled ones
                         self.scaler.unscale_(self.optimizer)
                     self._mark("backward")
@@ -238,6 +250,15 @@ class Trainer:
             self.metrics.sum_over_ranks()
         self.emit(Event.PHASE_END)
         return self.metrics
+
+    def _forward(self, forward: nn.Module, train: bool) -> None:
+        """The batch's outputs and loss (MixUp's soft targets, when a callback set them)."""
+        with self._autocast():
+            self.outputs = forward(self.inputs)
+            if self.tta_flip and not train and self.inputs.dim() == 4:
+                self.outputs = (self.outputs + forward(self.inputs.flip(-1))) / 2
+            loss_targets = self.targets if self.loss_targets is None else self.loss_targets
+            self.loss = self.loss_fn(self.outputs.float(), loss_targets)
 
     def _compile_failed(self, exc: Exception) -> nn.Module:
         """The compiled module failed (it compiles at its first call): train on eager; returns what to run."""
