@@ -116,7 +116,8 @@ class TrainConfig(_Section):
     compile: Literal["auto", "on", "off"] = Field(
         "auto",
         description="torch.compile for a network trained on images: 'auto' measures one epoch eager against one "
-        "compiled on the first long enough job of its kind, remembers the faster and uses it; one process only.",
+        "compiled in the first job of its kind with 20 minutes of training or more, remembers the faster and uses "
+        "it in jobs long enough to pay a compile back; one process only.",
     )
     seed: int = 0
     deterministic: bool = Field(False, description="Deterministic algorithms (slower, bit-reproducible).")
