@@ -459,7 +459,8 @@ def test_a_tuning_job_whose_driver_died_resumes_on_another_machine_from_the_buck
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads(resumed.stdout)
     assert summary["status"] == "completed" and len(summary["trials"]) == 12
-    assert all(t["status"] == "completed" for t in summary["trials"])
+    unfinished = [(t["trial"], t["status"], (t.get("error") or "")[-2000:]) for t in summary["trials"]]
+    assert all(t["status"] == "completed" for t in summary["trials"]), [u for u in unfinished if u[1] != "completed"]
     after = finished_in_bucket()
     assert len(after) == 12 and all(after[name] == finished for name, finished in before.items())  # not re-run
     assert json.loads(objects(bucket, "team/tune-killed/")["job.json"])["status"] == "completed"
