@@ -8,8 +8,9 @@ Parts (`--part`, default all):
   ImageFolder, PIL, fp32, Adam 1e-3 on every layer, the usual crop/flip augmentation, no callbacks: what a user
   writes by hand), `imgtune train --recipe frozen` (a head on cached features) and `--recipe finetune` (the
   whole network: backbone at a tenth of the rate, warmup, cosine, label smoothing, frozen batch-norm statistics),
-  each with epochs, wall time, training images/s (over the training batches, data waits included, for both),
-  valid accuracy per epoch and test accuracy; imgtune's recipes on dogs-mini over `--seeds` seeds;
+  each in a fresh process, with epochs, wall time, training images/s (over the training batches, data waits
+  included, for both), valid accuracy per epoch and test accuracy; imgtune's recipes on dogs-mini over `--seeds`
+  seeds;
 - overhead: the debugger and profiler at their defaults on the unfrozen path (`--recipe finetune`, dogs-mini)
   against the same job without them, each job a fresh process (`python -m imgtune train`), `--pairs`
   alternating pairs (the order flips each pair), for a 1-epoch job (10 steps) and a 3-epoch job; the ratio of
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -139,17 +141,23 @@ def show(name: str, result: dict[str, Any], baseline: dict[str, Any]) -> None:
     )
 
 
+def in_a_fresh_process(function: Any, *args: Any) -> Any:
+    """`function(*args)` in a new interpreter: no job pays for the memory and threads an earlier one left."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
 def accuracy_part(epochs: int, seeds: int, tmp: Path) -> None:
     woof = imagewoof_subset(tmp / "imagewoof-subset")
     for label, data, runs in (("dogs-mini (300 train, 100 valid, 100 test)", DOGS_MINI, seeds),
                               ("imagewoof subset (600 train, 200 valid, 200 test)", woof, 1)):  # fmt: skip
         print(label, flush=True)
-        baseline = plain_loop(data, epochs)
+        baseline = in_a_fresh_process(plain_loop, data, epochs)
         show("plain torchvision loop", baseline, baseline)
         for recipe in ("frozen", "finetune"):
             results = []
             for seed in range(runs):
-                results.append(imgtune_job(data, recipe, epochs, tmp / "ws", seed=seed))
+                results.append(in_a_fresh_process(imgtune_job, data, recipe, epochs, tmp / "ws", seed))
                 show(f"imgtune {recipe} (seed {seed})", results[-1], baseline)
             if runs > 1:
                 tests = [r["test"] for r in results]
