@@ -290,7 +290,7 @@ def test_trials_reuse_ray_workers_and_a_driver_killed_as_a_trial_starts_leaves_n
     def statuses() -> dict[str, str]:
         found = {}
         for job_file in trials.glob("*/job.json"):
-            with contextlib.suppress(ValueError):  # being written
+            with contextlib.suppress(ValueError, FileNotFoundError):  # being written, or a new trial being renamed
                 found[job_file.parent.name] = json.loads(job_file.read_text()).get("status")
         return found
 

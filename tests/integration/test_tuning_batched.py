@@ -143,7 +143,7 @@ def test_a_batched_tuning_job_resumes_after_its_driver_is_killed(tmp_path, dogs_
     def completed() -> dict[str, str]:
         done = {}
         for job_file in trials.glob("*/job.json"):
-            with contextlib.suppress(ValueError):  # (being written)
+            with contextlib.suppress(ValueError, FileNotFoundError):  # being written, or a new trial being renamed
                 record = json.loads(job_file.read_text())
                 if record.get("status") == "completed":
                     done[job_file.parent.name] = record["finished"]
