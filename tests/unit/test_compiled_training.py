@@ -58,10 +58,12 @@ class ModulePerEpoch(Callback):
 
     def __init__(self) -> None:
         self.per_epoch: dict[int, str] = {}
+        self.synced: dict[int, bool] = {}  # whether step times waited for the device, per epoch
 
     def on_batch_end(self, trainer: Trainer) -> None:
         if trainer.phase == "train":
             self.per_epoch[trainer.epoch] = "compiled" if trainer.compiled_module is not None else "eager"
+            self.synced[trainer.epoch] = trainer.sync_timing
 
 
 def train(
@@ -92,6 +94,7 @@ def test_auto_measures_once_then_follows_the_record(tmp_path):
     chosen = "compiled" if summary["compiled"] else "eager"
     # epoch 1 (one-off costs) is not measured; epoch 2 eager and epoch 3 compiled are
     assert seen.per_epoch == {1: "eager", 2: "eager", 3: "compiled", 4: chosen, 5: chosen}
+    assert seen.synced == {1: False, 2: True, 3: True, 4: False, 5: False}  # device times in the measured epochs
     remembered = ChoiceRecord(tmp_path / "compile.json").get("the-key")
     assert remembered["compiled"] == summary["compiled"] and remembered["eager_step_s"] > 0
 
@@ -154,11 +157,15 @@ def no_compiler_for_the_backward():
     return aot_autograd(fw_compiler=lambda graph_module, example_inputs: graph_module, bw_compiler=backward_compiler)
 
 
-@pytest.mark.parametrize("backend", [no_compiler, no_compiler_for_the_backward()], ids=["forward", "backward"])
-def test_a_failing_compiler_leaves_training_eager(tmp_path, backend):
+@pytest.mark.parametrize(
+    ("backend", "error"),
+    [(no_compiler, "BackendCompilerFailed"), (no_compiler_for_the_backward(), "InvalidCxxCompiler")],
+    ids=["forward", "backward"],
+)
+def test_a_failing_compiler_leaves_training_eager(tmp_path, backend, error):
     plan, seen = train(tmp_path, "auto", 5, CompiledSteps(backend))
     assert plan.summary["chosen_by"] == "failure" and not plan.summary["compiled"]
-    assert "no C++ compiler" in plan.summary["failed"] or "No working C++ compiler" in plan.summary["failed"]
+    assert plan.summary["failed"].startswith(error) and "C++ compiler" in plan.summary["failed"]
     assert set(seen.per_epoch.values()) == {"eager"}  # the failed step itself ran again eager
     assert ChoiceRecord(tmp_path / "compile.json").get("the-key") is None
 

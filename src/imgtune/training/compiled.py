@@ -109,7 +109,7 @@ class CompiledTraining(Callback):
         self.plan: dict[int, str] | None = None  # epoch -> "eager" | "compiled" | "measure-eager" | "measure-compiled"
         self.times: dict[str, list[float]] = {"eager": [], "compiled": []}
         self._full_steps = 0
-        self._sync_timing = False
+        self._restore_sync: bool | None = None  # the Trainer's sync_timing before a measured epoch turned it on
         self.summary: dict[str, Any] = {"mode": mode, "compiled": False}
 
     # -- the plan -------------------------------------------------------------------------------------------
@@ -121,15 +121,17 @@ class CompiledTraining(Callback):
             return dict.fromkeys(epochs, "compiled" if self.mode == "on" else "eager")
         steps = len(trainer.loaders["train"]) if hasattr(trainer.loaders["train"], "__len__") else 0
         remembered = self._remembered()
+        first = max(trainer.epoch, self.first_trainable_epoch)  # head-only epochs train eager (another graph)
         if remembered is not None:
             self.summary.update(chosen_by="record", eager_step_s=remembered["eager_step_s"])
             self.summary["compiled_step_s"] = remembered["compiled_step_s"]
-            left = remembered["eager_step_s"] * steps * len(epochs)
+            left = remembered["eager_step_s"] * steps * (trainer.epochs - first + 1)
+            plan = dict.fromkeys(epochs, "eager")
             if remembered["compiled"] and left < self.min_job_seconds:
                 self.summary["reason"] = self._too_short(left)
-                return dict.fromkeys(epochs, "eager")
-            return dict.fromkeys(epochs, "compiled" if remembered["compiled"] else "eager")
-        first = max(trainer.epoch, self.first_trainable_epoch)
+            elif remembered["compiled"]:
+                plan.update(dict.fromkeys(range(first, trainer.epochs + 1), "compiled"))
+            return plan
         if trainer.epochs - first + 1 < MEASURE_EPOCHS or steps - 1 < MIN_STEPS:
             self.summary["chosen_by"] = "too short"
             self.summary["reason"] = (
@@ -164,7 +166,7 @@ class CompiledTraining(Callback):
         self._full_steps = 0
         trainer.compiled_module = None
         if wants.startswith("measure"):  # device times, not launch times
-            self._sync_timing, trainer.sync_timing = trainer.sync_timing, True
+            self._restore_sync, trainer.sync_timing = trainer.sync_timing, True
         if not wants.endswith("compiled") or "failed" in self.summary:
             return
         hooks = forward_hooks(trainer.train_module)
@@ -193,8 +195,12 @@ class CompiledTraining(Callback):
         self.times["compiled" if wants == "measure-compiled" else "eager"].append(step_seconds(trainer))
 
     def on_phase_end(self, trainer: Trainer) -> None:
-        if trainer.phase == "train" and (self.plan or {}).get(trainer.epoch, "").startswith("measure"):
-            trainer.sync_timing = self._sync_timing
+        if trainer.phase == "train":
+            self._stop_syncing(trainer)
+
+    def _stop_syncing(self, trainer: Trainer) -> None:
+        if self._restore_sync is not None:
+            trainer.sync_timing, self._restore_sync = self._restore_sync, None
 
     def on_epoch_end(self, trainer: Trainer) -> None:
         if trainer.compile_error is not None:
@@ -210,6 +216,7 @@ class CompiledTraining(Callback):
 
     def on_fit_end(self, trainer: Trainer) -> None:
         trainer.compiled_module = None
+        self._stop_syncing(trainer)
         if trainer.compile_error is not None and "failed" not in self.summary:  # failed in a stopped epoch
             self.summary["failed"] = trainer.compile_error
             self._failed()

@@ -222,14 +222,18 @@ class Trainer:
                 if train:
                     self._resume_timing()
                     self.optimizer.zero_grad(set_to_none=True)
+                    failure = None
                     try:
                         self.scaler.scale(self.loss).backward()
                     except Exception as exc:  # a compiled module compiles its backward at the first backward
                         if not (compiled and is_compile_error(exc)):
                             raise
-                        forward, compiled = self._compile_failed(exc), False
+                        failure = exc
+                    if failure is not None:  # (outside the handler: the failed graph's tensors are let go first)
+                        self.outputs = self.loss = None
+                        forward, compiled, failure = self._compile_failed(failure), False, None
                         self.optimizer.zero_grad(set_to_none=True)
-                        self._forward(forward, train)
+                        self._forward(forward, train)  # once more, eager (batch-norm statistics see the batch twice)
                         self.scaler.scale(self.loss).backward()
                     if self.scaler.is_enabled():  # callbacks see true gradients, not loss-scaled ones
                         self.scaler.unscale_(self.optimizer)
